@@ -1,0 +1,140 @@
+"""The canonical adapter: ``{target: LoraLayer(A, B, alpha)}`` plus a content id.
+
+``A`` is (rank, in) and ``B`` (out, rank), as stored in the file (no scale folded: the
+strength is not known until composition). ``target`` is the module path with container
+prefixes stripped, in the file's own naming; binding it to a model is compose's job.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Union
+
+import torch
+
+from .errors import CorruptFileError, NonFiniteError, ShapeMismatchError
+from .keymap import classify
+from .safetensors_io import (
+    file_sha256,
+    is_pickle_file,
+    load_pickle_state_dict,
+    load_tensors,
+    read_header,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraLayer:
+    A: torch.Tensor  # (rank, in)
+    B: torch.Tensor  # (out, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: folded once, per component, at composition time."""
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    layers: Mapping[str, LoraLayer]
+    content_id: str
+    source: str = "<state dict>"
+    scheme: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(l.A.numel() * l.A.element_size() + l.B.numel() * l.B.element_size() for l in self.layers.values())
+
+    def __repr__(self) -> str:
+        return f"Adapter({self.source!r}, {len(self.layers)} layers, id={self.content_id[:12]})"
+
+
+Source = Union[str, os.PathLike, Mapping[str, torch.Tensor], Adapter]
+
+
+def load_adapter(source: Source, *, allow_pickle: bool = False, storage_options: dict | None = None) -> Adapter:
+    """A path, an fsspec URL, a state dict or an Adapter -> a checked Adapter."""
+    if isinstance(source, Adapter):
+        return source
+    if isinstance(source, Mapping):
+        return adapter_from_state_dict(dict(source), source="<state dict>", content_id=state_dict_id(source))
+    path = os.fspath(source)
+    if "://" in path and not path.startswith("file://"):
+        from .store import default_store
+
+        path = default_store(storage_options).fetch(path).path
+    elif path.startswith("file://"):
+        path = path[len("file://"):]
+    return load_adapter_file(path, allow_pickle=allow_pickle)
+
+
+def load_adapter_file(path: str, *, allow_pickle: bool = False) -> Adapter:
+    if not os.path.isfile(path):
+        raise CorruptFileError("no such LoRA file", source=path)
+    if is_pickle_file(path):
+        sd = load_pickle_state_dict(path, allow_pickle)
+        return adapter_from_state_dict(sd, source=path, content_id=file_sha256(path))
+    header = read_header(path)  # fails on bad bytes before any tensor is read
+    keymap = classify(header.keys(), source=path)
+    tensors = load_tensors(path, header.keys())
+    return _build(keymap, tensors, source=path, content_id=file_sha256(path))
+
+
+def adapter_from_state_dict(sd: dict[str, torch.Tensor], *, source: str, content_id: str) -> Adapter:
+    keymap = classify(sd.keys(), source=source)
+    return _build(keymap, sd, source=source, content_id=content_id)
+
+
+def state_dict_id(sd: Mapping[str, torch.Tensor]) -> str:
+    """Content id of an in-memory state dict: keys, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(sd):
+        t = sd[key].detach().reshape(-1).contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _build(keymap, tensors: Mapping[str, torch.Tensor], *, source: str, content_id: str) -> Adapter:
+    layers: dict[str, LoraLayer] = {}
+    for target, roles in keymap.entries.items():
+        a = _matrix(tensors[roles["A"]], source, roles["A"])
+        b = _matrix(tensors[roles["B"]], source, roles["B"])
+        if a.shape[0] != b.shape[1]:
+            raise ShapeMismatchError(
+                f"down has rank {a.shape[0]} but up has rank {b.shape[1]}", source=source, key=roles["B"]
+            )
+        alpha = float(a.shape[0])
+        if "alpha" in roles:
+            alpha = _alpha(tensors[roles["alpha"]], source, roles["alpha"])
+        layers[target] = LoraLayer(A=a, B=b, alpha=alpha)
+    return Adapter(layers=MappingProxyType(layers), content_id=content_id, source=source, scheme=keymap.scheme)
+
+
+def _matrix(t: torch.Tensor, source: str, key: str) -> torch.Tensor:
+    if t.dim() == 4 and t.shape[2:] == (1, 1):
+        t = t[:, :, 0, 0]  # 1x1 conv LoRAs are linear maps
+    if t.dim() != 2:
+        raise ShapeMismatchError(f"expected a 2-D LoRA factor, got shape {tuple(t.shape)}", source=source, key=key)
+    if not t.is_floating_point():
+        raise CorruptFileError(f"LoRA factor has non-float dtype {t.dtype}", source=source, key=key)
+    if not torch.isfinite(t).all():
+        raise NonFiniteError("LoRA factor contains NaN or Inf", source=source, key=key)
+    return t
+
+
+def _alpha(t: torch.Tensor, source: str, key: str) -> float:
+    if t.numel() != 1:
+        raise ShapeMismatchError(f"alpha must be a scalar, got shape {tuple(t.shape)}", source=source, key=key)
+    value = float(t.reshape(()).item())
+    if not (value == value) or value in (float("inf"), float("-inf")):
+        raise NonFiniteError("alpha is NaN or Inf", source=source, key=key)
+    return value

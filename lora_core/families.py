@@ -1,0 +1,69 @@
+"""Model-family name maps: other naming conventions -> diffusers module paths.
+
+Qwen-Image, Z-Image and diffusers Flux files already use diffusers names (after the
+container prefix is stripped). Black Forest Labs / ComfyUI Flux files use the original
+names (``double_blocks.3.img_attn.qkv``), some of which are fused projections that the
+diffusers model keeps apart: those expand to several components whose rows are split by
+the model's own widths. Separators may be dots or underscores (kohya).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Expansion:
+    names: tuple[str, ...]  # one: a plain rename; several: B rows split across them in order
+    swap_halves: bool = False  # BFL final modulation is (shift, scale); diffusers' is (scale, shift)
+
+
+_S = r"[._]"
+_BFL_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+_BFL_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+_BFL_TOP = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+}
+_BLOCK = re.compile(rf"^(double|single)_blocks{_S}(\d+){_S}(.+)$")
+
+
+@lru_cache(maxsize=65536)
+def expand(target: str) -> Expansion:
+    """The diffusers name(s) a file target stands for; unknown names pass through."""
+    m = _BLOCK.match(target)
+    if m:
+        kind, idx, rest = m.group(1), m.group(2), m.group(3).replace(".", "_")
+        table, block = (_BFL_DOUBLE, "transformer_blocks") if kind == "double" else (_BFL_SINGLE, "single_transformer_blocks")
+        if rest in table:
+            return Expansion(tuple(f"{block}.{idx}.{c}" for c in table[rest]))
+        return Expansion((target,))
+    flat = target.replace(".", "_")
+    if flat in _BFL_TOP:
+        return Expansion((_BFL_TOP[flat],))
+    if flat == "final_layer_adaLN_modulation_1":
+        return Expansion(("norm_out.linear",), swap_halves=True)
+    return Expansion((target,))

@@ -1,0 +1,241 @@
+"""How the store talks to storage: fsspec resolution, fault classification, retries.
+
+Kept apart from the cache logic (``store.py``) so both halves can be read and tested on
+their own: nothing here touches the node-local cache, and nothing in the cache knows
+about HTTP statuses or botocore.
+
+The one subtle part is classification. fsspec does not give uniform errors: its HTTP
+filesystem raises ``FileNotFoundError`` for a 404, but *also* when ``info`` fails for any
+other reason (a 500, a refused connection), with the real error only in ``__cause__``;
+other statuses surface as ``aiohttp.ClientResponseError``; a body cut short as
+``aiohttp.ClientPayloadError``; s3fs translates botocore errors into ``OSError``
+subclasses. ``classify`` walks the cause chain so a flaky server is retried and a
+missing file fails fast.
+"""
+from __future__ import annotations
+
+import copy
+import errno
+import logging
+import random
+import time
+from typing import Any, Callable, TypeVar
+
+import fsspec
+from fsspec.callbacks import Callback
+from fsspec.implementations.local import LocalFileSystem
+
+from lora_core.errors import FetchError, PermanentFetchError, TruncatedTransferError
+
+log = logging.getLogger("lora_core.store")
+
+T = TypeVar("T")
+
+#: HTTP statuses a retry can fix: timeouts, throttling and server-side faults.
+RETRY_STATUSES = frozenset({408, 425, 429})
+#: Local-disk conditions a retry cannot fix, even though they are plain ``OSError``s.
+PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG})
+#: Class-name fragments of botocore / urllib3 / requests errors that mean "the wire failed".
+_TRANSIENT_NAMES = ("Connect", "Timeout", "IncompleteRead", "ResponseParser", "Throttl", "SlowDown")
+
+
+def protocol_of(url: str) -> str:
+    """The fsspec protocol of ``url`` (``"file"`` for a plain path, last one if chained)."""
+    last = url.split("::")[0]
+    protocol, _ = fsspec.core.split_protocol(last)
+    return protocol or "file"
+
+
+def options_for(protocol: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """A deep copy of the options for ``protocol``, looked up under any of its aliases.
+
+    Users write ``{"s3": {...}}`` once and expect ``s3a://`` URLs to use it too, and
+    ``{"http": ...}`` to cover ``https://``. We copy so that adding defaults (timeouts)
+    never mutates the caller's dict.
+    """
+    if not storage_options:
+        return {}
+    names = [protocol]
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+        aliases = cls.protocol if isinstance(cls.protocol, (tuple, list)) else (cls.protocol,)
+        names += [name for name in aliases if name != protocol]
+    except (ValueError, ImportError):
+        pass
+    if protocol == "https":
+        names.append("http")
+    for name in names:
+        if name in storage_options:
+            return copy.deepcopy(dict(storage_options[name]))
+    return {}
+
+
+def _with_timeouts(protocol: str, opts: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+    """Add connect/read timeouts the user did not set, so a stalled server becomes a retry."""
+    if not timeout_s:
+        return opts
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        client_kwargs = opts.setdefault("client_kwargs", {})
+        client_kwargs.setdefault(
+            "timeout", aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
+        )
+    elif protocol in ("s3", "s3a"):
+        config = opts.setdefault("config_kwargs", {})
+        config.setdefault("connect_timeout", timeout_s)
+        config.setdefault("read_timeout", timeout_s)
+    return opts
+
+
+def resolve(
+    url: str, storage_options: dict[str, Any] | None, timeout_s: float | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path)`` for any fsspec URL; a bad protocol is a ``PermanentFetchError``.
+
+    Options come from ``storage_options[protocol]``; fsspec's own configuration
+    (``FSSPEC_*`` environment variables, ``fsspec.config.conf``) still applies underneath
+    because we go through ``url_to_fs``. Chained URLs (``simplecache::s3://...``) get the
+    whole per-protocol dict, which is exactly fsspec's chained-options format.
+    """
+    protocol = protocol_of(url)
+    try:
+        fsspec.get_filesystem_class(protocol)
+        if "::" in url:
+            return fsspec.core.url_to_fs(url, **copy.deepcopy(storage_options or {}))
+        opts = _with_timeouts(protocol, options_for(protocol, storage_options), timeout_s)
+        return fsspec.core.url_to_fs(url, **opts)
+    except ImportError as e:
+        raise PermanentFetchError(f"protocol {protocol!r} needs a package that is not installed: {e}", source=url) from e
+    except (ValueError, TypeError) as e:
+        raise PermanentFetchError(f"cannot open URL ({e})", source=url) from e
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local disk, where the store can serve files in place (no copy)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes/contexts, outermost first (cycles cut)."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and all(cur is not s for s in seen) and len(seen) < 16:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status carried by an aiohttp or botocore error, if any."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code if isinstance(code, int) else None
+    return None
+
+
+def _is_wire_error(exc: BaseException) -> bool:
+    """A connection, timeout or protocol-level failure: the bytes did not make it."""
+    try:
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError) and not isinstance(exc, aiohttp.ClientResponseError):
+            return True
+    except ImportError:  # pragma: no cover - aiohttp is a dependency
+        pass
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return any(part in type(exc).__name__ for part in _TRANSIENT_NAMES)
+
+
+def _from_status(status: int) -> tuple[type[FetchError], str]:
+    if status in (404, 410):
+        return PermanentFetchError, f"not found (HTTP {status})"
+    if status in (401, 403):
+        return PermanentFetchError, f"access denied (HTTP {status})"
+    if status >= 500 or status in RETRY_STATUSES:
+        return FetchError, f"server error (HTTP {status})"
+    return PermanentFetchError, f"request refused (HTTP {status})"
+
+
+def classify(exc: BaseException) -> tuple[type[FetchError], str]:
+    """Which ``FetchError`` class ``exc`` maps to, and a short reason for the message."""
+    if isinstance(exc, FetchError):
+        return type(exc), str(exc)
+    chain = _chain(exc)
+    for link in chain:
+        status = _http_status(link)
+        if status is not None and status >= 400:
+            return _from_status(status)
+        if type(link).__name__ == "ClientPayloadError":
+            return TruncatedTransferError, f"transfer cut short ({link})"
+    if any(_is_wire_error(link) for link in chain):
+        return FetchError, f"connection failed ({type(exc).__name__}: {exc})"
+    if isinstance(exc, FileNotFoundError):
+        return PermanentFetchError, "not found"
+    if isinstance(exc, PermissionError):
+        return PermanentFetchError, f"access denied ({exc})"
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError)):
+        return PermanentFetchError, f"not a file ({exc})"
+    if isinstance(exc, OSError) and exc.errno not in PERMANENT_ERRNOS:
+        return FetchError, f"I/O error ({type(exc).__name__}: {exc})"
+    return PermanentFetchError, f"{type(exc).__name__}: {exc}"
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    url: str,
+    retries: int,
+    backoff_s: float,
+    max_backoff_s: float = 10.0,
+    on_retry: Callable[[FetchError], None] | None = None,
+) -> T:
+    """Run ``fn``; retry transient failures with jittered exponential backoff.
+
+    Permanent failures raise at once. Every failure leaves as a ``FetchError`` subclass
+    naming ``url`` and chained (``from``) to the original exception, so the cause is
+    never lost. Jitter keeps a farm of workers from hammering a recovering server in sync.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - every error is classified, none swallowed
+            cls, reason = classify(e)
+            if not cls.transient or attempt == retries:
+                if isinstance(e, FetchError):  # ours: already names the URL
+                    raise
+                if cls.transient and retries:
+                    reason = f"{reason}; gave up after {attempt + 1} attempts"
+                raise cls(reason, source=url) from e
+            delay = min(backoff_s * 2**attempt, max_backoff_s) * (1 + 0.25 * random.random())
+            log.warning("fetch %s failed (%s); retry %d/%d in %.2fs", url, reason, attempt + 1, retries, delay)
+            if on_retry is not None:
+                on_retry(cls(reason, source=url))
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class ProgressLog(Callback):
+    """An fsspec callback that logs a large transfer's progress every ``every`` bytes."""
+
+    def __init__(self, url: str, every: int) -> None:
+        super().__init__()
+        self.url = url
+        self.every = max(1, int(every))
+        self._next = self.every
+        self._t0 = time.perf_counter()
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        if self.value < self._next:
+            return
+        self._next = (self.value // self.every + 1) * self.every
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        total = f"/{self.size / 2**20:.0f}" if self.size else ""
+        log.info(
+            "fetching %s: %.0f%s MiB (%.0f MiB/s)", self.url, self.value / 2**20, total, self.value / 2**20 / elapsed
+        )

@@ -1,0 +1,65 @@
+"""nunchaku ``SVDQW4A4Linear``: the LoRA is concatenated into the packed low-rank branch.
+
+The module keeps ``proj_down`` packed as (in_pad, rank_pad) and ``proj_up`` as
+(out_pad, rank_pad). We unpack the base branch once per module (memoized on the original
+parameter), append A to down and scale·B to up along the rank axis, zero-pad the rank to a
+multiple of 16, repack, and swap the parameters in. The original Parameter objects are
+kept and swapped back on restore, so restore is exact and costs nothing.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from ..compose import ModuleUpdate
+from ..nunchaku import pack_lowrank, round_up, unpack_lowrank
+from .ledger import Ledger
+
+# original proj_down / proj_up parameter -> its unpacked logical form (base rank only)
+_unpacked: "weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def _base(param: torch.Tensor, down: bool, rank: int) -> torch.Tensor:
+    hit = _unpacked.get(param)
+    if hit is None:
+        full = unpack_lowrank(param.data, down=down)
+        hit = full[:rank] if down else full[:, :rank]
+        _unpacked[param] = hit
+    return hit
+
+
+def concat_branch(module: nn.Module, update: ModuleUpdate) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """New packed (proj_down, proj_up) and the new padded rank; the module is not touched."""
+    rank = int(module.rank)
+    down0 = _base(module.proj_down, True, rank)  # (rank, in_pad)
+    up0 = _base(module.proj_up, False, rank)  # (out_pad, rank)
+    dtype = module.proj_down.dtype
+    a = update.A.to(device=down0.device, dtype=dtype)
+    b = update.B.to(device=up0.device, dtype=dtype)
+    new_rank = round_up(rank + a.shape[0])
+    down = down0.new_zeros(new_rank, down0.shape[1])
+    down[:rank] = down0
+    down[rank : rank + a.shape[0], : a.shape[1]] = a
+    up = up0.new_zeros(up0.shape[0], new_rank)
+    up[:, :rank] = up0
+    up[: b.shape[0], rank : rank + b.shape[1]] = b
+    return pack_lowrank(down, down=True), pack_lowrank(up, down=False), new_rank
+
+
+def apply_svdq(module: nn.Module, update: ModuleUpdate, ledger: Ledger) -> None:
+    if not torch.isfinite(update.B).all() or not torch.isfinite(update.A).all():
+        from ..errors import NonFiniteError
+
+        raise NonFiniteError(f"LoRA update for {update.module!r} is not finite; nothing was changed")
+    down, up, new_rank = concat_branch(module, update)
+    old = (module.proj_down, module.proj_up, module.rank)
+
+    def undo(module=module, old=old) -> None:
+        module.proj_down, module.proj_up, module.rank = old
+
+    module.proj_down = nn.Parameter(down, requires_grad=False)
+    module.proj_up = nn.Parameter(up, requires_grad=False)
+    module.rank = new_rank
+    ledger.record(update.module, undo)
