@@ -43,11 +43,21 @@ def file_sha256(path: str, chunk: int = 8 << 20) -> str:
 
 
 def is_pickle_file(path: str) -> bool:
-    if path.lower().endswith(_PICKLE_SUFFIXES):
+    """By suffix, else by magic: torch's zip container or a raw pickle (protocol 2-5).
+
+    A safetensors file starts with its header length (little-endian u64, < 100 MB), so its
+    bytes 4-7 are zero, which a pickle stream's opening bytes never are together.
+    """
+    lower = path.lower()
+    if lower.endswith((".safetensors", ".sft")):
+        return False
+    if lower.endswith(_PICKLE_SUFFIXES):
         return True
     with open(path, "rb") as f:
-        head = f.read(2)
-    return head[:1] == b"\x80" or head == b"PK"  # raw pickle protocol 2+ or torch's zip
+        head = f.read(8)
+    if head[:4] == b"PK\x03\x04":
+        return True
+    return len(head) == 8 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[4:8] != b"\x00" * 4
 
 
 def read_header(path: str) -> dict[str, dict]:

@@ -137,7 +137,7 @@ class DiskCache:
                 log.warning("cache blob %s has %d bytes, expected %d: dropped", sha256, size, nbytes)
                 _unlink(path)
                 return None
-            os.utime(path)
+            _touch(path)
             if pin:
                 self.pin(sha256)
             return size
@@ -147,7 +147,7 @@ class DiskCache:
         path = self.blob_path(sha256)
         with self._gc_lock:
             os.replace(tmp, path)
-            os.utime(path)
+            _touch(path)
             if pin:
                 self.pin(sha256)
             self.evict(protect=(sha256,))
@@ -241,6 +241,13 @@ class DiskCache:
         """Enforce the budget now (e.g. after lowering it or releasing leases)."""
         with self._gc_lock:
             return self.evict()
+
+
+def _touch(path: str) -> None:
+    """Mark a blob as just used. Explicit nanoseconds: "now" in utime is a coarse clock
+    (one tick is several ms), which would tie blobs used in quick succession."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 def _unlink(path: str) -> None:

@@ -136,3 +136,31 @@ __all__ = [
     "linear_shapes", "random_layers", "peft_state_dict", "kohya_state_dict", "write_safetensors",
     "reference_merge", "SVDQW4A4Linear", "AWQW4A16Linear", "round_up",
 ]
+
+
+def nunchaku_qwen_standin(dim: int = 64, mlp: int = 128, layers: int = 1, rank: int = 32,
+                          dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Module tree with nunchaku Qwen-Image's names: fused to_qkv / add_qkv_proj (SVDQ),
+    to_out.0, to_add_out, img_mlp/txt_mlp net.0.proj and net.2 (SVDQ), img_mod.1 / txt_mod.1 (AWQ)."""
+
+    def svdq(i, o, seed):
+        return SVDQW4A4Linear(i, o, rank=rank, torch_dtype=dtype, seed=seed)
+
+    root = nn.Module()
+    root.transformer_blocks = nn.ModuleList()
+    for li in range(layers):
+        s = 100 * li
+        blk = nn.Module()
+        blk.attn = nn.Module()
+        blk.attn.to_qkv = svdq(dim, 3 * dim, s + 1)
+        blk.attn.add_qkv_proj = svdq(dim, 3 * dim, s + 2)
+        blk.attn.to_out = nn.ModuleList([svdq(dim, dim, s + 3)])
+        blk.attn.to_add_out = svdq(dim, dim, s + 4)
+        for j, stream in enumerate(("img", "txt")):
+            ff = nn.Module()
+            ff.net = nn.ModuleList([nn.Module(), nn.GELU(), svdq(mlp, dim, s + 10 + j)])
+            ff.net[0].proj = svdq(dim, mlp, s + 20 + j)
+            setattr(blk, f"{stream}_mlp", ff)
+            setattr(blk, f"{stream}_mod", nn.Sequential(nn.SiLU(), AWQW4A16Linear(dim, 6 * dim, torch_dtype=dtype, seed=s + 30 + j)))
+        root.transformer_blocks.append(blk)
+    return root

@@ -17,17 +17,21 @@ from ..compose import ModuleUpdate
 from ..nunchaku import pack_lowrank, round_up, unpack_lowrank
 from .ledger import Ledger
 
-# original proj_down / proj_up parameter -> its unpacked logical form (base rank only)
-_unpacked: "weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor]" = weakref.WeakKeyDictionary()
+# id(original proj_down / proj_up parameter) -> (weakref to it, its version, unpacked base).
+# Tensors compare elementwise, so a WeakKeyDictionary cannot hold them; the weakref and the
+# in-place version counter make sure a reused id or an edited tensor is never served stale.
+_unpacked: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def _base(param: torch.Tensor, down: bool, rank: int) -> torch.Tensor:
-    hit = _unpacked.get(param)
-    if hit is None:
-        full = unpack_lowrank(param.data, down=down)
-        hit = full[:rank] if down else full[:, :rank]
-        _unpacked[param] = hit
-    return hit
+    hit = _unpacked.get(id(param))
+    if hit is not None and hit[0]() is param and hit[1] == param._version:
+        return hit[2]
+    full = unpack_lowrank(param.data, down=down)
+    base = full[:rank] if down else full[:, :rank]
+    key = id(param)
+    _unpacked[key] = (weakref.ref(param, lambda _r, key=key: _unpacked.pop(key, None)), param._version, base)
+    return base
 
 
 def concat_branch(module: nn.Module, update: ModuleUpdate) -> tuple[torch.Tensor, torch.Tensor, int]:
