@@ -8,8 +8,9 @@ node at once, over links that fail now and then. ``LoraStore`` makes that cheap 
 * **Content-addressed cache**: blobs live at ``cache_dir/blobs/<sha256>``; an index maps a
   URL to (sha256, remote identity: ETag / size / mtime as ``fs.info`` reports them). A
   changed remote is fetched again; with a ``sha256`` given and its blob present, no
-  network call is made at all. Local files are served in place (no copy); their sha256
-  is memoized by (path, size, mtime_ns, inode).
+  network call is made at all. (An HTTP server that sends neither ETag nor Last-Modified
+  leaves only the size to compare: give a sha256 for such sources.) Local files are
+  served in place (no copy); their sha256 is memoized by (path, size, mtime_ns, inode).
 * **One download per URL per node**: threads share an in-flight future; processes
   serialise on a ``filelock.FileLock`` per URL and the losers find the blob in the index.
 * **Integrity**: downloads land in ``cache_dir/tmp`` and are ``os.replace``d into
@@ -22,6 +23,9 @@ node at once, over links that fail now and then. ``LoraStore`` makes that cheap 
   ``fetch(..., pin=True)`` then ``release(r.sha256)``). A plain ``fetch`` returns a path
   that stays valid until a later fetch pushes the cache over budget and it is the LRU
   blob; once a file is open, eviction cannot hurt the reader (POSIX unlink semantics).
+
+``default_store(storage_options)`` is the process-wide instance for library entry points
+(``load_adapter(url)``); long-lived workers create their own ``LoraStore``.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import json
 import logging
 import os
 import stat
+import tempfile
 import threading
 import time
 from concurrent.futures import Future
@@ -43,22 +48,20 @@ import fsspec
 
 from lora_core.errors import ChecksumMismatch, FetchError, PermanentFetchError, TruncatedTransferError
 from lora_core.store_cache import DiskCache
-from lora_core.store_io import ProgressLog, classify, is_local, options_for, protocol_of, resolve, with_retries
+from lora_core.store_io import (
+    ProgressLog, classify, hash_file, identity, is_local, options_for, protocol_of, resolve, with_retries,
+)
 from lora_core.store_output import ensure_under, open_output, write_bytes_atomic
 
-__all__ = ["FetchResult", "LoraStore", "ensure_under", "open_output", "write_bytes_atomic", "hash_file"]
+__all__ = [
+    "FetchResult", "LoraStore", "default_store", "default_cache_dir",
+    "ensure_under", "open_output", "write_bytes_atomic", "hash_file",
+]
 
 log = logging.getLogger("lora_core.store")
 T = TypeVar("T")
 GiB = 2**30
 MiB = 2**20
-#: ``fs.info`` fields that change when a remote object changes (S3, GCS, HTTP, memory, local).
-IDENTITY_FIELDS = (
-    "ETag", "etag", "VersionId", "generation", "md5Hash", "Content-MD5",
-    "LastModified", "Last-Modified", "last_modified", "updated", "mtime", "created",
-)
-
-
 @dataclass(frozen=True)
 class FetchResult:
     """Where a fetched file lies on local disk, what it is, and what fetching it cost."""
@@ -68,29 +71,6 @@ class FetchResult:
     nbytes: int
     seconds: float   # wall time of this fetch call
     cached: bool     # True when no bytes were transferred by this call
-
-
-def hash_file(path: str, chunk: int = 8 * MiB) -> tuple[str, int]:
-    """sha256 hex digest and byte count of a local file, read in fixed chunks."""
-    digest = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    nbytes = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-            nbytes += n
-    return digest.hexdigest(), nbytes
-
-
-def identity(info: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-safe subset of ``fs.info`` that identifies one version of a remote file."""
-    ident: dict[str, Any] = {"size": info.get("size")}
-    for field in IDENTITY_FIELDS:
-        value = info.get(field)
-        if value not in (None, ""):
-            ident[field] = value if isinstance(value, (int, float)) else str(value)
-    return ident
 
 
 def _normalise_sha(sha256: str | None) -> str | None:
@@ -367,6 +347,33 @@ class LoraStore:
     def _bump(self, name: str) -> None:
         with self._lock:
             self._stats[name] += 1
+
+
+_DEFAULT_STORES: dict[tuple[str, str], LoraStore] = {}
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_cache_dir() -> str:
+    """``$LORA_FARM_CACHE``, else ``<tmp>/lora-farm-cache``: the node-local cache every
+    part of the farm shares by default (workers use the same rule), so a file fetched
+    for a composition key is not fetched again to render."""
+    return os.environ.get("LORA_FARM_CACHE", os.path.join(tempfile.gettempdir(), "lora-farm-cache"))
+
+
+def default_store(storage_options: dict[str, dict[str, Any]] | None = None) -> LoraStore:
+    """The process-wide store for these options (one per distinct ``storage_options``).
+
+    For library entry points (``load_adapter(url)``) that have no store passed in. The
+    budget comes from ``$LORA_FARM_CACHE_BYTES`` when set.
+    """
+    cache_dir = default_cache_dir()
+    key = (cache_dir, json.dumps(storage_options or {}, sort_keys=True, default=str))
+    with _DEFAULT_LOCK:
+        store = _DEFAULT_STORES.get(key)
+        if store is None:
+            budget = int(os.environ.get("LORA_FARM_CACHE_BYTES", 10 * GiB))
+            store = _DEFAULT_STORES[key] = LoraStore(cache_dir, budget, storage_options)
+        return store
 
 
 def _unlink(path: str) -> None:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import copy
 import errno
+import hashlib
 import logging
 import random
 import time
 from typing import Any, Callable, TypeVar
 
 import fsspec
+import fsspec.config
 from fsspec.callbacks import Callback
 from fsspec.implementations.local import LocalFileSystem
 
@@ -30,6 +32,12 @@ from lora_core.errors import FetchError, PermanentFetchError, TruncatedTransferE
 log = logging.getLogger("lora_core.store")
 
 T = TypeVar("T")
+MiB = 2**20
+#: ``fs.info`` fields that change when a remote object changes (S3, GCS, HTTP, memory, local).
+IDENTITY_FIELDS = (
+    "ETag", "etag", "VersionId", "generation", "md5Hash", "Content-MD5",
+    "LastModified", "Last-Modified", "last_modified", "updated", "mtime", "created",
+)
 
 #: HTTP statuses a retry can fix: timeouts, throttling and server-side faults.
 RETRY_STATUSES = frozenset({408, 425, 429})
@@ -71,17 +79,22 @@ def options_for(protocol: str, storage_options: dict[str, Any] | None) -> dict[s
 
 
 def _with_timeouts(protocol: str, opts: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
-    """Add connect/read timeouts the user did not set, so a stalled server becomes a retry."""
+    """Add connect/read timeouts the user did not set, so a stalled server becomes a retry.
+
+    Skipped where fsspec's own config sets the same nested dict: fsspec merges config
+    and arguments shallowly, so ours would silently replace the user's.
+    """
+    configured = fsspec.config.conf.get(protocol, {})
     if not timeout_s:
         return opts
-    if protocol in ("http", "https"):
+    if protocol in ("http", "https") and "client_kwargs" not in configured:
         import aiohttp
 
         client_kwargs = opts.setdefault("client_kwargs", {})
         client_kwargs.setdefault(
             "timeout", aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
         )
-    elif protocol in ("s3", "s3a"):
+    elif protocol in ("s3", "s3a") and "config_kwargs" not in configured:
         config = opts.setdefault("config_kwargs", {})
         config.setdefault("connect_timeout", timeout_s)
         config.setdefault("read_timeout", timeout_s)
@@ -114,6 +127,29 @@ def resolve(
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """True for the local disk, where the store can serve files in place (no copy)."""
     return isinstance(fs, LocalFileSystem)
+
+
+def hash_file(path: str, chunk: int = 8 * MiB) -> tuple[str, int]:
+    """sha256 hex digest and byte count of a local file, read in fixed chunks."""
+    digest = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    nbytes = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+            nbytes += n
+    return digest.hexdigest(), nbytes
+
+
+def identity(info: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-safe subset of ``fs.info`` that identifies one version of a remote file."""
+    ident: dict[str, Any] = {"size": info.get("size")}
+    for field in IDENTITY_FIELDS:
+        value = info.get(field)
+        if value not in (None, ""):
+            ident[field] = value if isinstance(value, (int, float)) else str(value)
+    return ident
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

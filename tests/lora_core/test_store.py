@@ -19,7 +19,7 @@ import fsspec
 import pytest
 
 from lora_core.errors import ChecksumMismatch, FetchError, PermanentFetchError, TruncatedTransferError
-from lora_core.store import LoraStore, hash_file
+from lora_core.store import LoraStore, default_store, hash_file
 
 try:  # `python -m pytest` from the repo root
     from tests.lora_core.servers import FaultyHTTPServer, fetch_forever, fetch_in_child
@@ -301,3 +301,21 @@ def test_local_errors_are_permanent(tmp_path, store):
         store.fetch("nope://bucket/x.safetensors")
     with pytest.raises(ValueError):
         store.fetch(str(tmp_path / "x"), sha256="not-a-sha")
+
+
+def test_protocol_without_its_package_is_permanent(store):
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        with pytest.raises(PermanentFetchError, match="not installed"):
+            store.fetch("gs://bucket/style.safetensors")
+    else:
+        pytest.skip("gcsfs is installed")
+
+
+def test_default_store_is_shared_per_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_FARM_CACHE", str(tmp_path / "shared-cache"))
+    a = default_store()
+    assert default_store(None) is a and default_store({}) is a
+    b = default_store({"s3": {"endpoint_url": "http://127.0.0.1:1"}})
+    assert b is not a and b.disk.root == a.disk.root == str(tmp_path / "shared-cache")
