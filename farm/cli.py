@@ -1,0 +1,88 @@
+"""`farm run | validate | submit | status | report`: argument parsing only.
+
+Exit codes: 0 every job succeeded (or nothing left to do), 1 some job failed,
+2 a bad manifest (nothing rendered), 130 interrupted (finished results kept).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="farm", description="A Ray render farm for diffusion models with many LoRAs.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run a manifest on an embedded local Ray cluster or --address")
+    run.add_argument("manifest")
+    run.add_argument("--out", help="output root (fsspec URL or dir); default: the manifest's `output`")
+    run.add_argument("--workers", type=int, help="workers (default: GPUs found, else 1 with a logical GPU)")
+    run.add_argument("--address", help="join an existing Ray cluster (e.g. auto or 127.0.0.1:6379)")
+    run.add_argument("--lora-mode", choices=["merge", "lowrank", "auto"])
+    run.add_argument("--max-batch", type=int)
+    run.add_argument("--no-progress", action="store_true")
+    val = sub.add_parser("validate", help="check a manifest; exit 2 listing every problem")
+    val.add_argument("manifest")
+    sm = sub.add_parser("submit", help="submit a manifest through the Ray Jobs API")
+    sm.add_argument("manifest")
+    sm.add_argument("--address", required=True, help="the head's dashboard, e.g. http://HEAD:8265")
+    sm.add_argument("--out")
+    sm.add_argument("--workers", type=int)
+    sm.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    st = sub.add_parser("status", help="status and log tail of a submitted job")
+    st.add_argument("job_id")
+    st.add_argument("--address", required=True)
+    rep = sub.add_parser("report", help="write DIR/report.html, a gallery grouped by composition")
+    rep.add_argument("dir")
+    return p
+
+
+def _load(path: str):
+    from jobs.manifest import ManifestError, load_manifest
+
+    try:
+        return load_manifest(path)
+    except ManifestError as e:
+        print(f"{path}: {len(e.problems)} problem(s):", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd == "validate":
+        m = _load(args.manifest)
+        if m is None:
+            return 2
+        print(f"{args.manifest}: ok, {len(m.jobs)} job(s), {len({j.composition for j in m.jobs})} composition(s)")
+        return 0
+    if args.cmd == "run":
+        m = _load(args.manifest)
+        if m is None:
+            return 2
+        from .runner import run_manifest
+
+        summary = run_manifest(m, out=args.out, workers=args.workers, address=args.address,
+                               lora_mode=args.lora_mode, max_batch=args.max_batch, progress=not args.no_progress)
+        print(summary.describe())
+        return summary.exit_code
+    if args.cmd == "submit":
+        if _load(args.manifest) is None:
+            return 2
+        from .submit import submit
+
+        return submit(args.manifest, args.address, out=args.out, workers=args.workers, wait=args.wait)
+    if args.cmd == "status":
+        from .submit import status
+
+        return status(args.job_id, args.address)
+    if args.cmd == "report":
+        from .report import write_report
+
+        print(write_report(args.dir))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

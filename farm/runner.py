@@ -1,0 +1,117 @@
+"""`farm run`: a manifest through cluster start-up, the dispatcher and the results writer."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+from jobs.manifest import Manifest
+from jobs.results import ResultsWriter, completed_jobs
+
+log = logging.getLogger("farm.runner")
+
+
+@dataclass
+class RunSummary:
+    output: str
+    total: int
+    skipped: int
+    ok: int
+    failed: int
+    switches: int
+    seconds: float
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+    def describe(self) -> str:
+        rate = self.ok / self.seconds if self.seconds > 0 else 0.0
+        head = "interrupted: " if self.interrupted else ""
+        return (f"{head}{self.ok} ok, {self.failed} failed, {self.skipped} already done (of {self.total}); "
+                f"{self.switches} composition switch(es); {rate:.2f} images/s\n"
+                f"images: {self.output.rstrip('/')}/images/  table: {self.output.rstrip('/')}/results.parquet")
+
+
+class _Progress:
+    """A tqdm bar: done / failed / running, compositions switched, images per second."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, d) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = d.stats.ok + d.stats.failed
+        running = sum(len(ids) for _, ids in d.pending.values())
+        self.bar.set_postfix(ok=d.stats.ok, failed=d.stats.failed, running=running, switches=d.switches, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Buffered:
+    """Appends rows in small parts: durable within ``every_s`` seconds without one file per job."""
+
+    def __init__(self, writer: ResultsWriter, every_s: float = 2.0, max_rows: int = 64):
+        self.writer, self.every_s, self.max_rows = writer, every_s, max_rows
+        self.rows: list = []
+        self.last = time.monotonic()
+
+    def __call__(self, rows) -> None:
+        self.rows.extend(rows)
+        if len(self.rows) >= self.max_rows or time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.append(self.rows)
+            self.rows = []
+        self.last = time.monotonic()
+
+
+def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = None, address: str | None = None,
+                 lora_mode: str | None = None, max_batch: int | None = None, progress: bool = True,
+                 capacity: int = 2) -> RunSummary:
+    from .cluster import connect, make_workers
+    from .dispatcher import Dispatcher
+    from .scheduler import AffinityScheduler
+
+    output = out or m.output
+    opts = m.storage_options
+    t0 = time.perf_counter()
+    done = completed_jobs(output, opts)
+    todo = [j for j in m.jobs if j.job_id not in done]
+    skipped = len(m.jobs) - len(todo)
+    if not todo:
+        return RunSummary(output, len(m.jobs), skipped, 0, 0, 0, time.perf_counter() - t0)
+    cluster = connect(address, workers)
+    n = workers or max(1, int(cluster.gpus))
+    max_batch = max_batch or int(m.options.get("max_batch", 4))
+    worker_opts = dict(lora_mode=lora_mode or m.options.get("lora_mode", "auto"), max_batch=max_batch, storage_options=opts)
+    writer = ResultsWriter(output, opts)
+    buffered = _Buffered(writer)
+    bar = _Progress(len(todo), progress)
+    try:
+        handles = make_workers(n, m.model, worker_options=worker_opts, num_gpus=min(1.0, cluster.gpus / n) if cluster.gpus else 0)
+        d = Dispatcher({f"w{i}": h for i, h in enumerate(handles)}, AffinityScheduler(), output, storage_options=opts,
+                       retries=int(m.options.get("retries", 2)), capacity=capacity, on_rows=buffered,
+                       progress=bar, max_batch=max_batch)
+        stats = d.run(todo)
+    finally:
+        bar.close()
+        buffered.flush()
+        writer.finalize()
+        cluster.shutdown()
+    return RunSummary(output, len(m.jobs), skipped, stats.ok, stats.failed, d.switches, time.perf_counter() - t0,
+                      stats.interrupted)

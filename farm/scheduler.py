@@ -1,0 +1,480 @@
+"""Pure scheduling policy: which queued job runs on which render worker, and when.
+
+No Ray, no I/O, no clock. The dispatcher (``farm/dispatcher.py``) owns time, actors and
+retries, and drives a policy through the incremental protocol below. The baselines in
+``farm/policies.py`` follow the same protocol, and ``benchmarks/sim.py`` drives these
+very objects in a discrete-event simulation.
+
+Protocol (the policy keeps the queue, indexed by composition, so one decision costs
+O(workers + log queue), not a scan of the queue)::
+
+    policy = AffinityScheduler()            # or policies.make("fifo") ...
+    policy.submit(jobs)                     # QueuedJob objects, at any time
+    loop:
+        views = [WorkerView(...), ...]      # fresh snapshot of every known worker
+        for job_id, worker_id in policy.assign(views, now):
+            send the job to that worker; count it in that worker's ``inflight``
+        for worker_id, uris in policy.prefetch(views).items():
+            fetch uris onto that worker's node in the background (best effort, deduped)
+        wait for a finished job, new jobs, or until ``policy.wake_at()`` (None: no timer)
+        finished (ok, or failed for good): policy.done(job_id)
+        retryable failure, dead actor:     policy.done(job_id, requeue=True)
+        user cancel of queued jobs:        policy.cancel(job_ids) -> the ids removed
+
+Snapshot rules. ``inflight`` counts jobs sent and not yet finished, including those from
+the last ``assign``. ``composition`` is what the worker has loaded now (None before its
+first; "" is the base model). While ``inflight > 0`` the policy uses the composition of
+the last job it sent there instead, since that is what the worker will hold once its
+local queue drains. Dead workers (``alive=False``) get nothing; their jobs come back
+through ``done(requeue=True)`` and keep their ``enqueued_at``, so they age normally.
+
+Guarantees: ``assign`` never gives a worker more than ``capacity - inflight`` jobs and
+never returns a job twice (an assigned job leaves the queue until ``done(requeue=True)``).
+``submit`` of an id that is queued or assigned raises ``ValueError``.
+
+Costs: a switch costs ``compose_cost_s`` plus, per adapter not in the worker's memory,
+``load_cost_s`` (on the node's disk) or ``fetch_cost_s`` (remote); see ``switch_cost``.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Container, Iterable, Sequence
+
+
+NO_WORK = -math.inf  # the "priority" of a composition with nothing queued
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: str
+    composition: str  # routing key; "" = base model, no LoRA
+    loras: tuple[str, ...] = ()  # adapter uris the composition needs
+    priority: int = 0  # higher first
+    enqueued_at: float = 0.0  # seconds, same clock as ``now``
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    worker_id: str
+    node_id: str = ""
+    composition: str | None = None  # loaded now; None = nothing yet, "" = base model
+    adapters: frozenset[str] = frozenset()  # uris in the worker's memory cache
+    node_disk: frozenset[str] = frozenset()  # uris on its node's disk cache
+    inflight: int = 0  # sent and not finished
+    capacity: int = 2  # max inflight
+    compose_cost_s: float = 1.0  # measured estimates
+    render_cost_s: float = 1.0
+    fetch_cost_s: float = 1.0  # per adapter, remote storage -> node
+    load_cost_s: float = 0.1  # per adapter, node disk -> memory
+    alive: bool = True
+
+
+def switch_cost(worker: WorkerView, composition: str, loras: Iterable[str], current: str | None) -> float:
+    """Estimated seconds for ``worker``, holding ``current``, to start on ``composition``."""
+    if current == composition:
+        return 0.0
+    cost = worker.compose_cost_s
+    for uri in loras:
+        if uri not in worker.adapters:
+            cost += worker.load_cost_s if uri in worker.node_disk else worker.fetch_cost_s
+    return cost
+
+
+class _Comp:
+    __slots__ = ("loras", "by_rank", "by_age", "count", "ver")
+
+    def __init__(self, loras: tuple[str, ...]) -> None:
+        self.loras = loras
+        self.by_rank: list[tuple[int, float, int, str]] = []  # (-priority, enqueued_at, seq, id)
+        self.by_age: list[tuple[float, int, str]] = []  # (enqueued_at, seq, id)
+        self.count = 0
+        self.ver = 0
+
+
+class JobQueue:
+    """Queued jobs indexed by composition; every operation is O(log n) amortized.
+
+    Heaps with lazy deletion: a job entry is live while its (id, seq) is still queued, a
+    composition entry while its version is current, so removing a job never searches.
+    Rank order: priority (high first), then ``enqueued_at``, then submission order.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[str, tuple[QueuedJob, int]] = {}
+        self._comps: dict[str, _Comp] = {}
+        self._rank: list[tuple[int, float, int, str]] = []  # every job, rank order
+        self._big: list[tuple[float, int, int, str]] = []  # (-top priority, -count, ver, key)
+        self._old: list[tuple[float, int, str]] = []  # (oldest enqueued_at, ver, key)
+        self._prio: Counter[int] = Counter()
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._live
+
+    def add(self, job: QueuedJob) -> None:
+        if job.job_id in self._live:
+            raise ValueError(f"job {job.job_id!r} is already queued")
+        self._seq += 1
+        self._live[job.job_id] = (job, self._seq)
+        comp = self._comps.get(job.composition)
+        if comp is None:
+            comp = self._comps[job.composition] = _Comp(tuple(job.loras))
+        entry = (-job.priority, job.enqueued_at, self._seq, job.job_id)
+        heapq.heappush(comp.by_rank, entry)
+        heapq.heappush(comp.by_age, (job.enqueued_at, self._seq, job.job_id))
+        heapq.heappush(self._rank, entry)
+        self._prio[job.priority] += 1
+        comp.count += 1
+        self._touch(job.composition, comp)
+
+    def remove(self, job_id: str) -> QueuedJob | None:
+        item = self._live.pop(job_id, None)
+        if item is None:
+            return None
+        job = item[0]
+        self._prio[job.priority] -= 1
+        if not self._prio[job.priority]:
+            del self._prio[job.priority]
+        comp = self._comps[job.composition]
+        comp.count -= 1
+        self._touch(job.composition, comp)
+        if len(self._rank) > 2 * len(self._live) + 1024:
+            self._rank = [e for e in self._rank if self._is_live(e)]
+            heapq.heapify(self._rank)
+        return job
+
+    def count(self, key: str | None) -> int:
+        comp = self._comps.get(key) if key is not None else None
+        return comp.count if comp else 0
+
+    def loras(self, key: str) -> tuple[str, ...]:
+        comp = self._comps.get(key)
+        return comp.loras if comp else ()
+
+    def top_priority(self, key: str | None) -> float:
+        comp = self._comps.get(key) if key is not None else None
+        return -self._head(comp.by_rank)[0] if comp else NO_WORK
+
+    def pop(self, key: str) -> QueuedJob:
+        """The best-ranked job of composition ``key`` (KeyError when it has none)."""
+        return self._take(self._head(self._comps[key].by_rank))
+
+    def pop_oldest(self, key: str) -> QueuedJob:
+        return self._take(self._head(self._comps[key].by_age))
+
+    def first(self) -> QueuedJob | None:
+        """The best-ranked job overall, composition-blind (for the baselines)."""
+        entry = self._head(self._rank)
+        return self._live[entry[-1]][0] if entry else None
+
+    def pop_first(self) -> QueuedJob | None:
+        entry = self._head(self._rank)
+        return self._take(entry) if entry else None
+
+    def count_at_least(self, priority: float) -> int:
+        return sum(n for p, n in self._prio.items() if p >= priority)
+
+    def compositions(self) -> int:
+        return len(self._comps)
+
+    def largest(self, exclude: Container[str | None], limit: int) -> list[tuple[float, int, int, str]]:
+        """Up to ``limit`` composition entries by (top priority, size), skipping ``exclude``."""
+        return self._scan(self._big, exclude, limit)  # type: ignore[return-value]
+
+    def overdue(self, before: float, exclude: Container[str | None], limit: int) -> list[tuple[float, int, str]]:
+        """Up to ``limit`` composition entries whose oldest job was enqueued at or before ``before``."""
+        return self._scan(self._old, exclude, limit, before)  # type: ignore[return-value]
+
+    # internals -------------------------------------------------------------------------
+    def _is_live(self, entry: tuple) -> bool:
+        item = self._live.get(entry[-1])
+        return item is not None and item[1] == entry[-2]
+
+    def _head(self, heap: list) -> tuple | None:
+        while heap and not self._is_live(heap[0]):
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _take(self, entry: tuple | None) -> QueuedJob:
+        if entry is None:
+            raise KeyError("no queued job")
+        job = self.remove(entry[-1])
+        assert job is not None  # _head returned a live entry
+        return job
+
+    def _touch(self, key: str, comp: _Comp) -> None:
+        """Re-rank a composition after its jobs changed; its old entries go stale."""
+        if comp.count == 0:
+            del self._comps[key]
+            return
+        self._seq += 1
+        comp.ver = self._seq  # globally unique, so a re-created composition never matches old entries
+        for name in ("by_rank", "by_age"):
+            heap = getattr(comp, name)
+            if len(heap) > 2 * comp.count + 32:
+                heap = [e for e in heap if self._is_live(e)]
+                heapq.heapify(heap)
+                setattr(comp, name, heap)
+        heapq.heappush(self._big, (self._head(comp.by_rank)[0], -comp.count, comp.ver, key))
+        heapq.heappush(self._old, (self._head(comp.by_age)[0], comp.ver, key))
+        if len(self._big) > 2 * len(self._comps) + 1024:
+            self._big = [e for e in self._big if self._comp_live(e)]
+            self._old = [e for e in self._old if self._comp_live(e)]
+            heapq.heapify(self._big)
+            heapq.heapify(self._old)
+
+    def _comp_live(self, entry: tuple) -> bool:
+        comp = self._comps.get(entry[-1])
+        return comp is not None and comp.ver == entry[-2]
+
+    def _scan(self, heap: list, exclude: Container[str | None], limit: int, before: float | None = None) -> list[tuple]:
+        """Entries in heap order without consuming them (popped, then pushed back)."""
+        found: list[tuple] = []
+        kept: list[tuple] = []
+        while heap and len(found) < limit:
+            entry = heap[0]
+            if before is not None and entry[0] > before:
+                break
+            heapq.heappop(heap)
+            if not self._comp_live(entry):
+                continue
+            kept.append(entry)
+            if entry[-1] not in exclude:
+                found.append(entry)
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        return found
+
+
+class _Slot:
+    """One alive worker during one ``assign`` call: what it will hold, what room is left."""
+
+    __slots__ = ("view", "comp", "spare", "delay")
+
+    def __init__(self, view: WorkerView, comp: str | None) -> None:
+        self.view, self.comp = view, comp
+        self.spare = view.capacity - view.inflight
+        self.delay = view.inflight * view.render_cost_s  # a busy worker starts new work later
+
+
+class Policy:
+    """The protocol and the queue bookkeeping every policy shares; subclasses decide ``assign``."""
+
+    name = "policy"
+
+    def __init__(self) -> None:
+        self.queue = JobQueue()
+        self._running: dict[str, tuple[str, QueuedJob]] = {}  # assigned, not done
+        self._tail: dict[str, tuple[str, tuple[str, ...]]] = {}  # worker -> last job's composition, loras
+
+    def submit(self, jobs: Iterable[QueuedJob]) -> None:
+        for job in jobs:
+            if job.job_id in self._running:
+                raise ValueError(f"job {job.job_id!r} is already assigned")
+            self.queue.add(job)
+
+    def cancel(self, job_ids: Iterable[str]) -> list[str]:
+        """Drop queued jobs; assigned ones are the dispatcher's to stop. Returns those removed."""
+        return [j for j in job_ids if self.queue.remove(j) is not None]
+
+    def done(self, job_id: str, *, requeue: bool = False) -> None:
+        """A job left its worker; with ``requeue`` it queues again, keeping its age."""
+        item = self._running.pop(job_id, None)
+        if item is not None and requeue:
+            self.queue.add(item[1])
+
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def wake_at(self) -> float | None:
+        """When ``assign`` may decide differently with no new event (None: only on events)."""
+        return None
+
+    def prefetch(self, workers: Sequence[WorkerView]) -> dict[str, list[str]]:
+        return {}
+
+    def assign(self, workers: Sequence[WorkerView], now: float) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def _slots(self, workers: Sequence[WorkerView]) -> list[_Slot]:
+        slots, seen = [], set()
+        for w in workers:
+            if not w.alive or w.worker_id in seen:
+                continue
+            seen.add(w.worker_id)
+            tail = self._tail.get(w.worker_id)
+            slots.append(_Slot(w, tail[0] if tail and w.inflight > 0 else w.composition))
+        return slots
+
+    def _give(self, job: QueuedJob, slot: _Slot, out: list[tuple[str, str]], holders: Counter | None = None) -> None:
+        if slot.spare <= 0:
+            raise RuntimeError(f"policy {self.name} overfilled worker {slot.view.worker_id}")  # a bug, never input
+        if holders is not None and slot.comp != job.composition:
+            holders[slot.comp] -= 1
+            holders[job.composition] += 1
+        if slot.comp != job.composition:
+            slot.delay += slot.view.compose_cost_s
+        slot.spare -= 1
+        slot.comp = job.composition
+        slot.delay += slot.view.render_cost_s
+        wid = slot.view.worker_id
+        self._tail[wid] = (job.composition, tuple(job.loras))
+        self._running[job.job_id] = (wid, job)
+        out.append((job.job_id, wid))
+
+
+class AffinityScheduler(Policy):
+    """LoRA affinity + hot-composition replication + an age bound; see the module docstring.
+
+    Each ``assign`` runs three passes over the workers with room:
+
+    1. age bound: a composition nobody holds whose oldest job waited ``max_wait_s`` goes
+       to the cheapest worker, affinity or not (workers whose own composition has no more
+       work first, and never the last holder of one that has);
+    2. switch: compositions that want a worker, best first by (top priority, time to
+       clear), each to its cheapest eligible worker. A composition nobody holds always
+       wants one; a held one only while ``backlog * render / holders > switch + horizon``
+       (replication). Eligible: a worker whose own composition has no work at that
+       priority or above, so affinity is only broken for higher-priority work;
+    3. continue: every worker with room takes more of its own composition.
+
+    ``horizon_s=None`` uses the farm's queued work per worker as the horizon, so a hot
+    composition is replicated up to about its share of the farm and no further.
+    """
+
+    name = "affinity"
+
+    def __init__(self, *, max_wait_s: float | None = 600.0, horizon_s: float | None = None) -> None:
+        super().__init__()
+        self.max_wait_s = max_wait_s
+        self.horizon_s = horizon_s
+        self._wake: float | None = None
+
+    def wake_at(self) -> float | None:
+        return self._wake
+
+    def assign(self, workers: Sequence[WorkerView], now: float) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        slots = self._slots(workers)
+        self._wake = None
+        if not slots or not len(self.queue):
+            return out
+        holders: Counter[str | None] = Counter(s.comp for s in slots)
+        self._serve_overdue(slots, holders, now, out)
+        self._switch(slots, holders, out)
+        for s in slots:
+            while s.spare > 0 and self.queue.count(s.comp):
+                self._give(self.queue.pop(s.comp), s, out, holders)  # type: ignore[arg-type]
+        self._set_wake(holders, now)
+        return out
+
+    def _serve_overdue(self, slots: list[_Slot], holders: Counter, now: float, out: list) -> None:
+        free = [s for s in slots if s.spare > 0]
+        if self.max_wait_s is None or not free:
+            return
+        held = {c for c, n in holders.items() if n > 0}
+        for entry in self.queue.overdue(now - self.max_wait_s, held, len(free)):
+            key = entry[-1]
+            loras = self.queue.loras(key)
+
+            def rank(s: _Slot) -> tuple:
+                own = self.queue.count(s.comp)
+                cost = s.delay + switch_cost(s.view, key, loras, s.comp)
+                return (own > 0 and holders[s.comp] == 1, own > 0, cost)
+
+            slot = min(free, key=rank)
+            self._give(self.queue.pop_oldest(key), slot, out, holders)
+            if slot.spare == 0:
+                free.remove(slot)
+                if not free:
+                    return
+
+    def _switch(self, slots: list[_Slot], holders: Counter, out: list) -> None:
+        free = [s for s in slots if s.spare > 0]
+        if not free:
+            return
+        rate = sum(s.view.render_cost_s for s in slots) / len(slots)
+        compose = sum(s.view.compose_cost_s for s in slots) / len(slots)
+        held = {c for c, n in holders.items() if n > 0}
+        wants: list[tuple[float, float, str]] = []
+        for key in held:
+            if self.queue.count(key):
+                wants.append(self._want(key, holders, rate))
+        for entry in self.queue.largest(held, sum(s.spare for s in free)):
+            wants.append((entry[0], -(self.queue.count(entry[-1]) * rate + compose), entry[-1]))
+        heapq.heapify(wants)
+        while wants and free:
+            neg_prio, neg_clear, key = heapq.heappop(wants)
+            best = self._cheapest(free, key, -neg_prio)
+            if best is None:
+                continue
+            slot, cost = best
+            if holders[key] > 0 and -neg_clear <= cost + self._horizon(-neg_prio, len(slots), held, rate, compose):
+                continue  # its holders clear it soon enough: another compose would be waste
+            for _ in range(min(slot.spare, self.queue.count(key))):
+                self._give(self.queue.pop(key), slot, out, holders)
+            held.add(key)
+            if slot.spare == 0:
+                free.remove(slot)
+            if self.queue.count(key):
+                heapq.heappush(wants, self._want(key, holders, rate))
+
+    def _want(self, key: str, holders: Counter, rate: float) -> tuple[float, float, str]:
+        return (-self.queue.top_priority(key), -self.queue.count(key) * rate / holders[key], key)
+
+    def _cheapest(self, free: list[_Slot], key: str, priority: float) -> tuple[_Slot, float] | None:
+        loras = self.queue.loras(key)
+        best: tuple[tuple[bool, float], _Slot] | None = None
+        for s in free:
+            own = self.queue.top_priority(s.comp)
+            if own >= priority:
+                continue  # its own composition has work at least as urgent: keep affinity
+            rank = (own != NO_WORK, s.delay + switch_cost(s.view, key, loras, s.comp))
+            if best is None or rank < best[0]:
+                best = (rank, s)
+        return (best[1], best[0][1]) if best else None
+
+    def _horizon(self, priority: float, workers: int, held: set, rate: float, compose: float) -> float:
+        if self.horizon_s is not None:
+            return self.horizon_s
+        unheld = max(0, self.queue.compositions() - sum(1 for c in held if self.queue.count(c)))
+        return (self.queue.count_at_least(priority) * rate + unheld * compose) / workers
+
+    def _set_wake(self, holders: Counter, now: float) -> None:
+        if self.max_wait_s is None:
+            return
+        held = {c for c, n in holders.items() if n > 0}
+        nxt = self.queue.overdue(math.inf, held, 1)
+        if nxt and nxt[0][0] + self.max_wait_s > now:
+            self._wake = nxt[0][0] + self.max_wait_s
+
+    def prefetch(self, workers: Sequence[WorkerView]) -> dict[str, list[str]]:
+        """Per worker, the uris it lacks (neither in memory nor on its node's disk) for the
+        composition it was last sent and, when that composition runs dry within about a
+        local queue's worth of jobs, for the composition it is likely to take next."""
+        slots = self._slots(workers)
+        holders: Counter[str | None] = Counter(s.comp for s in slots)
+
+        def runway(s: _Slot) -> float:
+            return self.queue.count(s.comp) / max(holders[s.comp], 1)
+
+        drying = sorted((s for s in slots if runway(s) <= s.view.capacity), key=runway)
+        upcoming = self.queue.largest({c for c in holders if c is not None}, len(drying))
+        nxt = {id(s): entry[-1] for s, entry in zip(drying, upcoming)}  # one guess per worker
+        hints: dict[str, list[str]] = {}
+        for s in slots:
+            tail = self._tail.get(s.view.worker_id)
+            wanted = list(tail[1]) if tail and tail[0] == s.comp else []
+            if id(s) in nxt:
+                wanted += self.queue.loras(nxt[id(s)])
+            lacking = [u for u in dict.fromkeys(wanted) if u not in s.view.adapters and u not in s.view.node_disk]
+            if lacking:
+                hints[s.view.worker_id] = lacking
+        return hints

@@ -1,0 +1,207 @@
+"""RenderWorker: a plain class (no Ray) that renders jobs and reports what it holds.
+
+It owns one backend (built lazily, so under Ray it is created after CUDA_VISIBLE_DEVICES
+is set), one ComposedModel, a node-local LoRA file store and a byte-budget LRU of loaded
+adapters. ``render(jobs)`` groups jobs by composition and size, fetches, composes only on
+change, renders in batches of up to ``max_batch``, writes PNGs atomically and returns one
+result row per job: a bad LoRA fails its own jobs, never the worker.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+
+from lora_core import Adapter
+from lora_core.adapter import load_adapter_file
+from lora_core.cache import AdapterCache
+from lora_core.errors import LoraError
+from lora_core.store import default_cache_dir
+
+from .wrapper import ComposedModel
+
+DEFAULT_ADAPTER_CACHE = 2 << 30
+
+
+class RenderWorker:
+    def __init__(
+        self,
+        model: dict | None = None,
+        worker_id: str | None = None,
+        *,
+        lora_mode: str = "auto",
+        max_batch: int = 4,
+        cache_dir: str | None = None,
+        cache_budget_bytes: int | None = None,
+        adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE,
+        storage_options: dict | None = None,
+        device: str | None = None,
+        num_threads: int | None = None,
+        allow_pickle: bool = False,
+    ):
+        self.model_spec = dict(model or {"backend": "tiny"})
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.lora_mode = lora_mode
+        self.max_batch = max(1, int(max_batch))
+        self.storage_options = storage_options or {}
+        self.device = device
+        self.num_threads = num_threads
+        self.allow_pickle = allow_pickle
+        self.cache_dir = cache_dir or default_cache_dir()
+        self._cache_budget = cache_budget_bytes
+        self._store = None
+        self._paths: dict[str, str] = {}  # sha256 -> local path
+        self.adapters: AdapterCache[Adapter] = AdapterCache(adapter_cache_bytes, self._load_by_sha)
+        self._model: ComposedModel | None = None
+        self.render_s_per_image = 0.0
+        self.jobs_done = 0
+        self.jobs_failed = 0
+
+    # ---- lazy parts -----------------------------------------------------------------------
+    @property
+    def store(self):
+        if self._store is None:
+            from lora_core.store import LoraStore
+
+            kw = {"storage_options": self.storage_options}
+            if self._cache_budget:
+                kw["budget_bytes"] = self._cache_budget
+            self._store = LoraStore(self.cache_dir, **kw)
+        return self._store
+
+    @property
+    def model(self) -> ComposedModel:
+        if self._model is None:
+            from .backends import make_backend
+
+            if self.num_threads:
+                torch.set_num_threads(self.num_threads)
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = ComposedModel(make_backend(self.model_spec, device=device), lora_mode=self.lora_mode)
+        return self._model
+
+    def _load_by_sha(self, sha: str) -> Adapter:
+        return load_adapter_file(self._paths[sha], allow_pickle=self.allow_pickle)
+
+    # ---- work -----------------------------------------------------------------------------
+    def fetch_adapters(self, loras: Sequence[Any]) -> tuple[list[tuple[Adapter, float]], float]:
+        """LoRA refs -> (adapter, strength) pairs; the seconds spent fetching from storage."""
+        t0 = time.perf_counter()
+        pairs = []
+        for ref in loras:
+            with self.store.lease(ref.uri, sha256=ref.sha256) as res:  # not evicted while we read it
+                self._paths[res.sha256] = res.path
+                pairs.append((self.adapters.get(res.sha256), float(ref.strength)))
+        return pairs, time.perf_counter() - t0
+
+    def prefetch(self, loras: Sequence[Any]) -> int:
+        """Fetch (and load) adapters ahead of need so fetches overlap rendering; errors wait for render."""
+        n = 0
+        for ref in loras:
+            try:
+                self.fetch_adapters([ref])
+                n += 1
+            except Exception:
+                pass
+        return n
+
+    def render(self, jobs: Sequence[Any], output_root: str, storage_options: dict | None = None) -> list[dict]:
+        opts = storage_options if storage_options is not None else self.storage_options
+        rows: list[dict] = []
+        for group in self._groups(jobs):
+            rows.extend(self._render_group(group, output_root, opts))
+        return rows
+
+    def _groups(self, jobs: Sequence[Any]) -> list[list[Any]]:
+        buckets: OrderedDict[tuple, list[Any]] = OrderedDict()
+        for j in jobs:
+            buckets.setdefault((j.composition, j.steps, j.width, j.height, j.guidance, j.negative_prompt), []).append(j)
+        out = []
+        for group in buckets.values():
+            out.extend(group[i : i + self.max_batch] for i in range(0, len(group), self.max_batch))
+        return out
+
+    def _render_group(self, group: list[Any], output_root: str, opts: dict) -> list[dict]:
+        fetch_s = compose_s = 0.0
+        try:
+            pairs, fetch_s = self.fetch_adapters(group[0].loras)
+            self.model.want(pairs)
+            compose_s = self.model.ensure()
+            key = self.model.key
+            t0 = time.perf_counter()
+            images = self.model.backend.render([_request(j) for j in group])
+            render_s = (time.perf_counter() - t0) / len(group)
+            self.render_s_per_image = render_s if not self.jobs_done else 0.7 * self.render_s_per_image + 0.3 * render_s
+            rows = [self._write(j, img, output_root, opts, key, fetch_s, compose_s, render_s) for j, img in zip(group, images)]
+        except Exception as e:  # noqa: BLE001 - every failure becomes a result row
+            rows = [_failed(j, self.worker_id, e, fetch_s, compose_s) for j in group]
+        for r in rows:
+            if r["status"] == "ok":
+                self.jobs_done += 1
+            else:
+                self.jobs_failed += 1
+        return rows
+
+    def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> dict:
+        from jobs.results import image_uri, write_image_atomic
+
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        uri = image_uri(output_root, job.job_id)
+        write_image_atomic(uri, buf.getvalue(), opts)
+        return dict(job_id=job.job_id, status="ok", output_uri=uri, composition_key=key, worker_id=self.worker_id,
+                    attempts=1, fetch_s=fetch_s, compose_s=compose_s, render_s=render_s, error="", transient=False)
+
+    def state(self) -> dict:
+        m = self._model
+        free = None
+        if torch.cuda.is_available():
+            free = torch.cuda.mem_get_info()[0]
+        return {
+            "worker_id": self.worker_id,
+            "node": socket.gethostname(),
+            "model_built": m is not None,
+            "composition": m.key if m else None,
+            "adapters": [{"sha256": k, "bytes": b} for k, b in self.adapters.entries()],
+            "adapter_cache": self.adapters.stats.as_dict(),
+            "store": self.store.stats() if self._store is not None else {},
+            "device": str(m.backend.device) if m else (self.device or "unbuilt"),
+            "free_memory": free,
+            "compose_s": m.stats.mean_s if m else 0.0,
+            "switches": m.stats.switches if m else 0,
+            "render_s": self.render_s_per_image,
+            "jobs_done": self.jobs_done,
+            "jobs_failed": self.jobs_failed,
+        }
+
+
+def _request(job):
+    from .backends.base import RenderRequest
+
+    return RenderRequest(prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
+                         width=job.width, height=job.height, guidance=job.guidance)
+
+
+def _failed(job, worker_id: str, e: BaseException, fetch_s: float, compose_s: float) -> dict:
+    transient = bool(getattr(e, "transient", False)) or _is_oom(e)
+    msg = f"{type(e).__name__}: {e}"
+    if not isinstance(e, LoraError) and not transient:
+        msg += " | " + traceback.format_exc(limit=3).strip().splitlines()[-1]
+    return dict(job_id=job.job_id, status="failed", output_uri="", composition_key="", worker_id=worker_id,
+                attempts=1, fetch_s=fetch_s, compose_s=compose_s, render_s=0.0, error=msg, transient=transient)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def job_loras_json(job) -> str:
+    return json.dumps([{"uri": r.uri, "strength": r.strength, "sha256": r.sha256} for r in job.loras])

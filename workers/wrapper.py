@@ -1,0 +1,111 @@
+"""ComposedModel: a backend plus the LoRA composition it currently holds.
+
+Change detection is a key comparison (O(1)); composition is lazy (``want`` records the
+target, ``ensure`` composes right before rendering, and only when the key or the device
+changed); a change resets the backend's step cache (the seeds' multi-stage bug: a cache
+calibrated on one composition must not skip steps of another); and each switch records
+what it cost, which the scheduler uses.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from lora_core import BASE_KEY, Adapter, ModelIndex, apply_updates, key_of_ids, plan
+from lora_core.api import Handle
+
+LORA_MODES = ("merge", "lowrank", "auto")
+
+
+@dataclass
+class SwitchStats:
+    switches: int = 0
+    compose_s: float = 0.0
+    last_compose_s: float = 0.0
+    history: list[float] = field(default_factory=list)
+
+    def record(self, seconds: float) -> None:
+        self.switches += 1
+        self.compose_s += seconds
+        self.last_compose_s = seconds
+        self.history = (self.history + [seconds])[-32:]
+
+    @property
+    def mean_s(self) -> float:
+        return sum(self.history) / len(self.history) if self.history else 0.0
+
+
+class ComposedModel:
+    def __init__(self, backend, lora_mode: str = "auto", keep_originals_on: str | None = None):
+        if lora_mode not in LORA_MODES:
+            raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
+        self.backend = backend
+        self.lora_mode = lora_mode
+        self.keep_originals_on = keep_originals_on
+        self.key = BASE_KEY  # what the model holds now
+        self._want: tuple[str, list[tuple[Adapter, float]]] = (BASE_KEY, [])
+        self._held = self._want
+        self._handle: Handle | None = None
+        self._device: torch.device | None = None
+        self._index: ModelIndex | None = None
+        self.stats = SwitchStats()
+
+    @property
+    def index(self) -> ModelIndex:
+        if self._index is None:  # module paths resolved once per model
+            self._index = ModelIndex(self.backend.transformer)
+        return self._index
+
+    @property
+    def mode(self) -> str:
+        """Dense layers merge under ``auto``: zero runtime cost; SVDQ layers always concatenate."""
+        return "merge" if self.lora_mode == "auto" else self.lora_mode
+
+    def want(self, pairs: Sequence[tuple[Adapter, float]]) -> str:
+        key = key_of_ids((a.content_id, s) for a, s in pairs)
+        self._want = (key, list(pairs))
+        return key
+
+    @property
+    def pending(self) -> bool:
+        return self._want[0] != self.key or self._device_moved()
+
+    def _device_moved(self) -> bool:
+        return self._handle is not None and self._device != self.backend.device
+
+    def ensure(self) -> float:
+        """Compose what was asked for, if it differs from what is held. Returns seconds spent."""
+        if not self.pending:
+            return 0.0
+        key, pairs = self._want
+        t0 = time.perf_counter()
+        updates = plan(pairs, self.index)  # binding errors raise before anything changes
+        old = self._handle
+        if old is not None:
+            old.restore()
+        self._handle = None
+        self.backend.reset_step_cache()
+        try:
+            if updates:
+                self._handle = apply_updates(self.index, updates, self.mode, keep_originals_on=self.keep_originals_on)
+        except BaseException:
+            # the new composition rolled itself back; put the old one back so the model is
+            # exactly as it was (same updates, same arithmetic: the same bits)
+            if old is not None:
+                self._handle = apply_updates(self.index, old.updates, old.mode, keep_originals_on=self.keep_originals_on)
+            self._want = self._held
+            raise
+        self.key = key
+        self._held = self._want
+        self._device = self.backend.device
+        seconds = time.perf_counter() - t0
+        self.stats.record(seconds)
+        return seconds
+
+    def reset(self) -> None:
+        """Back to the base model."""
+        self.want([])
+        self.ensure()
