@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 # dependency would otherwise pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
 
+# Ray services on loopback only, no usage reporting.
+export RAY_USAGE_STATS_ENABLED = 0
+export RAY_AUTH_MODE = disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
+
 .PHONY: setup demo test clean
 
 $(VENV)/.installed: pyproject.toml

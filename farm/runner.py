@@ -102,6 +102,7 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
     writer = ResultsWriter(output, opts)
     buffered = _Buffered(writer)
     bar = _Progress(len(todo), progress)
+    handles = []
     try:
         handles = make_workers(n, m.model, worker_options=worker_opts, num_gpus=min(1.0, cluster.gpus / n) if cluster.gpus else 0)
         d = Dispatcher({f"w{i}": h for i, h in enumerate(handles)}, AffinityScheduler(), output, storage_options=opts,
@@ -112,6 +113,18 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
         bar.close()
         buffered.flush()
         writer.finalize()
+        _release(handles)
         cluster.shutdown()
     return RunSummary(output, len(m.jobs), skipped, stats.ok, stats.failed, d.switches, time.perf_counter() - t0,
                       stats.interrupted)
+
+
+def _release(handles) -> None:
+    """Give the workers' GPUs back now, not when the handles are garbage-collected."""
+    import ray
+
+    for h in handles:
+        try:
+            ray.kill(h)
+        except Exception:  # already dead
+            pass

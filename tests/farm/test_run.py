@@ -1,0 +1,118 @@
+"""The farm end to end on a real local Ray cluster with the real tiny model."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from farm import runner
+from farm.cli import main as farm_main
+from jobs.manifest import load_manifest
+from jobs.results import read_results
+from lora_core import testing as T
+
+MODEL_SHAPES = None
+
+
+def tiny_shapes(include):
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from workers.backends.tiny import TINY_TRANSFORMER_CONFIG
+
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    return T.linear_shapes(model, include)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras")
+    out = {}
+    for name, include, seed in [("a", ("attn.to_q",), 1), ("b", ("img_mlp",), 2)]:
+        layers = T.random_layers(tiny_shapes(include), rank=4, seed=seed, scale=0.5)
+        out[name] = T.write_safetensors(d / f"{name}.safetensors", T.peft_state_dict(layers))
+    junk = d / "junk.safetensors"
+    junk.write_bytes(b"this is not a LoRA" * 20)
+    out["junk"] = str(junk)
+    return out
+
+
+def write_manifest(path, loras, jobs_loras, prompts=("a cat", "a dog")):
+    jobs = []
+    for i, ls in enumerate(jobs_loras):
+        for p in prompts:
+            jobs.append({"id": f"j{i}-{p.split()[-1]}", "prompt": p, "seed": i,
+                         "loras": [{"uri": loras[n], "strength": s} for n, s in ls]})
+    data = {"model": {"backend": "tiny"}, "defaults": {"steps": 2, "width": 64, "height": 64},
+            "output": str(path.parent / "out"), "jobs": jobs}
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_run_then_resubmit_renders_nothing(ray_cluster, tmp_path, loras):
+    path = write_manifest(tmp_path / "m.yaml", loras, [[], [("a", 1.0)], [("a", 0.5), ("b", 1.0)]])
+    m = load_manifest(path)
+    s = runner.run_manifest(m, workers=2, progress=False)
+    assert (s.ok, s.failed, s.exit_code) == (6, 0, 0)
+    rows = read_results(m.output)
+    assert sorted(r.job_id for r in rows) == sorted(j.job_id for j in m.jobs)
+    assert all(r.status == "ok" and os.path.exists(r.output_uri) for r in rows)
+    assert len({r.composition_key for r in rows}) == 3
+    assert s.switches <= 4, "3 compositions on 2 workers: at most one extra switch"
+    again = runner.run_manifest(m, workers=2, progress=False)
+    assert (again.ok, again.failed, again.skipped) == (0, 0, 6)
+
+
+def test_bad_lora_fails_alone(ray_cluster, tmp_path, loras):
+    path = write_manifest(tmp_path / "m.yaml", loras, [[("a", 1.0)], [("junk", 1.0)]])
+    m = load_manifest(path)
+    s = runner.run_manifest(m, workers=2, progress=False)
+    assert (s.ok, s.failed, s.exit_code) == (2, 2, 1)
+    bad = [r for r in read_results(m.output) if r.status == "failed"]
+    assert {r.job_id for r in bad} == {"j1-cat", "j1-dog"}
+    assert all("CorruptFileError" in r.error and "junk.safetensors" in r.error for r in bad)
+    assert all(r.attempts == 1 for r in bad), "a bad LoRA is not retried"
+    assert not any(os.path.exists(os.path.join(m.output, "images", f"{j}.png")) for j in ("j1-cat", "j1-dog"))
+
+
+def test_invalid_manifest_exit_2_nothing_rendered(tmp_path, capsys):
+    out = tmp_path / "out"
+    bad = {"model": {"backend": "tiny"}, "output": str(out), "jobs": [
+        {"prompt": "x", "colour": "red"}, {"prompt": "y", "steps": -1}, {"seed": 1},
+        {"prompt": "z", "loras": [{"uri": "a.safetensors", "strength": "high"}]}]}
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(bad))
+    assert farm_main(["validate", str(p)]) == 2
+    assert farm_main(["run", str(p)]) == 2
+    err = capsys.readouterr().err
+    for needle in ("jobs[0]", "colour", "jobs[1].steps", "jobs[2].prompt", "jobs[3].loras[0].strength"):
+        assert needle in err
+    assert not out.exists()
+
+
+def test_interrupted_run_then_rerun_finishes_only_the_rest(ray_cluster, tmp_path, loras, monkeypatch):
+    path = write_manifest(tmp_path / "m.yaml", loras, [[], [("a", 1.0)], [("b", 1.0)]])
+    m = load_manifest(path)
+
+    class Interrupt:  # Ctrl-C after the third finished job
+        def __init__(self, total, enabled):
+            pass
+
+        def __call__(self, d):
+            if d.stats.ok >= 3:
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(runner, "_Progress", Interrupt)
+    first = runner.run_manifest(m, workers=1, progress=False, capacity=1)
+    assert first.interrupted and first.exit_code == 130
+    kept = {r.job_id for r in read_results(m.output) if r.status == "ok"}
+    assert len(kept) >= 3
+    monkeypatch.undo()
+    second = runner.run_manifest(m, workers=2, progress=False)
+    assert second.skipped == len(kept) and second.ok == 6 - len(kept) and second.failed == 0
