@@ -105,7 +105,11 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
     handles = []
     try:
         handles = make_workers(n, m.model, worker_options=worker_opts, num_gpus=min(1.0, cluster.gpus / n) if cluster.gpus else 0)
-        d = Dispatcher({f"w{i}": h for i, h in enumerate(handles)}, AffinityScheduler(), output, storage_options=opts,
+        import ray
+
+        named = {f"w{i}": h for i, h in enumerate(handles)}
+        node_of = dict(zip(named, ray.get([h.node.remote() for h in handles])))  # for node-disk affinity
+        d = Dispatcher(named, AffinityScheduler(), output, storage_options=opts, node_of=node_of,
                        retries=int(m.options.get("retries", 2)), capacity=capacity, on_rows=buffered,
                        progress=bar, max_batch=max_batch)
         stats = d.run(todo)

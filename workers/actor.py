@@ -1,9 +1,32 @@
 """The only Ray import in workers/: RenderWorker made remote at the call site."""
 from __future__ import annotations
 
+import os
+
 import ray
 
 from .worker import RenderWorker
+
+
+class RayRenderWorker(RenderWorker):
+    """RenderWorker plus what only Ray knows: the node it runs on.
+
+    ``cache_dir`` may contain ``{node}``, replaced by the Ray node id, so several nodes
+    sharing one filesystem (a test cluster on one machine) still keep node-local caches.
+    """
+
+    def __init__(self, *args, cache_dir: str | None = None, **kwargs):
+        node = ray.get_runtime_context().get_node_id()
+        if cache_dir and "{node}" in cache_dir:
+            cache_dir = cache_dir.format(node=node[:16])
+        super().__init__(*args, cache_dir=cache_dir, **kwargs)
+        self.node_id = node
+
+    def state(self) -> dict:
+        return {**super().state(), "node": self.node_id, "pid": os.getpid()}
+
+    def node(self) -> str:
+        return self.node_id
 
 
 def remote_worker(num_gpus: float = 1.0, num_cpus: float = 0.0, max_restarts: int = 2, **options):
@@ -14,5 +37,5 @@ def remote_worker(num_gpus: float = 1.0, num_cpus: float = 0.0, max_restarts: in
     CUDA_VISIBLE_DEVICES. Restarted actors come back empty and rejoin.
     """
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, **options)(
-        RenderWorker
+        RayRenderWorker
     )
