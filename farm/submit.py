@@ -42,7 +42,9 @@ def submit(manifest_path: str, address: str, *, out: str | None = None, workers:
         s = client.get_job_status(job_id)
         if s.is_terminal():
             print(client.get_job_logs(job_id)[-4000:])
-            return 0 if str(s) in ("SUCCEEDED", "JobStatus.SUCCEEDED") else 1
+            from ray.job_submission import JobStatus
+
+            return 0 if s == JobStatus.SUCCEEDED else 1
         time.sleep(1.0)
 
 
