@@ -12,7 +12,7 @@ from .adapter import Adapter, Source, load_adapter, state_dict_id
 from .compose import ModuleUpdate, plan
 from .model_index import ModelIndex
 from .safetensors_io import file_sha256
-from .targets import dense, lowrank, svdq
+from .targets import dense, fp8, lowrank, svdq
 from .targets.ledger import Ledger
 
 MODES = ("merge", "lowrank")
@@ -79,6 +79,8 @@ def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, mode: str, le
     kind = index.kinds[name]
     if kind == "svdq":
         svdq.apply_svdq(m, update, ledger)
+    elif kind == "fp8":  # always merged (into the master), then quantized
+        fp8.apply_fp8(m, update, ledger)
     elif kind == "linear" and mode == "merge":
         dense.merge(m, update, ledger, keep_on=keep_on)
     else:  # lowrank mode, or an AWQ layer's side path

@@ -18,7 +18,7 @@ FUSED_GROUPS: dict[str, tuple[str, ...]] = {
     "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj"),
     "w13": ("w3", "w1"),  # Z-Image: value (w3) first, then gate (w1)
 }
-QUANT_KINDS = {"SVDQW4A4Linear": "svdq", "AWQW4A16Linear": "awq"}
+QUANT_KINDS = {"SVDQW4A4Linear": "svdq", "AWQW4A16Linear": "awq", "FP8Linear": "fp8"}
 # nunchaku's Qwen-Image emits these modulation outputs interleaved (index j*6+s)
 INTERLEAVED_SUFFIXES = ("img_mod.1", "txt_mod.1")
 

@@ -39,7 +39,7 @@ class SwitchStats:
 
 
 class ComposedModel:
-    def __init__(self, backend, lora_mode: str = "auto", keep_originals_on: str | None = None):
+    def __init__(self, backend, lora_mode: str = "auto", keep_originals_on: str | None = None, fp8: bool = False):
         if lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
         self.backend = backend
@@ -52,6 +52,18 @@ class ComposedModel:
         self._device: torch.device | None = None
         self._index: ModelIndex | None = None
         self.stats = SwitchStats()
+        self.fp8_saved_bytes = 0
+        if fp8:
+            self._quantize()
+
+    def _quantize(self) -> None:
+        """Weight-only fp8 for the blocks' linears; LoRAs then merge into their masters."""
+        from lora_core.targets.fp8 import quantize_modules
+
+        t = self.backend.transformer
+        names = [n for n, m in t.named_modules() if isinstance(m, torch.nn.Linear) and ".transformer_blocks." in f".{n}"]
+        self.fp8_saved_bytes = quantize_modules(t, names)
+        self._index = None
 
     @property
     def index(self) -> ModelIndex:
