@@ -49,6 +49,7 @@ def apply(
     allow_pickle: bool = False,
     storage_options: dict | None = None,
     keep_originals_on: torch.device | str | None = None,
+    budget=None,
 ) -> Handle:
     """Compose ``items`` onto ``module``. On any error the model is left exactly as it was."""
     if mode not in MODES:
@@ -56,25 +57,27 @@ def apply(
     index = index or ModelIndex(module)
     pairs = [(load_adapter(src, allow_pickle=allow_pickle, storage_options=storage_options), float(s)) for src, s in items]
     updates = plan(pairs, index)  # all binding errors before anything is touched
-    return apply_updates(index, updates, mode, keep_originals_on=keep_originals_on)
+    return apply_updates(index, updates, mode, keep_originals_on=keep_originals_on, budget=budget)
 
 
 def apply_updates(
-    index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str, *, keep_originals_on=None
+    index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str, *, keep_originals_on=None, budget=None
 ) -> Handle:
+    """Land planned updates; ``budget`` (targets.budget.BudgetState) bounds dense merges."""
     ledger = Ledger()
     handle = Handle(ledger, updates, mode)
     try:
         with torch.no_grad():
             for name, update in updates.items():
-                _apply_one(index, name, update, mode, ledger, handle, keep_originals_on)
+                _apply_one(index, name, update, mode, ledger, handle, keep_originals_on, budget)
     except BaseException:
         ledger.rollback()
         raise
     return handle
 
 
-def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, mode: str, ledger: Ledger, handle: Handle, keep_on) -> None:
+def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, mode: str, ledger: Ledger, handle: Handle, keep_on,
+               budget=None) -> None:
     m = index.modules[name]
     kind = index.kinds[name]
     if kind == "svdq":
@@ -82,7 +85,7 @@ def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, mode: str, le
     elif kind == "fp8":  # always merged (into the master), then quantized
         fp8.apply_fp8(m, update, ledger)
     elif kind == "linear" and mode == "merge":
-        dense.merge(m, update, ledger, keep_on=keep_on)
+        dense.merge(m, update, ledger, keep_on=keep_on, budget=budget)
     else:  # lowrank mode, or an AWQ layer's side path
         if not (torch.isfinite(update.A).all() and torch.isfinite(update.B).all()):
             from .errors import NonFiniteError

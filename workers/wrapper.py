@@ -39,7 +39,8 @@ class SwitchStats:
 
 
 class ComposedModel:
-    def __init__(self, backend, lora_mode: str = "auto", keep_originals_on: str | None = None, fp8: bool = False):
+    def __init__(self, backend, lora_mode: str = "auto", keep_originals_on: str | None = None, fp8: bool = False,
+                 memory_reserve_gb: float | None = None, merge_strategy: str = "keep_until_full"):
         if lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
         self.backend = backend
@@ -53,6 +54,11 @@ class ComposedModel:
         self._index: ModelIndex | None = None
         self.stats = SwitchStats()
         self.fp8_saved_bytes = 0
+        self.budget = None
+        if memory_reserve_gb is not None:
+            from lora_core.targets.budget import BudgetState
+
+            self.budget = BudgetState(int(memory_reserve_gb * (1 << 30)), merge_strategy)
         if fp8:
             self._quantize()
 
@@ -102,12 +108,12 @@ class ComposedModel:
         self.backend.reset_step_cache()
         try:
             if updates:
-                self._handle = apply_updates(self.index, updates, self.mode, keep_originals_on=self.keep_originals_on)
+                self._handle = apply_updates(self.index, updates, self.mode, keep_originals_on=self.keep_originals_on, budget=self.budget)
         except BaseException:
             # the new composition rolled itself back; put the old one back so the model is
             # exactly as it was (same updates, same arithmetic: the same bits)
             if old is not None:
-                self._handle = apply_updates(self.index, old.updates, old.mode, keep_originals_on=self.keep_originals_on)
+                self._handle = apply_updates(self.index, old.updates, old.mode, keep_originals_on=self.keep_originals_on, budget=self.budget)
             self._want = self._held
             raise
         self.key = key

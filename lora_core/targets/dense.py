@@ -6,7 +6,22 @@ from torch import nn
 
 from ..compose import ModuleUpdate
 from ..errors import NonFiniteError
+from .budget import BudgetState, plan_merge
 from .ledger import Ledger
+
+
+def _budgeted(w: torch.Tensor, update: ModuleUpdate, budget: BudgetState) -> tuple[torch.device, torch.device]:
+    nbytes = w.numel() * w.element_size()
+    scratch = 2 * w.numel() * 4  # fp32 copy of W + the B@A product
+    p = plan_merge(budget.free_bytes(w.device), scratch, nbytes, budget.reserve_bytes, budget.strategy,
+                   budget.device_backup_bytes(w.device))
+    if p.offload_bytes:
+        budget.offload(w.device, p.offload_bytes)
+    cpu = torch.device("cpu")
+    if not p.compute_on_device:
+        budget.stats["cpu_fallbacks"] += 1
+    budget.stats["device_backups" if p.backup_on_device else "cpu_backups"] += 1
+    return (w.device if p.compute_on_device else cpu), (w.device if p.backup_on_device else cpu)
 
 
 def merged_weight(weight: torch.Tensor, update: ModuleUpdate) -> torch.Tensor:
@@ -19,14 +34,25 @@ def merged_weight(weight: torch.Tensor, update: ModuleUpdate) -> torch.Tensor:
     return new
 
 
-def merge(module: nn.Linear, update: ModuleUpdate, ledger: Ledger, keep_on: torch.device | str | None = None) -> None:
-    """Merge, keeping the original bytes (on ``keep_on``, default the weight's device)."""
-    w = module.weight
-    new = merged_weight(w.data, update).to(w.dtype)
-    original = w.data.detach().to(keep_on or w.device, copy=True)
+def merge(module: nn.Linear, update: ModuleUpdate, ledger: Ledger, keep_on: torch.device | str | None = None,
+          budget: BudgetState | None = None) -> None:
+    """Merge, keeping the original bytes (on ``keep_on``, default the weight's device).
 
-    def undo(w=w, original=original) -> None:
-        w.data.copy_(original)
+    With a ``budget``, where the math runs and where the backup lives follow
+    :func:`budget.plan_merge` (``keep_on`` is then ignored).
+    """
+    w = module.weight
+    compute_on, backup_on = w.device, keep_on or w.device
+    if budget is not None:
+        compute_on, backup_on = _budgeted(w.data, update, budget)
+    new = merged_weight(w.data.to(compute_on), update).to(device=w.device, dtype=w.dtype)
+    original = w.data.detach().to(backup_on, copy=True)
+    if budget is not None:
+        budget.backups[update.module] = original
+
+    def undo(w=w, name=update.module) -> None:
+        src = budget.backups.pop(name) if budget is not None else original
+        w.data.copy_(src)
 
     with torch.no_grad():
         w.data.copy_(new)
