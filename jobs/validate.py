@@ -292,7 +292,13 @@ MODEL_FIELDS = ("backend", "path", "dtype", "args")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LORA_MODES = ("merge", "lowrank", "auto")
 #: Farm options and their defaults; ``Manifest.options`` always holds every key.
-OPTION_DEFAULTS: dict[str, Any] = {"lora_mode": "auto", "max_batch": 4, "retries": 2}
+OPTION_DEFAULTS: dict[str, Any] = {
+    "lora_mode": "auto", "max_batch": 4, "retries": 2,
+    "fp8": False,                 # weight-only fp8 after merge (fuse, then quantize)
+    "memory_reserve_gb": None,    # keep this much free on the device while merging
+    "merge_strategy": "keep_until_full",
+}
+MERGE_STRATEGIES = ("keep_until_full", "rotate")
 
 
 def check_model(value: Any, path: str, problems: Problems, base_dir: str | None) -> dict:
@@ -327,6 +333,9 @@ def check_options(value: Any, path: str, problems: Problems) -> dict:
         "lora_mode": lambda v, p: check_str(v, p, problems, choices=LORA_MODES),
         "max_batch": lambda v, p: check_int(v, p, problems, 1),
         "retries": lambda v, p: check_int(v, p, problems, 0),
+        "fp8": lambda v, p: check_bool(v, p, problems),
+        "memory_reserve_gb": lambda v, p: check_number(v, p, problems, 0.0),
+        "merge_strategy": lambda v, p: check_str(v, p, problems, choices=MERGE_STRATEGIES),
     }
     for name, check in checks.items():
         if raw.get(name) is not None:

@@ -46,6 +46,9 @@ class RenderWorker:
         device: str | None = None,
         num_threads: int | None = None,
         allow_pickle: bool = False,
+        fp8: bool = False,
+        memory_reserve_gb: float | None = None,
+        merge_strategy: str = "keep_until_full",
     ):
         self.model_spec = dict(model or {"backend": "tiny"})
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -55,6 +58,7 @@ class RenderWorker:
         self.device = device
         self.num_threads = num_threads
         self.allow_pickle = allow_pickle
+        self.model_options = dict(fp8=fp8, memory_reserve_gb=memory_reserve_gb, merge_strategy=merge_strategy)
         self.cache_dir = cache_dir or default_cache_dir()
         self._cache_budget = cache_budget_bytes
         self._store = None
@@ -85,7 +89,8 @@ class RenderWorker:
             if self.num_threads:
                 torch.set_num_threads(self.num_threads)
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self._model = ComposedModel(make_backend(self.model_spec, device=device), lora_mode=self.lora_mode)
+            self._model = ComposedModel(make_backend(self.model_spec, device=device), lora_mode=self.lora_mode,
+                                        **self.model_options)
         return self._model
 
     def _load_by_sha(self, sha: str) -> Adapter:

@@ -130,7 +130,8 @@ def test_defaults_apply_and_jobs_override_them():
     a, b = m.jobs
     assert (a.steps, a.width, a.height, a.negative_prompt) == (8, 512, RENDER_DEFAULTS["height"], "blurry")
     assert (b.steps, b.height, b.guidance) == (2, 64, 3.0) and isinstance(b.guidance, float)
-    assert m.options == {"lora_mode": "auto", "max_batch": 4, "retries": 2}
+    assert m.options == {"lora_mode": "auto", "max_batch": 4, "retries": 2, "fp8": False,
+                         "memory_reserve_gb": None, "merge_strategy": "keep_until_full"}
     assert m.model == {"backend": "tiny"}
 
 
@@ -222,3 +223,15 @@ def test_errors_and_jobs_survive_pickling():  # both cross Ray process boundarie
     assert back.problems == ["a: x", "b: y"] and str(back) == "a: x\nb: y"
     m = validate_manifest({"jobs": [{"prompt": "p", "loras": ["s3://b/a"]}]})
     assert pickle.loads(pickle.dumps(m)) == m
+
+
+def test_model_options_validated():
+    from jobs.manifest import ManifestError, validate_manifest
+
+    with pytest.raises(ManifestError) as e:
+        validate_manifest({"jobs": [{"prompt": "x"}],
+                           "options": {"fp8": "yes", "memory_reserve_gb": -1, "merge_strategy": "lru"}})
+    text = str(e.value)
+    assert "options.fp8" in text and "options.memory_reserve_gb" in text and "options.merge_strategy" in text
+    m = validate_manifest({"jobs": [{"prompt": "x"}], "options": {"fp8": True, "memory_reserve_gb": 2, "merge_strategy": "rotate"}})
+    assert (m.options["fp8"], m.options["memory_reserve_gb"], m.options["merge_strategy"]) == (True, 2.0, "rotate")

@@ -10,6 +10,10 @@ Specs are plain dicts (the manifest's ``model:`` section)::
     {"backend": "diffusers", "path": DIR, "dtype": "bfloat16"}
     {"backend": "nunchaku", "path": FILE, "pipeline": DIR}
 
+A manifest's ``model:`` may also carry ``args:`` (backend-specific options, as
+jobs.validate passes them through); they are merged into the spec before it is checked.
+``dtype: auto`` is the same as leaving it out.
+
 Every backend also takes ``dtype``, ``step_cache`` (keyword arguments of
 :class:`workers.stepcache.StepCache`) and ``rope`` (``{"factor": 2.0,
 "timestep_threshold": 0.9}``, see :mod:`workers.rope`). Unknown keys are an error: a typo
@@ -23,6 +27,8 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import torch
 
 BACKENDS = ("tiny", "diffusers", "nunchaku")
+# Not for manifests: a backend that sleeps instead of rendering, for benchmarks and farm tests.
+_INTERNAL_BACKENDS = ("sleep",)
 COMMON_KEYS = frozenset({"backend", "dtype", "step_cache", "rope"})
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -86,7 +92,7 @@ class Backend(Protocol):
 
 def resolve_dtype(value: Any, device: torch.device) -> torch.dtype:
     """``None`` -> fp32 on CPU (fast and exact there), bf16 on accelerators."""
-    if value is None:
+    if value is None or value == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(value, torch.dtype):
         return value
@@ -115,11 +121,23 @@ def check_spec(spec: Mapping[str, Any], allowed: frozenset[str], required: tuple
         raise BackendSpecError(problems)
 
 
+def flatten_args(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge a manifest's ``args:`` mapping into the spec; a key given in both places is an error."""
+    spec = dict(spec)
+    args = spec.pop("args", None) or {}
+    if not isinstance(args, Mapping):
+        raise BackendSpecError([f"args: must be a mapping, got {type(args).__name__}"])
+    clash = sorted(set(args) & set(spec))
+    if clash:
+        raise BackendSpecError([f"args.{k}: also given outside args" for k in clash])
+    return {**spec, **args}
+
+
 def make_backend(spec: Mapping[str, Any] | None, device: str | torch.device | None = None) -> Backend:
     """Build the backend a spec names. ``spec["backend"]`` defaults to ``"tiny"``."""
-    spec = dict(spec or {"backend": "tiny"})
+    spec = flatten_args(spec or {"backend": "tiny"})
     name = spec.get("backend", "tiny")
-    if name not in BACKENDS:
+    if name not in BACKENDS + _INTERNAL_BACKENDS:
         raise BackendSpecError([f"backend: unknown {name!r} (one of {list(BACKENDS)})"])
     # Imports are deferred so a CPU-only install never imports what it does not use.
     if name == "tiny":
@@ -130,6 +148,10 @@ def make_backend(spec: Mapping[str, Any] | None, device: str | torch.device | No
         from .diffusers_backend import DiffusersBackend
 
         return DiffusersBackend.from_spec(spec, device=device)
-    from .nunchaku_backend import NunchakuBackend
+    if name == "nunchaku":
+        from .nunchaku_backend import NunchakuBackend
 
-    return NunchakuBackend.from_spec(spec, device=device)
+        return NunchakuBackend.from_spec(spec, device=device)
+    from .sleep import SleepBackend
+
+    return SleepBackend.from_spec(spec, device=device)

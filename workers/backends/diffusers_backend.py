@@ -50,7 +50,7 @@ class PipelineBackend:
                 self.set_step_cache(step_cache)
             if rope is not None:
                 self.set_rope_scaling(rope)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise BackendSpecError([str(e)]) from e
 
     # ---- the Backend protocol -------------------------------------------------------------
@@ -109,7 +109,22 @@ class PipelineBackend:
             groups.setdefault(req.batch_key, []).append(i)
         return [g[j : j + self.max_batch] for g in groups.values() for j in range(0, len(g), self.max_batch)]
 
+    def _check(self, reqs: list[RenderRequest]) -> None:
+        """Reject sizes the pipeline would silently round (its image would not be the size asked for)."""
+        processor = getattr(self.pipe, "image_processor", None)
+        multiple = int(getattr(getattr(processor, "config", None), "vae_scale_factor", 1) or 1)
+        problems = []
+        for r in reqs:
+            if r.steps < 1:
+                problems.append(f"steps must be >= 1, got {r.steps}")
+            if r.width <= 0 or r.height <= 0 or r.width % multiple or r.height % multiple:
+                problems.append(f"{r.width}x{r.height}: width and height must be positive multiples of "
+                                f"{multiple} for {type(self.pipe).__name__}")
+        if problems:
+            raise ValueError("bad render request: " + "; ".join(dict.fromkeys(problems)))
+
     def _call(self, reqs: list[RenderRequest]) -> list[Any]:
+        self._check(reqs)
         first = reqs[0]
         kwargs: dict[str, Any] = dict(
             prompt=[r.prompt for r in reqs], num_inference_steps=first.steps, width=first.width,
@@ -166,11 +181,12 @@ def _dtype_kwarg() -> str:
     return "dtype"
 
 
-def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, pipeline_cls: Any = None, **components: Any) -> Any:
+def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, pipeline_cls: Any = None, **kwargs: Any) -> Any:
     """``from_pretrained`` from local files only, with errors that name the path.
 
     ``pipeline_cls`` defaults to ``DiffusionPipeline`` (the class named in model_index.json);
-    ``components`` replace parts of the pipeline (e.g. a quantized ``transformer``).
+    ``kwargs`` go to ``from_pretrained``: components that replace parts of the pipeline (a
+    quantized ``transformer``), ``variant``.
     """
     if pipeline_cls is None:
         from diffusers import DiffusionPipeline as pipeline_cls
@@ -181,19 +197,20 @@ def load_pipeline(path: str | os.PathLike, dtype: torch.dtype, pipeline_cls: Any
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise ModelPathError(f"not a diffusers pipeline directory (no model_index.json): {path!r}")
     try:
-        return pipeline_cls.from_pretrained(path, local_files_only=True, **{_dtype_kwarg(): dtype}, **components)
+        return pipeline_cls.from_pretrained(path, local_files_only=True, **{_dtype_kwarg(): dtype}, **kwargs)
     except Exception as e:  # noqa: BLE001 - any load failure becomes one error naming the path
         raise ModelPathError(f"could not load the pipeline at {path!r}: {type(e).__name__}: {e}") from e
 
 
 class DiffusersBackend(PipelineBackend):
-    KEYS = COMMON_KEYS | {"path", "batch"}
+    KEYS = COMMON_KEYS | {"path", "batch", "variant"}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], device: str | torch.device | None = None) -> "DiffusersBackend":
         check_spec(spec, cls.KEYS, required=("path",))
         dev = resolve_device(device)
         dtype = resolve_dtype(spec.get("dtype"), dev)
-        pipe = load_pipeline(spec["path"], dtype).to(dev)
+        extra = {"variant": spec["variant"]} if spec.get("variant") else {}  # e.g. "fp16" weight files
+        pipe = load_pipeline(spec["path"], dtype, **extra).to(dev)
         return cls(pipe, name="diffusers", device=dev, dtype=dtype, step_cache=spec.get("step_cache"),
                    rope=spec.get("rope"), batch=bool(spec.get("batch", True)))

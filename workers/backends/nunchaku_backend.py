@@ -67,19 +67,27 @@ class NunchakuBackend(PipelineBackend):
             raise ModelPathError(f"nunchaku transformer not found: {path!r}")
         dev = resolve_device(device)
         dtype = resolve_dtype(spec.get("dtype"), dev)  # bf16 on GPUs, what the SVDQ kernels expect
+        kwargs = {"torch_dtype": dtype} if spec.get("dtype") else {}  # else nunchaku's own default (bf16)
         try:
-            transformer = transformer_cls.from_pretrained(path)
+            transformer = transformer_cls.from_pretrained(path, **kwargs)
         except Exception as e:  # noqa: BLE001
             raise ModelPathError(f"could not load the nunchaku transformer {path!r}: {type(e).__name__}: {e}") from e
         from diffusers import QwenImagePipeline
 
         pipe = load_pipeline(spec["pipeline"], dtype, pipeline_cls=QwenImagePipeline, transformer=transformer)
-        if spec.get("offload"):
-            # nunchaku's own per-block offload plus diffusers' model offload: for GPUs under ~24 GB.
-            if hasattr(transformer, "set_offload"):
-                transformer.set_offload(True)
-            pipe.enable_model_cpu_offload(device=dev)
-        else:
-            pipe.to(dev)
+        _place(pipe, transformer, dev, spec.get("offload", False))
         return cls(pipe, name="nunchaku", device=dev, dtype=dtype, step_cache=spec.get("step_cache"),
                    rope=spec.get("rope"), batch=bool(spec.get("batch", True)))
+
+
+def _place(pipe: Any, transformer: Any, device: torch.device, offload: Any) -> None:
+    """``offload``: False (all on the device), "model" (diffusers model offload, ~18 GB GPUs) or
+    True / "blocks" (nunchaku's per-block offload plus sequential offload of the rest, ~4 GB)."""
+    if not offload:
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        transformer.set_offload(True, use_pin_memory=False, num_blocks_on_gpu=1)
+        pipe._exclude_from_cpu_offload.append("transformer")  # it moves its own blocks
+        pipe.enable_sequential_cpu_offload(device=device)

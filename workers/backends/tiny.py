@@ -35,6 +35,10 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "axes_dims_rope": [8, 12, 12],  # frame, height, width; sums to the head dim
 }
 
+#: Step-cache ratios of the seed-0 tiny model, 8 steps (``StepCache(calibrate=True)``, mean of
+#: three prompts); resampled to other step counts by the cache.
+TINY_MAG_RATIOS: list[float] = [1.0, 0.99769, 0.99497, 0.99586, 0.99494, 1.00105, 0.99171, 1.00215]
+
 TINY_VAE_CONFIG: dict[str, Any] = {
     "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
     "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0,
@@ -111,7 +115,7 @@ def _init_weights(module: torch.nn.Module, generator: torch.Generator) -> None:
     our seed only (not on construction order inside diffusers/transformers), and leaves
     norm scales at their constructed values.
     """
-    for name, sub in sorted(module.named_modules(), key=lambda kv: kv[0]):
+    for _name, sub in sorted(module.named_modules(), key=lambda kv: kv[0]):
         weight = getattr(sub, "weight", None)
         if not isinstance(weight, torch.nn.Parameter) or weight.ndim < 2:
             continue
@@ -160,6 +164,16 @@ def template_prefix_tokens(pipe: Any) -> int:
 
 
 class TinyBackend(PipelineBackend):
+    """The tiny pipeline as a backend. Spec keys: ``seed`` (of the weights, 0), ``dtype``
+    (float32), ``batch``, ``step_cache``, ``rope``.
+
+    ``batch`` is off by default: on CPU a batched pipeline call gives images that differ from
+    the same requests rendered alone by a pixel level here and there (other batch sizes,
+    other kernel blockings), and the tiny model exists to make results exactly repeatable.
+    With ``batch: false`` an image's bytes depend only on its request (and, as for every
+    CPU model, on torch's thread count: fix ``torch.set_num_threads`` for repeatable bytes).
+    """
+
     KEYS = COMMON_KEYS | {"seed", "batch"}
 
     @classmethod
@@ -168,7 +182,7 @@ class TinyBackend(PipelineBackend):
         check_spec(spec, cls.KEYS)
         dev = resolve_device(device)
         # fp32 by default even on GPUs: the tiny model is for tests and demos, exactness first.
-        dtype = resolve_dtype(spec.get("dtype") or "float32", dev)
+        dtype = resolve_dtype(spec.get("dtype") if spec.get("dtype") not in (None, "auto") else "float32", dev)
         pipe = build_tiny_pipeline(int(spec.get("seed", 0)), dtype).to(dev)
         return cls(pipe, name="tiny", device=dev, dtype=dtype, step_cache=spec.get("step_cache"),
                    rope=spec.get("rope"), batch=bool(spec.get("batch", False)))
