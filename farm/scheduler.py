@@ -1,39 +1,39 @@
-"""Pure scheduling policy: which queued job runs on which render worker, and when.
+"""Pure scheduling policy: which queued job runs on which render worker.
 
 No Ray, no I/O, no clock. The dispatcher (``farm/dispatcher.py``) owns time, actors and
 retries, and drives a policy through the incremental protocol below. The baselines in
-``farm/policies.py`` follow the same protocol, and ``benchmarks/sim.py`` drives these
-very objects in a discrete-event simulation.
+``farm/policies.py`` follow it too, and ``benchmarks/sim.py`` drives these very objects.
 
-Protocol (the policy keeps the queue, indexed by composition, so one decision costs
-O(workers + log queue), not a scan of the queue)::
+Protocol. The policy owns the queue, indexed by composition, so a decision costs
+O(workers^2 + log queue), never a scan of the queue::
 
-    policy = AffinityScheduler()            # or policies.make("fifo") ...
+    policy = AffinityScheduler()            # or farm.policies.make("fifo"), ...
     policy.submit(jobs)                     # QueuedJob objects, at any time
     loop:
-        views = [WorkerView(...), ...]      # fresh snapshot of every known worker
+        views = [WorkerView(...), ...]      # a fresh snapshot of every known worker
         for job_id, worker_id in policy.assign(views, now):
             send the job to that worker; count it in that worker's ``inflight``
         for worker_id, uris in policy.prefetch(views).items():
-            fetch uris onto that worker's node in the background (best effort, deduped)
-        wait for a finished job, new jobs, or until ``policy.wake_at()`` (None: no timer)
+            make uris local to that worker (node disk, then its adapter cache), best effort
+        wait for a finished job or new jobs, or until ``policy.wake_at()`` when not None
         finished (ok, or failed for good): policy.done(job_id)
         retryable failure, dead actor:     policy.done(job_id, requeue=True)
-        user cancel of queued jobs:        policy.cancel(job_ids) -> the ids removed
+        cancel queued jobs:                policy.cancel(job_ids) -> the ids it removed
 
-Snapshot rules. ``inflight`` counts jobs sent and not yet finished, including those from
-the last ``assign``. ``composition`` is what the worker has loaded now (None before its
-first; "" is the base model). While ``inflight > 0`` the policy uses the composition of
-the last job it sent there instead, since that is what the worker will hold once its
-local queue drains. Dead workers (``alive=False``) get nothing; their jobs come back
-through ``done(requeue=True)`` and keep their ``enqueued_at``, so they age normally.
+Snapshot rules. ``inflight`` counts jobs sent and not yet finished. ``composition`` is
+what the worker has loaded (None before its first; "" is the base model); while
+``inflight > 0`` the policy uses the composition of the last job it sent there instead,
+since that is what the worker holds once its local queue drains. Dead workers
+(``alive=False``) get nothing; their jobs come back through ``done(requeue=True)`` and
+keep their ``enqueued_at``, so they keep their age.
 
-Guarantees: ``assign`` never gives a worker more than ``capacity - inflight`` jobs and
-never returns a job twice (an assigned job leaves the queue until ``done(requeue=True)``).
+Guarantees: ``assign`` gives a worker at most ``capacity - inflight`` jobs and never
+returns a job twice (an assigned job leaves the queue until ``done(requeue=True)``);
 ``submit`` of an id that is queued or assigned raises ``ValueError``.
 
 Costs: a switch costs ``compose_cost_s`` plus, per adapter not in the worker's memory,
-``load_cost_s`` (on the node's disk) or ``fetch_cost_s`` (remote); see ``switch_cost``.
+``load_cost_s`` (on its node's disk) or ``fetch_cost_s`` (remote): ``switch_cost``.
+``AffinityScheduler`` documents its decisions; ``JobQueue`` is the shared index.
 """
 from __future__ import annotations
 
@@ -168,12 +168,8 @@ class JobQueue:
     def pop_oldest(self, key: str) -> QueuedJob:
         return self._take(self._head(self._comps[key].by_age))
 
-    def first(self) -> QueuedJob | None:
-        """The best-ranked job overall, composition-blind (for the baselines)."""
-        entry = self._head(self._rank)
-        return self._live[entry[-1]][0] if entry else None
-
     def pop_first(self) -> QueuedJob | None:
+        """The best-ranked job overall, composition-blind (for the baselines)."""
         entry = self._head(self._rank)
         return self._take(entry) if entry else None
 
@@ -272,6 +268,7 @@ class Policy:
         self.queue = JobQueue()
         self._running: dict[str, tuple[str, QueuedJob]] = {}  # assigned, not done
         self._tail: dict[str, tuple[str, tuple[str, ...]]] = {}  # worker -> last job's composition, loras
+        self._newest = -math.inf  # latest enqueued_at of any job assigned so far
 
     def submit(self, jobs: Iterable[QueuedJob]) -> None:
         for job in jobs:
@@ -327,17 +324,18 @@ class Policy:
         wid = slot.view.worker_id
         self._tail[wid] = (job.composition, tuple(job.loras))
         self._running[job.job_id] = (wid, job)
+        self._newest = max(self._newest, job.enqueued_at)
         out.append((job.job_id, wid))
 
 
 class AffinityScheduler(Policy):
-    """LoRA affinity + hot-composition replication + an age bound; see the module docstring.
+    """LoRA affinity + hot-composition replication + an age bound.
 
     Each ``assign`` runs three passes over the workers with room:
 
-    1. age bound: a composition nobody holds whose oldest job waited ``max_wait_s`` goes
-       to the cheapest worker, affinity or not (workers whose own composition has no more
-       work first, and never the last holder of one that has);
+    1. age bound (``_serve_overdue``): a composition nobody holds whose oldest job has
+       been overtaken for ``max_wait_s`` goes to the cheapest worker that breaks no
+       affinity; after twice that, to the cheapest worker whatever it holds;
     2. switch: compositions that want a worker, best first by (top priority, time to
        clear), each to its cheapest eligible worker. A composition nobody holds always
        wants one; a held one only while ``backlog * render / holders > switch + horizon``
@@ -345,25 +343,31 @@ class AffinityScheduler(Policy):
        priority or above, so affinity is only broken for higher-priority work;
     3. continue: every worker with room takes more of its own composition.
 
-    ``horizon_s=None`` uses the farm's queued work per worker as the horizon, so a hot
-    composition is replicated up to about its share of the farm and no further.
+    "Cheapest" ranks workers by (own composition still has work, time until free + the
+    ``switch_cost``), so memory beats node disk beats remote, and idle beats busy.
+
+    Options: ``max_wait_s`` (None: no age bound). Age is counted against the newest job
+    already assigned, not the clock, so a batch submitted at once is never reordered.
+    ``horizon_s`` (None: the farm's queued work per worker, so a hot composition is
+    replicated up to about its share of the farm and no further). ``prefetch_lead_s``
+    (None: 8 x ``fetch_cost_s``): how early before a worker runs dry to hint its next
+    composition.
     """
 
     name = "affinity"
 
-    def __init__(self, *, max_wait_s: float | None = 600.0, horizon_s: float | None = None) -> None:
+    def __init__(
+        self, *, max_wait_s: float | None = 600.0, horizon_s: float | None = None,
+        prefetch_lead_s: float | None = None,
+    ) -> None:
         super().__init__()
+        self.prefetch_lead_s = prefetch_lead_s
         self.max_wait_s = max_wait_s
         self.horizon_s = horizon_s
-        self._wake: float | None = None
-
-    def wake_at(self) -> float | None:
-        return self._wake
 
     def assign(self, workers: Sequence[WorkerView], now: float) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         slots = self._slots(workers)
-        self._wake = None
         if not slots or not len(self.queue):
             return out
         holders: Counter[str | None] = Counter(s.comp for s in slots)
@@ -372,24 +376,31 @@ class AffinityScheduler(Policy):
         for s in slots:
             while s.spare > 0 and self.queue.count(s.comp):
                 self._give(self.queue.pop(s.comp), s, out, holders)  # type: ignore[arg-type]
-        self._set_wake(holders, now)
         return out
 
     def _serve_overdue(self, slots: list[_Slot], holders: Counter, now: float, out: list) -> None:
+        """Age bound. Age counts against the newest job already assigned, not the clock:
+        a job is overtaken only once later arrivals run, so a batch submitted at once is
+        never reordered by it. Overtaken by ``max_wait_s``, a composition nobody holds
+        takes a worker that breaks no affinity (its own composition has no work left or
+        other holders); by twice that, the cheapest worker, whatever it holds."""
         free = [s for s in slots if s.spare > 0]
         if self.max_wait_s is None or not free:
             return
+        newest = min(now, self._newest)
         held = {c for c, n in holders.items() if n > 0}
-        for entry in self.queue.overdue(now - self.max_wait_s, held, len(free)):
-            key = entry[-1]
+        for entry in self.queue.overdue(newest - self.max_wait_s, held, len(slots)):
+            key, force = entry[-1], entry[0] <= newest - 2 * self.max_wait_s
             loras = self.queue.loras(key)
-
-            def rank(s: _Slot) -> tuple:
+            ranked = []
+            for s in free:
                 own = self.queue.count(s.comp)
-                cost = s.delay + switch_cost(s.view, key, loras, s.comp)
-                return (own > 0 and holders[s.comp] == 1, own > 0, cost)
-
-            slot = min(free, key=rank)
+                orphans = own > 0 and holders[s.comp] == 1
+                if force or not orphans:
+                    ranked.append(((orphans, own > 0, s.delay + switch_cost(s.view, key, loras, s.comp)), s))
+            if not ranked:
+                continue
+            slot = min(ranked, key=lambda r: r[0])[1]
             self._give(self.queue.pop_oldest(key), slot, out, holders)
             if slot.spare == 0:
                 free.remove(slot)
@@ -447,25 +458,20 @@ class AffinityScheduler(Policy):
         unheld = max(0, self.queue.compositions() - sum(1 for c in held if self.queue.count(c)))
         return (self.queue.count_at_least(priority) * rate + unheld * compose) / workers
 
-    def _set_wake(self, holders: Counter, now: float) -> None:
-        if self.max_wait_s is None:
-            return
-        held = {c for c, n in holders.items() if n > 0}
-        nxt = self.queue.overdue(math.inf, held, 1)
-        if nxt and nxt[0][0] + self.max_wait_s > now:
-            self._wake = nxt[0][0] + self.max_wait_s
-
     def prefetch(self, workers: Sequence[WorkerView]) -> dict[str, list[str]]:
-        """Per worker, the uris it lacks (neither in memory nor on its node's disk) for the
+        """Per worker, the uris missing from its memory (fetch to the node, then warm it) for the
         composition it was last sent and, when that composition runs dry within about a
         local queue's worth of jobs, for the composition it is likely to take next."""
         slots = self._slots(workers)
         holders: Counter[str | None] = Counter(s.comp for s in slots)
 
-        def runway(s: _Slot) -> float:
-            return self.queue.count(s.comp) / max(holders[s.comp], 1)
+        def runway(s: _Slot) -> float:  # seconds of its composition's queued work left per holder
+            return self.queue.count(s.comp) / max(holders[s.comp], 1) * s.view.render_cost_s
 
-        drying = sorted((s for s in slots if runway(s) <= s.view.capacity), key=runway)
+        def lead(s: _Slot) -> float:  # start early enough for a few files down one node link
+            return self.prefetch_lead_s if self.prefetch_lead_s is not None else 8 * s.view.fetch_cost_s
+
+        drying = sorted((s for s in slots if runway(s) <= lead(s)), key=runway)
         upcoming = self.queue.largest({c for c in holders if c is not None}, len(drying))
         nxt = {id(s): entry[-1] for s, entry in zip(drying, upcoming)}  # one guess per worker
         hints: dict[str, list[str]] = {}
@@ -474,7 +480,7 @@ class AffinityScheduler(Policy):
             wanted = list(tail[1]) if tail and tail[0] == s.comp else []
             if id(s) in nxt:
                 wanted += self.queue.loras(nxt[id(s)])
-            lacking = [u for u in dict.fromkeys(wanted) if u not in s.view.adapters and u not in s.view.node_disk]
+            lacking = [u for u in dict.fromkeys(wanted) if u not in s.view.adapters]
             if lacking:
                 hints[s.view.worker_id] = lacking
         return hints

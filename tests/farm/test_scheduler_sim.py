@@ -1,0 +1,126 @@
+"""The simulator and the scheduler benchmark: bounds hold, policies are checked, CLI shape."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from benchmarks import scheduler as bench
+from benchmarks.sim import FarmModel, SimError, lower_bounds, make_workload, simulate
+from farm.policies import POLICIES, FifoPolicy, make
+from farm.scheduler import QueuedJob
+
+
+def random_case(seed: int) -> tuple[list[QueuedJob], FarmModel]:
+    rng = random.Random(seed)
+    farm = FarmModel(
+        workers=rng.randint(1, 8), compose_s=rng.uniform(0.2, 20), render_s=rng.uniform(0.3, 3),
+        fetch_s=rng.choice((None, 0.0, rng.uniform(0.1, 5))), capacity=rng.randint(1, 2),
+        per_node=rng.randint(1, 4), memory_adapters=rng.randint(1, 12),
+    )
+    arrival = rng.choice(("batch", "bursty"))
+    jobs = make_workload(rng.randint(1, 250), rng.randint(1, 40), rng.uniform(0.4, 1.6), seed,
+                         arrival=arrival, span_s=rng.uniform(0, 200), bursts=rng.randint(1, 6))
+    return jobs, farm
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_no_policy_beats_the_lower_bounds(seed: int):
+    jobs, farm = random_case(seed)
+    bounds = lower_bounds(jobs, farm)
+    assert bounds["recompositions"] == len({j.composition for j in jobs})
+    for name in POLICIES:
+        r = simulate(make(name), jobs, farm)
+        assert r.makespan >= bounds["makespan"] - 1e-6, (name, r, bounds)
+        assert r.recompositions >= bounds["recompositions"], (name, r, bounds)
+
+
+def test_bound_is_tight_for_one_composition_on_one_worker():
+    jobs = [QueuedJob(f"j{i}", "c", ("u",)) for i in range(10)]
+    farm = FarmModel(1, compose_s=3.0, render_s=1.0, fetch_s=2.0)
+    r = simulate(make("affinity"), jobs, farm)
+    assert r.makespan == lower_bounds(jobs, farm)["makespan"] == 2.0 + 3.0 + 10.0
+    assert r.recompositions == 1
+
+
+def test_bound_charges_a_hot_composition_for_its_replicas():
+    """One composition, 4 workers: every worker that helps pays a compose."""
+    jobs = [QueuedJob(f"j{i}", "c", ("u",)) for i in range(40)]
+    farm = FarmModel(4, compose_s=10.0, render_s=1.0, fetch_s=0.0)
+    b = lower_bounds(jobs, farm)
+    assert b["makespan"] == pytest.approx(10.0 + 40 / 4)  # all 4 compose, then 10 jobs each
+    assert b["lp_compositions"] == pytest.approx(4.0)
+
+
+def test_affinity_recomposes_once_per_composition_and_beats_fifo():
+    jobs = make_workload(600, 12, 1.0, 3)
+    farm = FarmModel(4, compose_s=5.0, render_s=1.0)
+    ours, fifo = simulate(make("affinity"), jobs, farm), simulate(make("fifo"), jobs, farm)
+    bounds = lower_bounds(jobs, farm)
+    assert ours.recompositions <= 1.25 * bounds["recompositions"]
+    assert ours.makespan <= 1.15 * bounds["makespan"]
+    assert fifo.makespan >= 1.2 * ours.makespan
+
+
+class Twice(FifoPolicy):
+    def assign(self, workers, now):
+        out = super().assign(workers, now)
+        return out + out[:1]
+
+
+class Greedy(FifoPolicy):
+    def assign(self, workers, now):
+        return [(j, workers[0].worker_id) for j in [self.queue.pop_first().job_id for _ in range(len(self.queue))]]
+
+
+class Lazy(FifoPolicy):
+    def assign(self, workers, now):
+        return []
+
+
+@pytest.mark.parametrize("policy, message", [(Twice, "twice"), (Greedy, "overfilled"), (Lazy, "never ran")])
+def test_simulator_catches_protocol_breaks(policy, message):
+    with pytest.raises(SimError, match=message):
+        simulate(policy(), make_workload(20, 3, 1.0, 0), FarmModel(2))
+
+
+def test_workloads_are_reproducible_and_shaped():
+    a = make_workload(300, 20, 1.1, 7, arrival="bursty", span_s=50.0, bursts=4)
+    assert a == make_workload(300, 20, 1.1, 7, arrival="bursty", span_s=50.0, bursts=4)
+    assert len({j.enqueued_at for j in a}) <= 4 and max(j.enqueued_at for j in a) <= 50.0
+    assert all(1 <= len(j.loras) <= 3 for j in a)
+    with pytest.raises(ValueError):
+        make_workload(10, 2, 1.0, 0, arrival="poisson")
+
+
+def test_cli_prints_one_json_object_with_every_policy(capsys):
+    argv = "--jobs 200 --compositions 10 --workers 3 --alpha 1.0 --compose-cost 4 --render-cost 1 --seed 2 --json"
+    assert bench.main(argv.split()) == 0
+    out = json.loads(capsys.readouterr().out)
+    for name in ("affinity", "fifo", "least_loaded", "serve_multiplex"):
+        assert set(out[name]) >= {"makespan", "recompositions", "p95_wait"}
+        assert out[name]["makespan"] >= out["lower_bound_makespan"]
+    assert out["lower_bound_recompositions"] <= 10
+
+
+def test_report_section_replaces_only_its_own(tmp_path):
+    rows = []
+    for scenario in bench.SCENARIOS:
+        r = bench.run_one(60, 5, 2, 1.0, 2.0, 1.0, 0)
+        r["scenario"] = scenario
+        rows.append(r)
+    cost = bench.decision_cost(queued=500, workers=4, compositions=20, steps=50)
+    text, summary = bench.report(rows, [cost], "python -m benchmarks.scheduler --sweep", "test box", 1.0,
+                                 write_plot=False)
+    assert text.startswith(bench.SECTION) and "| 20 |" in text
+    assert summary["decision_cost"][0]["us_per_job"] > 0
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## Store\n\nkeep me\n\n## Scheduler (simulation)\n\nold\n\n## Later\n\nme too\n")
+    bench.write_section(text, str(path))
+    bench.write_section(text, str(path))
+    body = path.read_text()
+    assert "keep me" in body and "me too" in body and "\nold\n" not in body
+    assert body.count(bench.SECTION) == 1
+    bench.plot(rows, str(tmp_path / "sweep.png"))
+    assert (tmp_path / "sweep.png").stat().st_size > 0
