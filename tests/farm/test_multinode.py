@@ -38,7 +38,7 @@ def test_two_nodes_each_download_each_lora_at_most_once(two_nodes, tmp_path):
             uris[f"/l{i}.safetensors"] = srv.add(f"/l{i}.safetensors", open(path, "rb").read())
         sets = [[u] for u in uris.values()] + [list(uris.values())[:2]]
         out = str(tmp_path / "out")
-        m = validate_manifest({"model": {"backend": "tiny"}, "defaults": {"steps": 1, "width": 64, "height": 64},
+        m = validate_manifest({"model": {"backend": "tiny"}, "defaults": {"steps": 2, "width": 64, "height": 64},
                                "output": out, "jobs": [{"prompt": f"p{i}", "seed": i, "loras": [{"uri": u} for u in sets[i % 4]]}
                                                        for i in range(16)]})
         cls = remote_worker(num_gpus=1)

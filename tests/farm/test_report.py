@@ -27,7 +27,7 @@ def rendered(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("out"))
     junk = os.path.join(out, "junk.safetensors")
     open(junk, "wb").write(b"junk" * 10)
-    m = validate_manifest({"model": {"backend": "tiny"}, "defaults": {"steps": 1, "width": 64, "height": 64},
+    m = validate_manifest({"model": {"backend": "tiny"}, "defaults": {"steps": 2, "width": 64, "height": 64},
                            "output": out, "jobs": [{"prompt": "a <b>bold</b> cat", "seed": 1}, {"prompt": "dog", "seed": 2},
                                                    {"prompt": "bad", "loras": [{"uri": junk}]}]})
     w = RenderWorker(m.model, worker_id="w0", cache_dir=os.path.join(out, ".cache"))

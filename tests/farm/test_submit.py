@@ -59,7 +59,7 @@ def test_submit_runs_manifest_on_the_cluster(ray_head, tmp_path, capsys):
     out = tmp_path / "out"
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump({
-        "model": {"backend": "tiny"}, "defaults": {"steps": 1, "width": 64, "height": 64}, "output": str(out),
+        "model": {"backend": "tiny"}, "defaults": {"steps": 2, "width": 64, "height": 64}, "output": str(out),
         "jobs": [{"prompt": f"p{i}", "seed": i} for i in range(3)]}))
     assert farm_main(["submit", str(manifest), "--address", ray_head, "--wait"]) == 0
     job_id = capsys.readouterr().out.splitlines()[0].strip()

@@ -1,0 +1,32 @@
+"""The scheduler simulation against the real farm (sleep backend, local Ray), scaled down."""
+from __future__ import annotations
+
+import os
+
+for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}.items():
+    os.environ.setdefault(k, v)
+
+from benchmarks.sim_validate import build_workload, validate  # noqa: E402
+
+
+def test_workload_maps_one_to_one(tmp_path):
+    """Same jobs, same order; each simulated composition is one real routing key of real files."""
+    from lora_core import load_adapter
+    from workers.backends import make_backend
+    from workers.wrapper import ComposedModel
+
+    queued, jobs, real_of = build_workload(30, 6, 1.0, 3, str(tmp_path))
+    assert [q.job_id for q in queued] == [j.job_id for j in jobs]
+    pairs = {(q.composition, j.composition) for q, j in zip(queued, jobs)}
+    assert len(pairs) == len({q.composition for q in queued}) == len({j.composition for j in jobs})
+    assert all(len(j.loras) == len(q.loras) and 1 <= len(j.loras) <= 3 for q, j in zip(queued, jobs))
+    m = ComposedModel(make_backend({"backend": "sleep"}, device="cpu"))
+    for path in real_of.values():  # every pool file binds to the sleep backend's modules
+        m.want([(load_adapter(path), 1.0)])
+        m.ensure()
+
+
+def test_sim_predicts_real_makespan():
+    r = validate(n_jobs=12, n_compositions=4, workers=2, render_s=0.1, compose_s=0.3, alpha=1.0, seed=0)
+    assert r["real_makespan"] > 0 and r["sim_makespan"] > 0
+    assert abs(r["error"]) <= 0.25, r
