@@ -121,3 +121,9 @@ def test_step_cache_reset_on_composition_change(backend, adapters):
     finally:
         backend.set_step_cache(None)
         m.reset()
+
+
+def test_one_step_on_a_terminal_shift_schedule_is_a_clear_error(backend):
+    """diffusers' stretch_shift_to_terminal divides by zero at one step: refuse, don't render NaN."""
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        backend.render([RenderRequest(prompt="x", seed=1, steps=1, width=64, height=64)])

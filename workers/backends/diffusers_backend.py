@@ -114,9 +114,13 @@ class PipelineBackend:
         processor = getattr(self.pipe, "image_processor", None)
         multiple = int(getattr(getattr(processor, "config", None), "vae_scale_factor", 1) or 1)
         problems = []
+        # A flow-match schedule stretched to a terminal shift divides by zero with one step
+        # (diffusers' stretch_shift_to_terminal): the image would be NaN, i.e. black.
+        sched_cfg = getattr(getattr(self.pipe, "scheduler", None), "config", None)
+        min_steps = 2 if getattr(sched_cfg, "shift_terminal", None) else 1
         for r in reqs:
-            if r.steps < 1:
-                problems.append(f"steps must be >= 1, got {r.steps}")
+            if r.steps < min_steps:
+                problems.append(f"steps must be >= {min_steps} for this model's scheduler, got {r.steps}")
             if r.width <= 0 or r.height <= 0 or r.width % multiple or r.height % multiple:
                 problems.append(f"{r.width}x{r.height}: width and height must be positive multiples of "
                                 f"{multiple} for {type(self.pipe).__name__}")
