@@ -50,6 +50,7 @@ def connect(address: str | None = None, workers: int | None = None, num_cpus: in
         return Cluster(address, True, float(ray.cluster_resources().get("GPU", 0)))
     gpus = gpu_count() or (workers or 1)
     ray.init(
+        address="local",  # a new cluster: never join one recorded in /tmp/ray by someone else
         num_cpus=num_cpus or max(2, os.cpu_count() or 2),
         num_gpus=gpus,
         include_dashboard=False,

@@ -151,9 +151,12 @@ class Dispatcher:
             by_comp: dict[str, list[str]] = defaultdict(list)
             for jid in ids:
                 by_comp[self.jobs[jid].composition].append(jid)
+            # at least two calls in flight per worker where capacity allows, so the worker
+            # starts the next call while the driver handles the previous one's result
+            step = min(self.max_batch, max(1, self.capacity // 2))
             for comp, group in by_comp.items():
-                for i in range(0, len(group), self.max_batch):
-                    chunk = group[i : i + self.max_batch]
+                for i in range(0, len(group), step):
+                    chunk = group[i : i + step]
                     for jid in chunk:
                         self.attempts[jid] += 1
                     ref = book.handle.render.remote([self.jobs[j] for j in chunk], self.output_root, self.storage_options)

@@ -13,7 +13,7 @@ def ray_cluster():
     """A real local Ray cluster on loopback with 3 logical GPUs on this CPU machine."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, num_gpus=3, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
