@@ -30,14 +30,14 @@ replaces the "## Farm overhead" section of ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
+from benchmarks.common import machine as common_machine, replace_section
+
 import argparse
 import cProfile
 import io
 import json
 import os
-import platform
 import pstats
-import re
 import shutil
 import statistics
 import sys
@@ -348,35 +348,8 @@ def _prototype_workers() -> dict[str, type]:
 
 
 # ---- RESULTS.md -----------------------------------------------------------------------------
-def replace_section(title: str, body: str, path: str = RESULTS_MD) -> None:
-    """Replace the ``## title`` section of RESULTS.md (up to the next ``## ``), or append it."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def machine() -> str:
-    import ray
-    import torch
-
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"Ray {ray.__version__}, torch {torch.__version__}")
+    return common_machine(("ray", "torch"))
 
 
 # ---- main ---------------------------------------------------------------------------------

@@ -17,11 +17,12 @@ of ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
+from benchmarks.common import machine, write_section
+
 import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -144,31 +145,6 @@ def decision_cost(queued: int = 10_000, workers: int = 16, compositions: int = 2
         "us_per_call_median": round(statistics.median(calls) * 1e6, 1),
         "us_per_call_p99": round(calls[int(len(calls) * 0.99)] * 1e6, 1),
     }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-
-
-def write_section(text: str, path: str = RESULTS) -> None:
-    """Replace our section of RESULTS.md (or append it), leaving other sections intact."""
-    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(new.rstrip("\n") + "\n")
-    os.replace(tmp, path)
 
 
 def plot(rows: list[dict[str, Any]], path: str = PLOT) -> None:

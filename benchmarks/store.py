@@ -17,19 +17,19 @@ replaces the "## Store (fsspec fetch)" section of ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
+from benchmarks.common import machine as common_machine, write_section
+
 import argparse
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from typing import Any, Callable
 
 SECTION = "## Store (fsspec fetch)"
@@ -147,14 +147,7 @@ def bench_hash(nbytes: int) -> dict[str, float]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("fsspec", "s3fs", "moto"))
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}, {versions}"
+    return common_machine(("fsspec", "s3fs", "moto"))
 
 
 def run(mib: int, reps: int, procs: int) -> dict[str, Any]:
@@ -209,21 +202,6 @@ def markdown(r: dict[str, Any], command: str) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: str = RESULTS) -> None:
-    """Replace our section of RESULTS.md (or append it), leaving other sections intact."""
-    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(new.rstrip("\n") + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
