@@ -260,25 +260,7 @@ def _fast_dispatcher():
                 more, _ = ray.wait([r for r in refs if r not in got], num_returns=len(refs) - len(ready), timeout=0)
                 ready += more
             for ref in ready:
-                self._collect_one(ref)
-
-        def _collect_one(self, ref) -> None:
-            from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-
-            wid, ids = self.pending.pop(ref)
-            book = self.books[wid]
-            book.inflight -= len(ids)
-            try:
-                rows = ray.get(ref)
-                book.deaths_in_a_row = 0
-            except (RayActorError, RayTaskError, GetTimeoutError, RayError) as e:
-                self._lost(book, ids, e)
-                return
-            for row in rows:
-                book.learn(row)
-                if row["status"] == "ok":
-                    book.adapters.update(r.uri for r in self.jobs[row["job_id"]].loras)
-                self._finish(row)
+                self._collect_one(ref)  # farm.dispatcher.Dispatcher's
 
     return FastDispatcher
 

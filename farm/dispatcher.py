@@ -180,20 +180,23 @@ class Dispatcher:
             return
         ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
         for ref in ready:
-            wid, ids = self.pending.pop(ref)
-            book = self.books[wid]
-            book.inflight -= len(ids)
-            try:
-                rows = ray.get(ref)
-                book.deaths_in_a_row = 0
-            except (RayActorError, RayTaskError, GetTimeoutError, RayError) as e:
-                self._lost(book, ids, e)
-                continue
-            for row in rows:
-                book.learn(row)
-                if row["status"] == "ok":
-                    book.adapters.update(r.uri for r in self.jobs[row["job_id"]].loras)
-                self._finish(row)
+            self._collect_one(ref)
+
+    def _collect_one(self, ref) -> None:
+        wid, ids = self.pending.pop(ref)
+        book = self.books[wid]
+        book.inflight -= len(ids)
+        try:
+            rows = ray.get(ref)
+            book.deaths_in_a_row = 0
+        except (RayActorError, RayTaskError, GetTimeoutError, RayError) as e:
+            self._lost(book, ids, e)
+            return
+        for row in rows:
+            book.learn(row)
+            if row["status"] == "ok":
+                book.adapters.update(r.uri for r in self.jobs[row["job_id"]].loras)
+            self._finish(row)
 
     def _lost(self, book: WorkerBook, ids: list[str], e: BaseException) -> None:
         """An actor died (or its call broke) with these jobs in hand: retry them elsewhere."""
