@@ -24,12 +24,28 @@ def _budgeted(w: torch.Tensor, update: ModuleUpdate, budget: BudgetState) -> tup
     return (w.device if p.compute_on_device else cpu), (w.device if p.backup_on_device else cpu)
 
 
-def merged_weight(weight: torch.Tensor, update: ModuleUpdate) -> torch.Tensor:
-    """The new weight in fp32 on the weight's device; raises if any value is not finite."""
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf.
+
+    One fp32-accumulated sum is a single pass with no temporary: any NaN or Inf makes it
+    non-finite. Only a sum that overflows from huge finite values needs the exact
+    elementwise check (profiled: ``isfinite(t).all()`` was ~30% of a warm dense switch).
+    """
+    if torch.isfinite(t.sum(dtype=torch.float32)):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def merged_weight(weight: torch.Tensor, update: ModuleUpdate, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The new weight (fp32 math, cast once to ``dtype``, default fp32) on the weight's
+    device; raises if any value of the result is not finite, which also catches values
+    that overflow only in the cast (fp16 tops out at 65504)."""
     a = update.A.to(weight.device)
     b = update.B.to(weight.device)
     new = torch.addmm(weight.float(), b, a)
-    if not torch.isfinite(new).all():
+    if dtype is not None and dtype != new.dtype:
+        new = new.to(dtype)
+    if not all_finite(new):
         raise NonFiniteError(f"merging into {update.module!r} gives NaN or Inf; nothing was changed")
     return new
 
@@ -45,7 +61,7 @@ def merge(module: nn.Linear, update: ModuleUpdate, ledger: Ledger, keep_on: torc
     compute_on, backup_on = w.device, keep_on or w.device
     if budget is not None:
         compute_on, backup_on = _budgeted(w.data, update, budget)
-    new = merged_weight(w.data.to(compute_on), update).to(device=w.device, dtype=w.dtype)
+    new = merged_weight(w.data.to(compute_on), update, dtype=w.dtype).to(w.device)
     original = w.data.detach().to(backup_on, copy=True)
     if budget is not None:
         budget.backups[update.module] = original

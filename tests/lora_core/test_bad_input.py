@@ -154,3 +154,28 @@ def test_error_hierarchy():
                 E.ShapeMismatchError, E.NonFiniteError, E.TargetNotFoundError, E.ChecksumMismatch):
         assert issubclass(cls, E.LoraError)
     assert E.FetchError.transient and not E.PermanentFetchError.transient and not E.ChecksumMismatch.transient
+
+
+def test_overflow_only_in_the_cast_to_fp16_is_caught(qwen, tmp_path):
+    """1e5 is finite in fp32 but Inf in fp16: the check runs on what would be stored."""
+    qwen.to(torch.float16)
+    name = "transformer_blocks.0.attn.to_q"
+    a = torch.zeros(1, 32)
+    a[0, 0] = 1.0
+    b = torch.zeros(32, 1)
+    b[0, 0] = 1e5
+    sd = T.peft_state_dict({name: (a, b, 1.0)})
+    check_untouched(qwen, T.write_safetensors(tmp_path / "f16.safetensors", sd), E.NonFiniteError)
+
+
+def test_all_finite_agrees_with_isfinite():
+    from lora_core.targets.dense import all_finite
+
+    t = torch.randn(64, 64)
+    assert all_finite(t)
+    assert all_finite(torch.full((8,), 3e38)), "a sum that overflows from finite values is still finite"
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[3, 7] = bad
+        assert not all_finite(u)
+        assert not all_finite(u.to(torch.bfloat16))
