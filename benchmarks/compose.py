@@ -1,0 +1,182 @@
+"""Benchmark of the LoRA switch: ours against diffusers + PEFT, and against the floor.
+
+    python -m benchmarks.compose --json [--blocks 2] [--repeats 3] [--threads 1]
+
+Model: diffusers ``QwenImageTransformer2DModel`` at Qwen-Image's real width (its installed
+defaults: 24 heads x 128 = 3072, MLP 12288, joint_attention_dim 3584) with ``--blocks``
+blocks, bf16, random weights. LoRAs: PEFT-format files (``transformer.<module>.lora_A.weight``
++ ``.alpha``, alpha = rank/2) covering the attention, MLP and modulation linears of every
+block, ranks 16 and 64, compositions of 1 and 3. In one run, per scenario, it times:
+
+* merge, cold: file -> composition merged. Ours ``lora_core.apply(model, [(path, s), ...])``;
+  PEFT: ``lora_state_dict`` + ``load_lora_into_transformer`` per file (what
+  ``pipe.load_lora_weights`` does) + ``set_adapters`` + ``fuse_lora``.
+* merge, warm switch X -> Y with the adapters already in memory. Ours: ``ComposedModel``
+  (the farm's wrapper) ``want`` + ``ensure`` over held ``Adapter`` objects (plan, restore,
+  merge); PEFT: ``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``.
+* merge, restore to base: ours ``ComposedModel.reset`` (``handle.restore``), PEFT ``unfuse_lora``.
+* lowrank, warm switch: ours ``lora_mode="lowrank"``; PEFT unfused ``set_adapters`` only.
+* svdq, warm switch and restore on nunchaku ``SVDQW4A4Linear`` stand-ins of real shape:
+  ours ``targets/svdq.py`` against the seed loader's unpack-concatenate-repack approach.
+
+Floors, in the same run, with buffers allocated once: merge = max(copy of the touched
+weights, B@A products in fp32 at the composition's total rank); the bf16 product time is
+reported too (extrapolated from 128-row slices). Low-rank and svdq switch = copying the
+LoRA tensors' bytes. Every scenario is checked once (our merged weights against PEFT's,
+one module against fp64; low-rank outputs against fp64; svdq bit-identical to the seed
+approach; restore bit-exact). Prints one JSON object; replaces the
+"## Compose (LoRA switch cost)" section of ``benchmarks/RESULTS.md`` and writes
+``benchmarks/compose_cpu.png`` (``--no-write`` to skip).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+import lora_core
+
+from . import compose_setup as S
+from .compose_dense import Dense
+from .compose_svdq import run_svdq
+
+RANKS = (16, 64)
+SIZES = (1, 3)
+FILES_PER_RANK = 6  # X uses 0..n-1, Y uses 3..3+n-1
+
+
+def targets(row: dict) -> dict:
+    peer_ok = row["ours_s"] <= row["peer_s"] / 3
+    floor_ok = row["floor_s"] is None or row["ours_s"] <= 3 * row["floor_s"]
+    return {
+        "ours_over_peer": row["ours_s"] / row["peer_s"],
+        "ours_over_floor": row["ours_s"] / row["floor_s"] if row["floor_s"] else None,
+        "le_third_of_peer": peer_ok,
+        "le_3x_floor": floor_ok if row["floor_s"] is not None else None,
+        "target_met": peer_ok and floor_ok,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+    ours = S.build_model(args.blocks)
+    peer = copy.deepcopy(ours)
+    shapes = S.target_shapes(ours)
+    names = sorted(shapes)
+    dense = Dense(ours, peer, names, args.blocks, args.repeats, args.merge_repeats, prototype=args.prototype)
+    rows: list[dict] = []
+    adapters_by_rank = {}
+    phases: dict[str, float] = {"build": time.perf_counter() - t_start}
+
+    def phase(name: str, fn, *a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    with tempfile.TemporaryDirectory(prefix="lora-farm-compose-") as tmp:
+        for rank in args.ranks:
+            paths = phase("write files", S.write_loras, shapes, rank, FILES_PER_RANK, tmp)
+            ads = phase("load adapters (ours)", lambda: [lora_core.load_adapter(p) for p in paths])
+            adapters_by_rank[rank] = ads
+            pnames = [f"r{rank}_{i}" for i in range(FILES_PER_RANK)]
+            for p, nm in zip(paths, pnames):
+                phase("load adapters (peer)", S.peer_load, peer, p, nm)
+            for n in args.sizes:
+                X = [(ads[i], S.STRENGTHS_X[i]) for i in range(n)]
+                Y = [(ads[3 + i], S.STRENGTHS_Y[i]) for i in range(n)]
+                px, py = pnames[:n], pnames[3 : 3 + n]
+                big = args.profile and rank == max(args.ranks) and n == max(args.sizes)
+                rows += phase("merge cycle", dense.merge_cycle, paths[:n], X, Y, py, rank, profile=big)
+                rows.append(phase("lowrank", dense.lowrank, X, Y, px, py, rank))
+            phase("peer unload", dense.peer_clean)
+    del dense, ours, peer
+    if not args.no_svdq:
+        rows += phase("svdq", run_svdq, args.blocks, adapters_by_rank, args.sizes, args.repeats)
+    for r in rows:
+        r.update(targets(r))
+        r["per_block"] = {k: (r[k] / args.blocks if r[k] is not None else None) for k in ("ours_s", "peer_s", "floor_s")}
+    warm = [r for r in rows if r["scenario"] == "warm switch"]
+    return {
+        "benchmark": "compose",
+        "command": "python -m benchmarks.compose " + " ".join(sys.argv[1:]),
+        "machine": dict(machine(), loadavg_1m_start=round(load_before[0], 2), loadavg_1m_end=round(os.getloadavg()[0], 2)),
+        "settings": {"blocks": args.blocks, "repeats": args.repeats, "merge_repeats": args.merge_repeats, "threads": args.threads, "ranks": list(args.ranks),
+                     "sizes": list(args.sizes), "dtype": "bfloat16", "model": S.qwen_config(args.blocks)},
+        "scenarios": {key(r): r for r in rows},
+        "targets": {
+            "warm_switch_le_third_of_peer_all": all(r["le_third_of_peer"] for r in warm),
+            "warm_switch_le_3x_floor_all": all(r["le_3x_floor"] for r in warm),
+            "all_checks_ok": all(r["check"]["ok"] for r in rows),
+        },
+        "profile_warm_merge": next((r.pop("profile") for r in rows if "profile" in r), None),
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
+        "total_s": time.perf_counter() - t_start,
+    }
+
+
+def key(r: dict) -> str:
+    return f"{r['mode']}/{r['scenario'].replace(' ', '_')}/r{r['rank']}x{r['loras']}"
+
+
+def machine() -> dict:
+    import platform
+
+    import diffusers
+    import peft
+
+    model = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "peft": peft.__version__, "kernel": platform.release(),
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object (default: a short table)")
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="samples per cell (median reported)")
+    ap.add_argument("--merge-repeats", type=int, default=None,
+                    help="samples per dense-merge cell (cold, warm, restore, prototypes): each is seconds of work "
+                         "per block for ours and for PEFT; default 1 (the whole run then fits in ~10 min)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=(1, 2, 3))
+    ap.add_argument("--no-svdq", action="store_true")
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--no-prototype", dest="prototype", action="store_false",
+                    help="skip the benchmark-only prototypes of a faster dense merge")
+    ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md / the PNG")
+    args = ap.parse_args(argv)
+    if args.merge_repeats is None:
+        args.merge_repeats = min(args.repeats, 1)
+    result = run(args)
+    if not args.no_write:
+        from .compose_report import write_plot, write_results
+
+        write_results(result)
+        write_plot(result)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        from .compose_report import table
+
+        print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Tables, the RESULTS.md section and the bar chart of the compose benchmark."""
+from __future__ import annotations
+
+import os
+import re
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "RESULTS.md")
+PLOT = os.path.join(HERE, "compose_cpu.png")
+SECTION = "## Compose (LoRA switch cost)"
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def _x(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _yn(x) -> str:
+    return "-" if x is None else ("yes" if x else "**no**")
+
+
+def label(r: dict) -> str:
+    return f"{r['mode']} {r['scenario']} r{r['rank']}x{r['loras']}"
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| scenario | LoRAs (rank x n) | N | ours ms/block | peer | peer ms/block | floor ms/block | ours/peer "
+        "| ours/floor | <= 1/3 peer | <= 3x floor | check |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in result["scenarios"].values():
+        peer = "seed loader" if r["mode"] == "svdq" else "diffusers+PEFT"
+        lines.append(
+            f"| {r['mode']} {r['scenario']} | r{r['rank']} x {r['loras']} | {len(r['ours_samples'])} "
+            f"| {_ms(r['per_block']['ours_s'])} | {peer} "
+            f"| {_ms(r['per_block']['peer_s'])} | {_ms(r['per_block']['floor_s'])} | {_x(r['ours_over_peer'])} "
+            f"| {_x(r['ours_over_floor'])} | {_yn(r['le_third_of_peer'])} | {_yn(r['le_3x_floor'])} "
+            f"| {'ok' if r['check']['ok'] else '**FAILED**'} |"
+        )
+    return "\n".join(lines)
+
+
+def per_mode(result: dict) -> str:
+    out = []
+    for mode in ("merge", "lowrank", "svdq"):
+        warm = [r for r in result["scenarios"].values() if r["mode"] == mode and r["scenario"] == "warm switch"]
+        if warm:
+            a = sum(bool(r["le_third_of_peer"]) for r in warm)
+            b = sum(bool(r["le_3x_floor"]) for r in warm)
+            out.append(f"{mode}: <= 1/3 peer in {a}/{len(warm)}, <= 3x floor in {b}/{len(warm)}")
+    return "; ".join(out)
+
+
+def floor_table(result: dict) -> str:
+    lines = [
+        "| rank x n | copy touched weights | B@A fp32 (applies) | B@A bf16 (extrapolated) | copy LoRA bytes (low-rank) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    sc = result["scenarios"]
+    b = result["settings"]["blocks"]
+    for k, r in sc.items():
+        if r["mode"] == "merge" and r["scenario"] == "warm switch":
+            lr = sc.get(k.replace("merge/", "lowrank/"))
+            fp = r["floor_parts"]
+            lines.append(
+                f"| r{r['rank']} x {r['loras']} | {_ms(fp['copy_weights_s'] / b)} | {_ms(fp['mm_fp32_s'] / b)} "
+                f"| {_ms(fp['mm_bf16_s_extrapolated'] / b)} "
+                f"| {_ms(lr['floor_parts']['copy_lora_bytes_s'] / b) if lr else '-'} |"
+            )
+    return "\n".join(lines)
+
+
+def proto_table(result: dict) -> str:
+    rows = [r for r in result["scenarios"].values() if "proto_fast_merge" in r]
+    if not rows:
+        return "(prototypes not run: `--no-prototype`)"
+    b = result["settings"]["blocks"]
+    lines = [
+        "| rank x n | ours today ms/block | fast_merge ms/block | resident switch ms/block | PEFT ms/block "
+        "| floor ms/block | fast/PEFT | resident/PEFT | resident/floor | bit-identical |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        f, res = r["proto_fast_merge"], r["proto_resident_switch"]
+        lines.append(
+            f"| r{r['rank']} x {r['loras']} | {_ms(r['ours_s'] / b)} | {_ms(f['s'] / b)} | {_ms(res['s'] / b)} "
+            f"| {_ms(r['peer_s'] / b)} | {_ms(r['floor_s'] / b)} | {_x(f['s'] / r['peer_s'])} | {_x(res['s'] / r['peer_s'])} "
+            f"| {_x(res['s'] / r['floor_s'])} | {_yn(f['bit_identical'] and res['bit_identical'])} |"
+        )
+    return "\n".join(lines)
+
+
+def profile_table(result: dict) -> str:
+    p = result.get("profile_warm_merge")
+    if not p:
+        return "(not profiled in this run)"
+    blocks = result["settings"]["blocks"]
+    lines = [f"One warm merge switch (largest rank x composition, {blocks} blocks; the timed sample itself), "
+             f"{p['wall_s']:.2f} s wall under cProfile:", "",
+             "| function | calls | own s | share |", "|---|---:|---:|---:|"]
+    for t in p["top"][:8]:
+        lines.append(f"| `{t['function']}` | {t['calls']} | {t['own_s']:.3f} | {100 * t['own_s'] / p['wall_s']:.0f}% |")
+    return "\n".join(lines)
+
+
+def section(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    tg = result["targets"]
+    checks = [r for r in result["scenarios"].values() if r["mode"] == "merge" and r["scenario"] == "restore"]
+    drift = max((r["check"].get("peft_max_abs_drift_after_unfuse", 0.0) for r in checks), default=0.0)
+    parts = [
+        SECTION,
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, torch {m['torch']}, "
+        f"diffusers {m['diffusers']}, peft {m['peft']}; torch threads: {s['threads']}"
+        + (f", THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}" if m.get("THP_MEM_ALLOC_ENABLE") else "") + "  ",
+        f"Model: diffusers `QwenImageTransformer2DModel` at its installed defaults but {s['blocks']} blocks "
+        f"(inner dim {s['model']['num_attention_heads'] * s['model']['attention_head_dim']} = "
+        f"{s['model']['num_attention_heads']} heads x {s['model']['attention_head_dim']}, MLP 4x, "
+        f"joint_attention_dim {s['model']['joint_attention_dim']}), bf16, random weights. LoRAs: PEFT files "
+        "(`transformer.<module>.lora_A.weight` + `.alpha`, alpha = rank/2) on the 14 attention/MLP/modulation "
+        "linears of every block. Each cell is the median of N samples (`--repeats`, default 3; the dense-merge "
+        "cells take `--merge-repeats`, default 1: one sample there is 28 module merges of seconds each, for ours "
+        "and for PEFT, and more would not fit the run in ~10 minutes). Figures are **milliseconds per transformer "
+        f"block** (x60 for the full model). Whole run: {result['total_s']:.0f} s; load average "
+        f"{m.get('loadavg_1m_start', '?')} at start, {m.get('loadavg_1m_end', '?')} at end.",
+        "",
+        "Merge cycle per configuration: base -> X from the files (*cold*: ours `load_adapter` + `ComposedModel` "
+        "`want`/`ensure`; PEFT `lora_state_dict` + `load_lora_into_transformer` per file, as "
+        "`pipe.load_lora_weights` does, + `set_adapters` + `fuse_lora`) -> Y with every adapter in memory "
+        "(*warm switch*: ours `want`/`ensure`, i.e. plan + `Handle.restore` + merge; PEFT `unfuse_lora` + "
+        "`set_adapters` + `fuse_lora`) -> base. *restore* is the restore step timed inside the warm switch "
+        "(ours `Handle.restore`, PEFT `unfuse_lora`). X = 1 or 3 LoRAs at strengths 0.8/0.6/0.5, Y = 1 or 3 "
+        "others at 0.7/0.9/0.4.",
+        "",
+        table(result),
+        "",
+        f"Targets (warm switch <= 1/3 of the peer and <= 3x the floor, every configuration): {per_mode(result)}. Overall: "
+        f"<= 1/3 peer: **{'met' if tg['warm_switch_le_third_of_peer_all'] else 'not met'}**; "
+        f"<= 3x floor: **{'met' if tg['warm_switch_le_3x_floor_all'] else 'not met'}**. "
+        f"All correctness checks: {'passed' if tg['all_checks_ok'] else '**FAILED**'}.",
+        "",
+        "Peers: *merge*: diffusers + PEFT on a copy of the same model and the same files; warm switch = "
+        "`unfuse_lora` + `set_adapters` + `fuse_lora` with every adapter already loaded; restore = `unfuse_lora` "
+        f"(a subtraction: it left up to {drift:.2g} max abs error in the bf16 weights here; ours is bit-exact). "
+        "*lowrank*: PEFT unfused, switch = `set_adapters` only (flags and scales, no tensor work). *svdq*: the seed "
+        "loader's approach, reimplemented in `benchmarks/compose_svdq.py`: unpack the whole packed low-rank branch, "
+        "concatenate and repack on every reset and apply, on `SVDQW4A4Linear` stand-ins of Qwen-Image's "
+        "nunchaku shapes (to_qkv/add_qkv_proj 3072->9216, to_out/to_add_out 3072->3072, MLP 3072<->12288, "
+        "base rank 32, bf16; the same LoRAs without the modulation layers).",
+        "",
+        "Floors (ms/block), measured in the same run with buffers allocated once: a merge must at least write every "
+        "touched weight and form B@A; our merge (and PEFT's on CPU) multiplies in fp32, so the fp32 product is the "
+        "one that applies. Cold adds reading the files' bytes (page cache). Low-rank and svdq: copying the LoRA "
+        "tensors' bytes (for svdq an optimistic floor: a LoRA on q, k and v lands in the fused to_qkv as a "
+        "block-diagonal up factor, 3x the file's bytes, and the packed branch is rewritten whole).",
+        "",
+        floor_table(result),
+        "",
+        "Prototypes of a faster dense merge (benchmark code only, `benchmarks/compose_proto.py`; not in "
+        "lora_core), warm merge switch X <-> Y, same run: *fast_merge* = today's `dense.merge` with the finite check "
+        "done on the fp32 sum first (exact `isfinite` only if the sum is not finite) and an in-place `addmm_`; "
+        "*resident* = additionally keep each module's original across switches and write W0 + dY straight into "
+        "the weight (no restore pass, no new backup).",
+        "",
+        proto_table(result),
+        "",
+        "Profile of our warm merge switch (cProfile, own time):",
+        "",
+        profile_table(result),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def write_results(result: dict) -> None:
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    new = section(result)
+    pat = re.compile(r"^## Compose \(LoRA switch cost\)\n.*?(?=^## |\Z)", re.S | re.M)
+    if pat.search(text):
+        text = pat.sub(lambda _: new + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + new
+    with open(RESULTS, "w") as f:
+        f.write(text.rstrip("\n") + "\n")
+
+
+def write_plot(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(result["scenarios"].values())
+    labels = [label(r) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(10, 0.55 * len(rows)), 5.5))
+    w = 0.28
+    xs = range(len(rows))
+    for j, (k, name, color) in enumerate((("ours_s", "ours", "#1f77b4"), ("peer_s", "peer (PEFT / seed loader)", "#ff7f0e"),
+                                          ("floor_s", "floor", "#7f7f7f"))):
+        vals = [(r["per_block"][k] or 0) * 1e3 for r in rows]
+        ax.bar([x + (j - 1) * w for x in xs], vals, w, label=name, color=color)
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("ms per transformer block (log)")
+    m, s = result["machine"], result["settings"]
+    ax.set_title(f"LoRA switch cost, Qwen-Image width, bf16, {s['threads']} thread(s), {m['cpu']}, torch {m['torch']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
