@@ -12,10 +12,13 @@ block, ranks 16 and 64, compositions of 1 and 3. In one run, per scenario, it ti
   PEFT: ``lora_state_dict`` + ``load_lora_into_transformer`` per file (what
   ``pipe.load_lora_weights`` does) + ``set_adapters`` + ``fuse_lora``.
 * merge, warm switch X -> Y with the adapters already in memory. Ours: ``ComposedModel``
-  (the farm's wrapper) ``want`` + ``ensure`` over held ``Adapter`` objects (plan, restore,
-  merge); PEFT: ``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``.
-* merge, restore to base: ours ``ComposedModel.reset`` (``handle.restore``), PEFT ``unfuse_lora``.
-* lowrank, warm switch: ours ``lora_mode="lowrank"``; PEFT unfused ``set_adapters`` only.
+  (the farm's wrapper) ``want`` + ``ensure`` over held ``Adapter`` objects (plan +
+  ``lora_core.switch``: modules both touch are rewritten from their kept original, in
+  cache-sized blocks of rows); PEFT: ``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``.
+* merge, restore to base: ours ``ComposedModel.reset`` (copy from the kept originals),
+  PEFT ``unfuse_lora``.
+* lowrank, new composition (first switch to Y) and warm switch (X <-> Y, both held): ours
+  ``lora_mode="lowrank"``; PEFT unfused ``set_adapters`` only.
 * svdq, warm switch and restore on nunchaku ``SVDQW4A4Linear`` stand-ins of real shape:
   ours ``targets/svdq.py`` against the seed loader's unpack-concatenate-repack approach.
 
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
     peer = copy.deepcopy(ours)
     shapes = S.target_shapes(ours)
     names = sorted(shapes)
-    dense = Dense(ours, peer, names, args.blocks, args.repeats, args.merge_repeats, prototype=args.prototype)
+    dense = Dense(ours, peer, names, args.blocks, args.repeats, args.merge_repeats)
     rows: list[dict] = []
     adapters_by_rank = {}
     phases: dict[str, float] = {"build": time.perf_counter() - t_start}
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
                 px, py = pnames[:n], pnames[3 : 3 + n]
                 big = args.profile and rank == max(args.ranks) and n == max(args.sizes)
                 rows += phase("merge cycle", dense.merge_cycle, paths[:n], X, Y, py, rank, profile=big)
-                rows.append(phase("lowrank", dense.lowrank, X, Y, px, py, rank))
+                rows += phase("lowrank", dense.lowrank, X, Y, px, py, rank)
             phase("peer unload", dense.peer_clean)
     del dense, ours, peer
     if not args.no_svdq:
@@ -150,15 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="samples per cell (median reported)")
     ap.add_argument("--merge-repeats", type=int, default=None,
-                    help="samples per dense-merge cell (cold, warm, restore, prototypes): each is seconds of work "
+                    help="samples per dense-merge cell (cold, warm, restore): each is seconds of work "
                          "per block for ours and for PEFT; default 1 (the whole run then fits in ~10 min)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=(1, 2, 3))
     ap.add_argument("--no-svdq", action="store_true")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
-    ap.add_argument("--no-prototype", dest="prototype", action="store_false",
-                    help="skip the benchmark-only prototypes of a faster dense merge")
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md / the PNG")
     args = ap.parse_args(argv)
     if args.merge_repeats is None:

@@ -2,59 +2,40 @@
 real-width Qwen-Image transformer (bf16, few blocks), the same files, the same run.
 
 One repetition of the merge cycle, per configuration: base -> X from the files (cold) ->
-Y with every adapter in memory (warm switch) -> base (untimed). Ours goes through the
-farm's ``ComposedModel`` (``load_adapter`` + ``want`` + ``ensure``); the peer through
-``load_lora_weights``' two calls + ``set_adapters`` + ``fuse_lora``, then ``unfuse_lora`` +
-``set_adapters`` + ``fuse_lora``. Ours, the peer and the floor are measured in turn, so a
-change in the machine's load lands on all three alike. The restore figures are the restore
-step timed inside each warm switch: ours ``Handle.restore`` (what ``ComposedModel.ensure``
-calls before merging the new composition), PEFT's ``unfuse_lora``.
+Y with every adapter in memory (warm switch) -> base (restore). Ours goes through the
+farm's ``ComposedModel`` (``load_adapter`` + ``want`` + ``ensure``, which calls
+``lora_core.switch``: modules both compositions touch are rewritten from their kept
+original, no restore pass); the peer through ``load_lora_weights``' two calls +
+``set_adapters`` + ``fuse_lora``, then ``unfuse_lora`` + ``set_adapters`` + ``fuse_lora``.
+Ours, the peer and the floor are measured in turn, so a change in the machine's load lands
+on all three alike. Restore: ours ``ComposedModel.reset`` (Y -> base, a copy from the kept
+originals), PEFT's ``unfuse_lora`` (timed inside its warm switch).
 """
 from __future__ import annotations
 
-import contextlib
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 import lora_core
 from lora_core import Adapter
-from lora_core.api import Handle
 from workers.wrapper import ComposedModel
 
-from . import compose_proto as P
 from . import compose_setup as S
 from .compose_svdq import Backend
 
 CHECK_MODULE = "transformer_blocks.0.attn.to_q"
 
 
-@contextlib.contextmanager
-def timed_restores(into: list[float]) -> Iterator[None]:
-    """Record the seconds of every ``Handle.restore`` while the block runs."""
-    saved = Handle.restore
-
-    def restore(self) -> None:
-        t0 = time.perf_counter()
-        saved(self)
-        into.append(time.perf_counter() - t0)
-
-    Handle.restore = restore
-    try:
-        yield
-    finally:
-        Handle.restore = saved
-
-
 class Dense:
     """Both models and what the scenarios share."""
 
     def __init__(self, ours: nn.Module, peer: nn.Module, names: Sequence[str], blocks: int, repeats: int,
-                 merge_repeats: int, prototype: bool = True):
+                 merge_repeats: int):
         self.ours, self.peer, self.names = ours, peer, list(names)
-        self.blocks, self.repeats, self.merge_repeats, self.prototype = blocks, repeats, merge_repeats, prototype
+        self.blocks, self.repeats, self.merge_repeats = blocks, repeats, merge_repeats
         self.floors = S.Floors(ours, names)
         self.base_fp = S.fingerprint(ours, names)
         self.check_base = ours.get_submodule(CHECK_MODULE).weight.detach().clone()
@@ -124,11 +105,10 @@ class Dense:
                 checks["cold"] = dict(S.compare_weights(self.ours, self.peer, self.block0, n + 1), modules="block 0")
                 fp_x = S.fingerprint(self.ours, self.names)
             prof = __import__("cProfile").Profile() if (profile and i == 0) else None
-            with timed_restores(r_ours):
-                cm.want(Y)
-                t0 = time.perf_counter()
-                cm.ensure() if prof is None else prof.runcall(cm.ensure)
-                t_ours.append(time.perf_counter() - t0)
+            cm.want(Y)
+            t0 = time.perf_counter()
+            cm.ensure() if prof is None else prof.runcall(cm.ensure)
+            t_ours.append(time.perf_counter() - t0)
             if prof is not None:
                 extra["profile"] = profile_rows(prof, t_ours[-1])
             t_un = S.timed(self.peer.unfuse_lora)
@@ -149,9 +129,7 @@ class Dense:
                 # PEFT's restore is a subtraction: what it leaves on one layer after fuse X, unfuse X, fuse Y, unfuse Y
                 self.peer.get_submodule(CHECK_MODULE).unmerge()
                 drift = float((S.peer_weight(self.peer, CHECK_MODULE).float() - self.check_base.float()).abs().max())
-                if self.prototype:
-                    extra.update(self.prototypes(cm, box[0], Y, fp_x, fp_y))
-            cm.reset()
+            r_ours.append(S.timed(cm.reset))
             self.peer_drop(px)
         exact = S.fingerprint(self.ours, self.names) == self.base_fp
         parts["mm_bf16_s_extrapolated"] = self.floors.mm(n * rank, torch.bfloat16, 1, rows=128)
@@ -167,51 +145,44 @@ class Dense:
                             "drift_module": CHECK_MODULE})
         return [cold, warm, restore]
 
-    def prototypes(self, cm: ComposedModel, X, Y, fp_x: int, fp_y: int) -> dict:
-        """One more warm switch each through the benchmark's prototypes (not lora_core code).
-
-        Called with ``cm`` at Y; leaves it at base."""
-        with P.patched_dense_merge():
-            cm.want(X)
-            t = S.timed(cm.ensure)
-        out = {"proto_fast_merge": {"s": t, "samples": [t], "bit_identical": S.fingerprint(self.ours, self.names) == fp_x}}
-        cm.reset()
-        index = cm.index
-        res = P.Resident(index)
-        res.switch(lora_core.plan(X, index))  # untimed: the originals are taken here
-        t = S.timed(lambda: res.switch(lora_core.plan(Y, index)))
-        same = S.fingerprint(self.ours, self.names) == fp_y
-        res.reset()
-        same = same and S.fingerprint(self.ours, self.names) == self.base_fp
-        out["proto_resident_switch"] = {"s": t, "samples": [t], "bit_identical": same}
-        return out
-
-    def lowrank(self, X, Y, px, py, rank: int) -> dict:
-        """Runtime low-rank branch: ours swaps branch tensors; PEFT (unfused) sets active adapters."""
+    def lowrank(self, X, Y, px, py, rank: int) -> list[dict]:
+        """Runtime low-rank branch. Ours: ``ComposedModel(lora_mode="lowrank")``; PEFT (unfused)
+        ``set_adapters``. Two rows: *new composition* (Y never held before: plan, cast and
+        check the branch tensors, swap them in) and *warm switch* (X <-> Y, both held: ours
+        swaps prepared tensors; PEFT's call is the same either way)."""
         n, reps = len(X), self.repeats
-        cm = ComposedModel(Backend(self.ours), lora_mode="lowrank")
         wx, wy = [s for _, s in X], [s for _, s in Y]
 
-        def ours_to(pairs):
+        def ours_to(cm, pairs):
             cm.want(pairs)
             cm.ensure()
 
-        ours_to(X)
-        self.peer.set_adapters(px, wx)
         floor = S.ByteCopy([t for a, _ in Y for l in a.layers.values() for t in (l.A, l.B)])
-        t_ours, t_peer, t_floor = [], [], []
+        t_new, t_ours, t_peer, t_floor = [], [], [], []
+        for i in range(reps):
+            fresh = ComposedModel(Backend(self.ours), lora_mode="lowrank")
+            ours_to(fresh, X)
+            t_new.append(S.timed(lambda: ours_to(fresh, Y)))
+            fresh.reset()
+        cm = ComposedModel(Backend(self.ours), lora_mode="lowrank")
+        ours_to(cm, Y)
+        ours_to(cm, X)
+        self.peer.set_adapters(px, wx)
         for i in range(reps):
             to_y = i % 2 == 0
-            t_ours.append(S.timed(lambda: ours_to(Y if to_y else X)))
+            t_ours.append(S.timed(lambda: ours_to(cm, Y if to_y else X)))
             t_peer.append(S.timed(lambda: self.peer.set_adapters(py if to_y else px, wy if to_y else wx)))
             t_floor.append(S.timed(floor))
         if reps % 2 == 0:
-            ours_to(Y)
+            ours_to(cm, Y)
             self.peer.set_adapters(py, wy)
         check = S.lowrank_check(self.ours, self.peer, self.block0, lambda m: self.terms(Y, m))
         cm.reset()
-        return self.row("warm switch", "lowrank", rank, n, t_ours, t_peer, t_floor, "copy LoRA bytes",
-                        {"copy_lora_bytes_s": S.med(t_floor), "lora_bytes": floor.nbytes}, check)
+        parts = {"copy_lora_bytes_s": S.med(t_floor), "lora_bytes": floor.nbytes}
+        return [
+            self.row("new composition", "lowrank", rank, n, t_new, t_peer, t_floor, "copy LoRA bytes", parts, check),
+            self.row("warm switch", "lowrank", rank, n, t_ours, t_peer, t_floor, "copy LoRA bytes", parts, check),
+        ]
 
 
 def profile_rows(prof, wall: float, top: int = 12) -> dict:

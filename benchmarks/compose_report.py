@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-import re
+
+from .common import write_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS.md")
 PLOT = os.path.join(HERE, "compose_cpu.png")
 SECTION = "## Compose (LoRA switch cost)"
 
@@ -74,26 +74,6 @@ def floor_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def proto_table(result: dict) -> str:
-    rows = [r for r in result["scenarios"].values() if "proto_fast_merge" in r]
-    if not rows:
-        return "(prototypes not run: `--no-prototype`)"
-    b = result["settings"]["blocks"]
-    lines = [
-        "| rank x n | ours today ms/block | fast_merge ms/block | resident switch ms/block | PEFT ms/block "
-        "| floor ms/block | fast/PEFT | resident/PEFT | resident/floor | bit-identical |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        f, res = r["proto_fast_merge"], r["proto_resident_switch"]
-        lines.append(
-            f"| r{r['rank']} x {r['loras']} | {_ms(r['ours_s'] / b)} | {_ms(f['s'] / b)} | {_ms(res['s'] / b)} "
-            f"| {_ms(r['peer_s'] / b)} | {_ms(r['floor_s'] / b)} | {_x(f['s'] / r['peer_s'])} | {_x(res['s'] / r['peer_s'])} "
-            f"| {_x(res['s'] / r['floor_s'])} | {_yn(f['bit_identical'] and res['bit_identical'])} |"
-        )
-    return "\n".join(lines)
-
-
 def profile_table(result: dict) -> str:
     p = result.get("profile_warm_merge")
     if not p:
@@ -133,10 +113,14 @@ def section(result: dict) -> str:
         "Merge cycle per configuration: base -> X from the files (*cold*: ours `load_adapter` + `ComposedModel` "
         "`want`/`ensure`; PEFT `lora_state_dict` + `load_lora_into_transformer` per file, as "
         "`pipe.load_lora_weights` does, + `set_adapters` + `fuse_lora`) -> Y with every adapter in memory "
-        "(*warm switch*: ours `want`/`ensure`, i.e. plan + `Handle.restore` + merge; PEFT `unfuse_lora` + "
-        "`set_adapters` + `fuse_lora`) -> base. *restore* is the restore step timed inside the warm switch "
-        "(ours `Handle.restore`, PEFT `unfuse_lora`). X = 1 or 3 LoRAs at strengths 0.8/0.6/0.5, Y = 1 or 3 "
-        "others at 0.7/0.9/0.4.",
+        "(*warm switch*: ours `want`/`ensure`, i.e. plan + `lora_core.switch`, which rewrites every module both "
+        "compositions touch from its kept original in cache-sized blocks of rows, with no restore pass; PEFT "
+        "`unfuse_lora` + `set_adapters` + `fuse_lora`) -> base (*restore*: ours `ComposedModel.reset`, a copy "
+        "from the kept originals; PEFT `unfuse_lora`, timed inside its warm switch). X = 1 or 3 LoRAs at "
+        "strengths 0.8/0.6/0.5, Y = 1 or 3 others at 0.7/0.9/0.4. Low-rank: *new composition* = the first switch "
+        "to Y (plan, cast and check the branch tensors, swap them onto the hooks already in place); *warm switch* "
+        "= X <-> Y once both are held (ours keeps prepared branch tensors per composition, up to "
+        "`branch_cache_mb`, and swaps them; PEFT's `set_adapters` does the same work either way).",
         "",
         table(result),
         "",
@@ -162,14 +146,6 @@ def section(result: dict) -> str:
         "",
         floor_table(result),
         "",
-        "Prototypes of a faster dense merge (benchmark code only, `benchmarks/compose_proto.py`; not in "
-        "lora_core), warm merge switch X <-> Y, same run: *fast_merge* = today's `dense.merge` with the finite check "
-        "done on the fp32 sum first (exact `isfinite` only if the sum is not finite) and an in-place `addmm_`; "
-        "*resident* = additionally keep each module's original across switches and write W0 + dY straight into "
-        "the weight (no restore pass, no new backup).",
-        "",
-        proto_table(result),
-        "",
         "Profile of our warm merge switch (cProfile, own time):",
         "",
         profile_table(result),
@@ -179,15 +155,7 @@ def section(result: dict) -> str:
 
 
 def write_results(result: dict) -> None:
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    new = section(result)
-    pat = re.compile(r"^## Compose \(LoRA switch cost\)\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(text):
-        text = pat.sub(lambda _: new + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + new
-    with open(RESULTS, "w") as f:
-        f.write(text.rstrip("\n") + "\n")
+    write_section(section(result))
 
 
 def write_plot(result: dict) -> None:

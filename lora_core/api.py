@@ -13,6 +13,7 @@ from .compose import ModuleUpdate, plan
 from .model_index import ModelIndex
 from .safetensors_io import file_sha256
 from .targets import dense, fp8, lowrank, svdq
+from .errors import NonFiniteError
 from .targets.ledger import Ledger
 
 MODES = ("merge", "lowrank")
@@ -22,11 +23,15 @@ BASE_KEY = "base"
 class Handle:
     """What ``apply`` did; ``restore()`` puts every touched tensor back bit-exactly."""
 
-    def __init__(self, ledger: Ledger, updates: Mapping[str, ModuleUpdate], mode: str):
+    def __init__(self, ledger: Ledger, updates: Mapping[str, ModuleUpdate], mode: str,
+                 originals: dict[str, torch.Tensor] | None = None):
         self._ledger = ledger
         self.updates = dict(updates)
         self.mode = mode
         self.branches: dict[str, lowrank.LowRankBranch] = {}
+        # dense merges' original weights by module (a budget's backups dict when bounded)
+        self.originals: dict[str, torch.Tensor] = {} if originals is None else originals
+        self.merged: set[str] = set()  # modules merged densely by this handle
 
     @property
     def modules(self) -> list[str]:
@@ -34,10 +39,16 @@ class Handle:
 
     def restore(self) -> None:
         self._ledger.rollback()
+        self.branches.clear()
+        self.merged.clear()
 
     @property
     def active(self) -> bool:
         return len(self._ledger) > 0
+
+    def _adopt(self, other: "Handle") -> None:
+        self._ledger, self.updates, self.mode = other._ledger, other.updates, other.mode
+        self.branches, self.originals, self.merged = other.branches, other.originals, other.merged
 
 
 def apply(
@@ -64,35 +75,104 @@ def apply_updates(
     index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str, *, keep_originals_on=None, budget=None
 ) -> Handle:
     """Land planned updates; ``budget`` (targets.budget.BudgetState) bounds dense merges."""
-    ledger = Ledger()
-    handle = Handle(ledger, updates, mode)
+    handle = Handle(Ledger(), updates, mode, originals=budget.backups if budget is not None else None)
     try:
         with torch.no_grad():
             for name, update in updates.items():
-                _apply_one(index, name, update, mode, ledger, handle, keep_originals_on, budget)
+                _apply_one(index, name, update, handle, keep_originals_on, budget)
     except BaseException:
-        ledger.rollback()
+        handle.restore()
         raise
     return handle
 
 
-def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, mode: str, ledger: Ledger, handle: Handle, keep_on,
-               budget=None) -> None:
-    m = index.modules[name]
-    kind = index.kinds[name]
-    if kind == "svdq":
-        svdq.apply_svdq(m, update, ledger)
-    elif kind == "fp8":  # always merged (into the master), then quantized
-        fp8.apply_fp8(m, update, ledger)
-    elif kind == "linear" and mode == "merge":
-        dense.merge(m, update, ledger, keep_on=keep_on, budget=budget)
-    else:  # lowrank mode, or an AWQ layer's side path
-        if not (torch.isfinite(update.A).all() and torch.isfinite(update.B).all()):
-            from .errors import NonFiniteError
+def switch(
+    index: ModelIndex, old: Handle | None, updates: Mapping[str, ModuleUpdate], mode: str, *, keep_originals_on=None,
+    budget=None,
+) -> Handle | None:
+    """Move the model from ``old``'s composition (None: the base) to ``updates`` (empty:
+    the base; returns None then).
 
-            raise NonFiniteError(f"LoRA update for {name!r} is not finite; nothing was changed")
+    Modules both compositions merge densely go straight from their kept original to the
+    new weight (no restore pass, no new backup); low-rank branches on both keep their hook
+    and swap tensors. Everything else is restored, then applied. On any error the model
+    holds ``old``'s composition again, bit for bit, and ``old`` stays valid.
+    """
+    if old is None or not old.active:
+        return apply_updates(index, updates, mode, keep_originals_on=keep_originals_on, budget=budget) if updates else None
+    keep_dense = {n for n in old.merged if n in updates and _path(index.kinds[n], mode) == "dense"}
+    keep_branch = {n for n in old.branches if n in updates and _path(index.kinds[n], mode) == "lowrank"}
+    handle = Handle(Ledger(), updates, mode, originals=old.originals)
+    handle._ledger.extend(old._ledger.take(keep_dense | keep_branch))
+    handle.merged, handle.branches = set(keep_dense), {n: old.branches[n] for n in keep_branch}
+    old_updates, old_mode = old.updates, old.mode
+    old.restore()  # everything else back to base
+    try:
+        with torch.no_grad():
+            for name, update in updates.items():
+                if name in keep_dense:
+                    dense.remerge(index.modules[name], update, handle.originals, budget=budget)
+                elif name in keep_branch:
+                    _swap_branch(handle.branches[name], update)
+                else:
+                    _apply_one(index, name, update, handle, keep_originals_on, budget)
+    except BaseException:
+        handle.restore()
+        old._adopt(apply_updates(index, old_updates, old_mode, keep_originals_on=keep_originals_on, budget=budget))
+        raise
+    if not updates:
+        handle.restore()
+        return None
+    return handle
+
+
+def _path(kind: str, mode: str) -> str:
+    if kind in ("svdq", "fp8"):  # svdq concatenates; fp8 always merges into the master, then quantizes
+        return kind
+    return "dense" if kind == "linear" and mode == "merge" else "lowrank"  # lowrank mode, or AWQ's side path
+
+
+def prepare(index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str) -> dict[str, ModuleUpdate]:
+    """Updates whose runtime branches are already cast to their module's dtype and device
+    and checked finite: a caller that keeps them (per composition) switches back to that
+    composition by swapping tensors only. Raises before anything is touched."""
+    out = {}
+    for name, u in updates.items():
+        if _path(index.kinds[name], mode) == "lowrank" and not u.ready:
+            dtype, device = lowrank.module_dtype_device(index.modules[name])
+            a, b = _checked_branch_tensors(u, dtype, device)
+            u = ModuleUpdate(u.module, u.kind, a, b, ready=True)
+        out[name] = u
+    return out
+
+
+def _checked_branch_tensors(update: ModuleUpdate, dtype: torch.dtype, device: torch.device):
+    a, b = update.A.to(device=device, dtype=dtype), update.B.to(device=device, dtype=dtype)
+    if update.ready and a is update.A and b is update.B:
+        return a, b
+    if not (dense.all_finite(a) and dense.all_finite(b)):
+        raise NonFiniteError(f"LoRA update for {update.module!r} is not finite; nothing was changed")
+    return a, b
+
+
+def _swap_branch(branch: lowrank.LowRankBranch, update: ModuleUpdate) -> None:
+    branch.A, branch.B = _checked_branch_tensors(update, branch.A.dtype, branch.A.device)
+
+
+def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, handle: Handle, keep_on, budget=None) -> None:
+    m = index.modules[name]
+    path = _path(index.kinds[name], handle.mode)
+    if path == "svdq":
+        svdq.apply_svdq(m, update, handle._ledger)
+    elif path == "fp8":
+        fp8.apply_fp8(m, update, handle._ledger)
+    elif path == "dense":
+        dense.merge(m, update, handle._ledger, handle.originals, keep_on=keep_on, budget=budget)
+        handle.merged.add(name)
+    else:
         dtype, device = lowrank.module_dtype_device(m)
-        handle.branches[name] = lowrank.attach(m, update, ledger, dtype, device)
+        a, b = _checked_branch_tensors(update, dtype, device)
+        handle.branches[name] = lowrank.attach(m, name, a, b, handle._ledger)
 
 
 def content_id(source: Source, storage_options: dict | None = None) -> str:

@@ -29,6 +29,7 @@ class ModuleUpdate:
     kind: str
     A: torch.Tensor  # (R, in)
     B: torch.Tensor  # (out, R)
+    ready: bool = False  # for a runtime branch: already in the module's dtype/device and checked finite
 
     @property
     def rank(self) -> int:

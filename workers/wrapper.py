@@ -9,12 +9,14 @@ what it cost, which the scheduler uses.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from lora_core import BASE_KEY, Adapter, ModelIndex, apply_updates, key_of_ids, plan
+from lora_core import BASE_KEY, Adapter, ModelIndex, key_of_ids, plan, prepare, switch
+
 from lora_core.api import Handle
 
 LORA_MODES = ("merge", "lowrank", "auto")
@@ -40,7 +42,8 @@ class SwitchStats:
 
 class ComposedModel:
     def __init__(self, backend, lora_mode: str = "auto", keep_originals_on: str | None = None, fp8: bool = False,
-                 memory_reserve_gb: float | None = None, merge_strategy: str = "keep_until_full"):
+                 memory_reserve_gb: float | None = None, merge_strategy: str = "keep_until_full",
+                 branch_cache_mb: float = 1024):
         if lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
         self.backend = backend
@@ -53,6 +56,10 @@ class ComposedModel:
         self._device: torch.device | None = None
         self._index: ModelIndex | None = None
         self.stats = SwitchStats()
+        # lowrank: prepared branch tensors (on the model's device) of recent compositions, so
+        # switching back to one swaps tensors only; bounded in bytes, least recently used out
+        self.branch_cache_bytes = int(branch_cache_mb * (1 << 20))
+        self._prepared: OrderedDict[str, tuple[dict, int]] = OrderedDict()
         self.fp8_saved_bytes = 0
         self.budget = None
         if memory_reserve_gb is not None:
@@ -100,21 +107,19 @@ class ComposedModel:
             return 0.0
         key, pairs = self._want
         t0 = time.perf_counter()
-        updates = plan(pairs, self.index)  # binding errors raise before anything changes
-        old = self._handle
-        if old is not None:
-            old.restore()
-        self._handle = None
+        moved = self._device_moved()
+        if moved:
+            self._prepared.clear()
+        updates = self._planned(key, pairs)  # binding errors raise before anything changes
+        if moved:  # kept originals and branches live on the old device: start over from the base
+            self._handle.restore()
+            self._handle = None
         self.backend.reset_step_cache()
         try:
-            if updates:
-                self._handle = apply_updates(self.index, updates, self.mode, keep_originals_on=self.keep_originals_on, budget=self.budget)
+            self._handle = switch(self.index, self._handle, updates, self.mode, keep_originals_on=self.keep_originals_on,
+                                  budget=self.budget)
         except BaseException:
-            # the new composition rolled itself back; put the old one back so the model is
-            # exactly as it was (same updates, same arithmetic: the same bits)
-            if old is not None:
-                self._handle = apply_updates(self.index, old.updates, old.mode, keep_originals_on=self.keep_originals_on, budget=self.budget)
-            self._want = self._held
+            self._want = self._held  # switch put the old composition back, bit for bit
             raise
         self.key = key
         self._held = self._want
@@ -122,6 +127,20 @@ class ComposedModel:
         seconds = time.perf_counter() - t0
         self.stats.record(seconds)
         return seconds
+
+    def _planned(self, key: str, pairs: list[tuple[Adapter, float]]) -> dict:
+        hit = self._prepared.get(key)
+        if hit is not None:
+            self._prepared.move_to_end(key)
+            return hit[0]
+        updates = prepare(self.index, plan(pairs, self.index), self.mode)
+        if self.mode == "lowrank":
+            nbytes = sum(t.numel() * t.element_size() for u in updates.values() if u.ready for t in (u.A, u.B))
+            if 0 < nbytes <= self.branch_cache_bytes:
+                self._prepared[key] = (updates, nbytes)
+                while sum(n for _, n in self._prepared.values()) > self.branch_cache_bytes:
+                    self._prepared.popitem(last=False)
+        return updates
 
     def reset(self) -> None:
         """Back to the base model."""

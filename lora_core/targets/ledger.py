@@ -15,6 +15,16 @@ class Ledger:
     def record(self, module: str, undo: Callable[[], None]) -> None:
         self._undo.append((module, undo))
 
+    def take(self, modules: set[str]) -> list[tuple[str, Callable[[], None]]]:
+        """Remove and return the undo steps of ``modules`` (in order), e.g. to hand them to
+        the ledger of the composition that keeps those modules."""
+        taken = [e for e in self._undo if e[0] in modules]
+        self._undo = [e for e in self._undo if e[0] not in modules]
+        return taken
+
+    def extend(self, entries: list[tuple[str, Callable[[], None]]]) -> None:
+        self._undo.extend(entries)
+
     @property
     def modules(self) -> list[str]:
         return [m for m, _ in self._undo]

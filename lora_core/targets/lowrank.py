@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compose import ModuleUpdate
 from .ledger import Ledger
 
 
@@ -25,10 +24,11 @@ class LowRankBranch:
         return output + delta.to(output.dtype)
 
 
-def attach(module: nn.Module, update: ModuleUpdate, ledger: Ledger, dtype: torch.dtype, device: torch.device) -> LowRankBranch:
-    branch = LowRankBranch(update.A.to(device=device, dtype=dtype), update.B.to(device=device, dtype=dtype))
+def attach(module: nn.Module, name: str, A: torch.Tensor, B: torch.Tensor, ledger: Ledger) -> LowRankBranch:
+    """Hook a branch with ``A``/``B`` (already in the module's dtype and device) onto ``module``."""
+    branch = LowRankBranch(A, B)
     handle = module.register_forward_hook(branch)
-    ledger.record(update.module, handle.remove)
+    ledger.record(name, handle.remove)
     return branch
 
 

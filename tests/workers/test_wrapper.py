@@ -27,7 +27,8 @@ def backend():
 def adapters(backend, tmp_path_factory):
     d = tmp_path_factory.mktemp("loras")
     out = {}
-    for name, include, seed in [("a", ("attn.to_q", "attn.to_v"), 1), ("b", ("img_mlp",), 2), ("bad", ("attn.to_k",), 3)]:
+    for name, include, seed in [("a", ("attn.to_q", "attn.to_v"), 1), ("b", ("img_mlp",), 2), ("bad", ("attn.to_k",), 3),
+                                ("c", ("attn.to_q", "img_mlp"), 5)]:
         layers = T.random_layers(T.linear_shapes(backend.transformer, include), rank=4, seed=seed, scale=0.5)
         if name == "bad":  # finite factors whose product overflows: fails during merge, after others applied
             layers = {k: (a * 0 + 1e30, b * 0 + 1e30, al) for k, (a, b, al) in layers.items()}
@@ -58,8 +59,39 @@ def test_switches_are_exact(backend, adapters, mode):
     b = render(m, [(adapters["b"], 0.8)])
     assert b not in (base, a1)
     assert render(m, [(adapters["a"], 1.0)]) == a1, "A -> B -> A gives A's bytes"
+    # C shares to_q with A and img_mlp with B: those modules go straight from A's (B's) merge to C's
+    c = render(m, [(adapters["c"], 0.6)])
+    assert c not in (base, a1, b)
+    assert render(m, [(adapters["b"], 0.8)]) == b, "A -> C -> B gives B's bytes"
+    assert render(m, [(adapters["c"], 0.6)]) == c
     assert render(m, []) == base, "no LoRA after a LoRA gives the base image exactly"
-    assert m.stats.switches == 4
+    fresh = ComposedModel(backend, lora_mode=mode)
+    assert render(fresh, [(adapters["c"], 0.6)]) == c, "C after other compositions = C on a fresh base"
+    fresh.reset()
+    assert m.stats.switches == 7
+    assert not any(mod._forward_hooks for mod in backend.transformer.modules())
+
+
+def test_lowrank_switch_back_reuses_prepared_branches(backend, adapters, monkeypatch):
+    import workers.wrapper as W
+
+    calls = []
+    real_plan = W.plan
+    monkeypatch.setattr(W, "plan", lambda pairs, index: calls.append(1) or real_plan(pairs, index))
+    m = ComposedModel(backend, lora_mode="lowrank")
+    a = render(m, [(adapters["a"], 1.0)])
+    c = render(m, [(adapters["c"], 0.6)])
+    assert len(calls) == 2
+    assert render(m, [(adapters["a"], 1.0)]) == a and render(m, [(adapters["c"], 0.6)]) == c
+    assert len(calls) == 2, "switching back to a held composition plans nothing"
+    sizes = [n for _, n in m._prepared.values()]
+    m.reset()
+    small = ComposedModel(backend, lora_mode="lowrank", branch_cache_mb=max(sizes) / (1 << 20))
+    render(small, [(adapters["a"], 1.0)])
+    render(small, [(adapters["c"], 0.6)])
+    assert sum(n for _, n in small._prepared.values()) <= max(sizes), "bounded in bytes"
+    assert render(small, [(adapters["a"], 1.0)]) == a
+    small.reset()
 
 
 def test_lazy_and_only_on_change(backend, adapters):
