@@ -31,12 +31,18 @@ def round_up(n: int, k: int = TILE) -> int:
     return (n + k - 1) // k * k
 
 
-def _tile_major(m: torch.Tensor, down: bool) -> torch.Tensor:
-    """(rows, cols) with rows on tile-n and cols on tile-k -> (tiles..., 16, 16) in storage order."""
-    n_rows, n_cols = m.shape
-    t = m.view(n_rows // TILE, TILE, n_cols // TILE, TILE)  # (nt, a, kt, b)
-    # down stores k-tiles outermost; up stores n-tiles outermost.
-    return t.permute(2, 0, 1, 3) if down else t.permute(0, 2, 1, 3)
+# Each packed pair of neighbouring columns (``e`` = 0, 1) stays together, so the permutation
+# moves pairs: viewing the pair as one element of twice the width halves the elements the
+# strided copy handles (measured: ~2x faster for bf16 on CPU).
+_WIDE = {1: torch.int16, 2: torch.int32, 4: torch.int64}
+
+
+def _paired(m: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A contiguous (rows, cols) tensor as (rows, cols // e) elements of e-fold width."""
+    wide = _WIDE.get(m.element_size())
+    if wide is None:
+        return m, 1
+    return m.view(wide), 2
 
 
 def pack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
@@ -48,13 +54,16 @@ def pack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f"pack_lowrank expects a 2-D tensor, got shape {tuple(w.shape)}")
     rows, cols = round_up(w.shape[0]), round_up(w.shape[1])
-    m = _pad_to(w, rows, cols)
-    tiles = _tile_major(m, down)  # (T1, T2, a, b)
-    t1, t2 = tiles.shape[:2]
-    # a = 8*n_pack + n_lane ; b = 8*k_pack + 4*... : split then reorder to the offset formula
-    t = tiles.reshape(t1, t2, 2, 8, 2, 4, 2)  # n_pack, n_lane, k_pack, k_lane, e
-    t = t.permute(0, 1, 3, 5, 2, 4, 6)  # n_lane, k_lane, n_pack, k_pack, e
-    flat = t.contiguous().view(-1)
+    m, e = _paired(_pad_to(w, rows, cols).contiguous())
+    t = m.view(rows // TILE, TILE, cols // TILE, TILE // e)  # (nt, a, kt, b/e)
+    t = t.permute(2, 0, 1, 3) if down else t.permute(0, 2, 1, 3)  # down stores k-tiles outermost; up n-tiles
+    # a = 8*n_pack + n_lane; b = 8*k_pack + 2*k_lane + e -> offset 32*n_lane + 8*k_lane + 4*n_pack + 2*k_pack + e
+    t = t.reshape(*t.shape[:2], 2, 8, 2, 4 if e == 2 else 8)
+    if e == 2:  # (n_pack, n_lane, k_pack, k_lane) -> (n_lane, k_lane, n_pack, k_pack), the pair stays whole
+        t = t.permute(0, 1, 3, 5, 2, 4)
+    else:
+        t = t.reshape(*t.shape[:5], 4, 2).permute(0, 1, 3, 5, 2, 4, 6)
+    flat = t.contiguous().view(-1).view(w.dtype)
     return flat.view(cols, rows) if down else flat.view(rows, cols)
 
 
@@ -72,13 +81,27 @@ def unpack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
     else:
         rows, cols = w.shape
         t1, t2 = rows // TILE, cols // TILE
-    t = w.contiguous().view(t1, t2, 8, 4, 2, 2, 2)  # n_lane, k_lane, n_pack, k_pack, e
-    t = t.permute(0, 1, 4, 2, 5, 3, 6).reshape(t1, t2, TILE, TILE)  # (T1, T2, a, b)
-    if down:  # (kt, nt, a, b) -> (nt, a, kt, b)
-        m = t.permute(1, 2, 0, 3)
-    else:  # (nt, kt, a, b) -> (nt, a, kt, b)
-        m = t.permute(0, 2, 1, 3)
-    return m.reshape(rows, cols).contiguous()
+    m, e = _paired(w.contiguous())
+    if e == 2:  # (n_lane, k_lane, n_pack, k_pack) -> (n_pack, n_lane, k_pack, k_lane)
+        t = m.view(t1, t2, 8, 4, 2, 2).permute(0, 1, 4, 2, 5, 3)
+    else:
+        t = m.view(t1, t2, 8, 4, 2, 2, 2).permute(0, 1, 4, 2, 5, 3, 6)
+    t = t.reshape(t1, t2, TILE, TILE // e)  # (T1, T2, a, b/e)
+    m = t.permute(1, 2, 0, 3) if down else t.permute(0, 2, 1, 3)  # -> (nt, a, kt, b/e)
+    return m.reshape(rows, cols // e).contiguous().view(w.dtype)
+
+
+def append_packed(packed: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """Packed (P, r1) and packed (P, r2), both with ranks that are multiples of 16, ->
+    the packed (P, r1 + r2) of their logical factors concatenated along the rank axis.
+
+    In both layouts a 16-row block of P holds its rank tiles (256 values each) one after
+    the other, so concatenating along rank is a copy of whole tiles, never a repack."""
+    if packed.shape[0] != extra.shape[0] or packed.shape[1] % TILE or extra.shape[1] % TILE:
+        raise ValueError(f"cannot append packed {tuple(extra.shape)} to packed {tuple(packed.shape)}")
+    p = packed.shape[0] // TILE
+    out = torch.cat([packed.reshape(p, -1, TILE * TILE), extra.reshape(p, -1, TILE * TILE)], 1)
+    return out.view(packed.shape[0], packed.shape[1] + extra.shape[1])
 
 
 def reorder_modulation_rows(b: torch.Tensor, splits: int = 6) -> torch.Tensor:

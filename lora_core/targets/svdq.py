@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ..compose import ModuleUpdate
-from ..nunchaku import pack_lowrank, round_up, unpack_lowrank
+from ..errors import NonFiniteError
+from ..nunchaku import append_packed, pack_lowrank, round_up, unpack_lowrank
+from .dense import all_finite
 from .ledger import Ledger
 
 # id(original proj_down / proj_up parameter) -> (weakref to it, its version, unpacked base).
@@ -35,11 +37,27 @@ def _base(param: torch.Tensor, down: bool, rank: int) -> torch.Tensor:
 
 
 def concat_branch(module: nn.Module, update: ModuleUpdate) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """New packed (proj_down, proj_up) and the new padded rank; the module is not touched."""
+    """New packed (proj_down, proj_up) and the new padded rank; the module is not touched.
+
+    When the base rank is a multiple of 16 (nunchaku's checkpoints: 32, 128) only the LoRA
+    is packed, and its tiles are appended to the base's packed tiles (``append_packed``).
+    """
     rank = int(module.rank)
+    dtype = module.proj_down.dtype
+    in_pad, out_pad = module.proj_down.shape[0], module.proj_up.shape[0]
+    if rank % 16 == 0 and module.proj_down.shape[1] == rank and module.proj_up.shape[1] == rank:
+        r = round_up(update.rank)
+        a = update.A.to(device=module.proj_down.device, dtype=dtype)
+        b = update.B.to(device=module.proj_up.device, dtype=dtype)
+        down_l = a.new_zeros(r, in_pad)
+        down_l[: a.shape[0], : a.shape[1]] = a
+        up_l = b.new_zeros(out_pad, r)
+        up_l[: b.shape[0], : b.shape[1]] = b
+        down = append_packed(module.proj_down.data, pack_lowrank(down_l, down=True))
+        up = append_packed(module.proj_up.data, pack_lowrank(up_l, down=False))
+        return down, up, rank + r
     down0 = _base(module.proj_down, True, rank)  # (rank, in_pad)
     up0 = _base(module.proj_up, False, rank)  # (out_pad, rank)
-    dtype = module.proj_down.dtype
     a = update.A.to(device=down0.device, dtype=dtype)
     b = update.B.to(device=up0.device, dtype=dtype)
     new_rank = round_up(rank + a.shape[0])
@@ -53,9 +71,7 @@ def concat_branch(module: nn.Module, update: ModuleUpdate) -> tuple[torch.Tensor
 
 
 def apply_svdq(module: nn.Module, update: ModuleUpdate, ledger: Ledger) -> None:
-    if not torch.isfinite(update.B).all() or not torch.isfinite(update.A).all():
-        from ..errors import NonFiniteError
-
+    if not (all_finite(update.B) and all_finite(update.A)):
         raise NonFiniteError(f"LoRA update for {update.module!r} is not finite; nothing was changed")
     down, up, new_rank = concat_branch(module, update)
     old = (module.proj_down, module.proj_up, module.rank)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_core.nunchaku import pack_lowrank, reorder_modulation_rows, unpack_lowrank
+from lora_core.nunchaku import append_packed, pack_lowrank, reorder_modulation_rows, unpack_lowrank
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures", "nunchaku_lowrank_reference.safetensors")
 
@@ -63,3 +63,27 @@ def test_modulation_reorder_matches_fixture(ref):
 def test_bad_packed_shape_is_an_error():
     with pytest.raises(ValueError):
         unpack_lowrank(torch.zeros(17, 16), down=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("down", [True, False])
+def test_pack_is_the_same_permutation_for_every_element_width(dtype, down):
+    """The pair-wide fast path (1-, 2- and 4-byte elements) and the plain path (8-byte)
+    move every value to the same place: compare through a value-preserving cast."""
+    x = torch.arange(48 * 40, dtype=torch.float64).reshape(48, 40) % 251  # exact in every dtype listed
+    ref = pack_lowrank(x, down=down)
+    got = pack_lowrank(x.to(dtype), down=down)
+    assert torch.equal(got.double(), ref)
+    assert torch.equal(unpack_lowrank(got, down=down).double(), unpack_lowrank(ref, down=down))
+
+
+@pytest.mark.parametrize("down", [True, False])
+def test_append_packed_equals_packing_the_concatenation(down):
+    g = torch.Generator().manual_seed(5)
+    base, lora = torch.randn(32, 48, generator=g), torch.randn(16, 48, generator=g)
+    if down:  # logical (rank, in): concatenate along rows
+        whole, parts = torch.cat([base, lora], 0), (base, lora)
+    else:  # logical (out, rank): concatenate along columns
+        whole, parts = torch.cat([base.T, lora.T], 1), (base.T, lora.T)
+    got = append_packed(pack_lowrank(parts[0], down=down), pack_lowrank(parts[1], down=down))
+    assert torch.equal(got, pack_lowrank(whole, down=down))
