@@ -143,7 +143,9 @@ class RenderWorker:
             key = self.model.key
             t0 = time.perf_counter()
             images = self.model.backend.render([_request(j) for j in group])
-            render_s = (time.perf_counter() - t0) / len(group)
+            elapsed = time.perf_counter() - t0
+            self.model.rendered(len(group), elapsed)
+            render_s = elapsed / len(group)
             self.render_s_per_image = render_s if not self.jobs_done else 0.7 * self.render_s_per_image + 0.3 * render_s
             rows = [self._write(j, img, output_root, opts, key, fetch_s, compose_s, render_s) for j, img in zip(group, images)]
         except Exception as e:  # noqa: BLE001 - every failure becomes a result row
@@ -163,7 +165,8 @@ class RenderWorker:
         uri = image_uri(output_root, job.job_id)
         write_image_atomic(uri, buf.getvalue(), opts)
         return dict(job_id=job.job_id, status="ok", output_uri=uri, composition_key=key, worker_id=self.worker_id,
-                    attempts=1, fetch_s=fetch_s, compose_s=compose_s, render_s=render_s, error="", transient=False)
+                    attempts=1, fetch_s=fetch_s, compose_s=compose_s, render_s=render_s, error="", transient=False,
+                    lora_mode=self.model.held_mode)
 
     def state(self) -> dict:
         m = self._model
@@ -182,6 +185,7 @@ class RenderWorker:
             "free_memory": free,
             "compose_s": m.stats.mean_s if m else 0.0,
             "switches": m.stats.switches if m else 0,
+            "lora_mode": (m.auto.as_dict() if m.auto is not None else {"mode": m.lora_mode}) if m else {"mode": self.lora_mode},
             "render_s": self.render_s_per_image,
             "jobs_done": self.jobs_done,
             "jobs_failed": self.jobs_failed,

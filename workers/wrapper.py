@@ -18,6 +18,9 @@ import torch
 from lora_core import BASE_KEY, Adapter, ModelIndex, key_of_ids, plan, prepare, switch
 
 from lora_core.api import Handle
+from lora_core.targets.lowrank import BranchClock
+
+from .automode import AutoMode
 
 LORA_MODES = ("merge", "lowrank", "auto")
 
@@ -56,10 +59,13 @@ class ComposedModel:
         self._device: torch.device | None = None
         self._index: ModelIndex | None = None
         self.stats = SwitchStats()
+        self.auto = AutoMode() if lora_mode == "auto" else None
+        self.clock = BranchClock()  # times the branches' own work under ``auto``
+        self.held_mode = self.mode  # the dense mode of the composition held now
         # lowrank: prepared branch tensors (on the model's device) of recent compositions, so
         # switching back to one swaps tensors only; bounded in bytes, least recently used out
         self.branch_cache_bytes = int(branch_cache_mb * (1 << 20))
-        self._prepared: OrderedDict[str, tuple[dict, int]] = OrderedDict()
+        self._prepared: OrderedDict[tuple[str, str], tuple[dict, int]] = OrderedDict()
         self.fp8_saved_bytes = 0
         self.budget = None
         if memory_reserve_gb is not None:
@@ -86,8 +92,9 @@ class ComposedModel:
 
     @property
     def mode(self) -> str:
-        """Dense layers merge under ``auto``: zero runtime cost; SVDQ layers always concatenate."""
-        return "merge" if self.lora_mode == "auto" else self.lora_mode
+        """The dense mode the next switch uses (``auto``: chosen by measured cost, see
+        workers/automode.py); SVDQ layers always concatenate."""
+        return self.auto.choice.mode if self.auto is not None else self.lora_mode
 
     def want(self, pairs: Sequence[tuple[Adapter, float]]) -> str:
         key = key_of_ids((a.content_id, s) for a, s in pairs)
@@ -110,34 +117,50 @@ class ComposedModel:
         moved = self._device_moved()
         if moved:
             self._prepared.clear()
-        updates = self._planned(key, pairs)  # binding errors raise before anything changes
+        if self.auto is not None and pairs:
+            self.auto.next_mode()
+        mode = self.mode
+        updates = self._planned(key, pairs, mode)  # binding errors raise before anything changes
         if moved:  # kept originals and branches live on the old device: start over from the base
             self._handle.restore()
             self._handle = None
         self.backend.reset_step_cache()
         try:
-            self._handle = switch(self.index, self._handle, updates, self.mode, keep_originals_on=self.keep_originals_on,
+            self._handle = switch(self.index, self._handle, updates, mode, keep_originals_on=self.keep_originals_on,
                                   budget=self.budget)
         except BaseException:
             self._want = self._held  # switch put the old composition back, bit for bit
             raise
         self.key = key
         self._held = self._want
+        self.held_mode = mode
         self._device = self.backend.device
         seconds = time.perf_counter() - t0
         self.stats.record(seconds)
+        if self.auto is not None and self._handle is not None:
+            self.auto.switched(mode, seconds)
+            for b in self._handle.branches.values():
+                b.clock = self.clock
+        self.clock.take()
         return seconds
 
-    def _planned(self, key: str, pairs: list[tuple[Adapter, float]]) -> dict:
-        hit = self._prepared.get(key)
+    def rendered(self, images: int, seconds: float) -> None:
+        """The worker rendered ``images`` at the held composition in ``seconds`` (feeds ``auto``)."""
+        branch_s = self.clock.take()
+        if self.auto is not None:
+            lowrank_held = self._handle is not None and bool(self._handle.branches)
+            self.auto.rendered(images, seconds, branch_s if lowrank_held else None)
+
+    def _planned(self, key: str, pairs: list[tuple[Adapter, float]], mode: str) -> dict:
+        hit = self._prepared.get((mode, key))
         if hit is not None:
-            self._prepared.move_to_end(key)
+            self._prepared.move_to_end((mode, key))
             return hit[0]
-        updates = prepare(self.index, plan(pairs, self.index), self.mode)
-        if self.mode == "lowrank":
+        updates = prepare(self.index, plan(pairs, self.index), mode)
+        if mode == "lowrank":
             nbytes = sum(t.numel() * t.element_size() for u in updates.values() if u.ready for t in (u.A, u.B))
             if 0 < nbytes <= self.branch_cache_bytes:
-                self._prepared[key] = (updates, nbytes)
+                self._prepared[(mode, key)] = (updates, nbytes)
                 while sum(n for _, n in self._prepared.values()) > self.branch_cache_bytes:
                     self._prepared.popitem(last=False)
         return updates
