@@ -35,10 +35,9 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_switch_x_to_y_equals_y_on_a_fresh_base(qwen, tmp_path, dtype):
-    qwen.to(dtype)
-    (lx, ax), (ly, ay) = _adapters(qwen, tmp_path)
+def _y_on_a_fresh_base(qwen, tmp_path):
+    """(X adapter, Y adapter, Y's updates, the weights Y gives on the base, the base, the index)."""
+    (_, ax), (_, ay) = _adapters(qwen, tmp_path)
     base = snapshot(qwen)
     index = ModelIndex(qwen)
     uy = lora_core.plan([(ay, 0.7)], index)
@@ -46,7 +45,13 @@ def test_switch_x_to_y_equals_y_on_a_fresh_base(qwen, tmp_path, dtype):
     want_y = _weights(qwen)
     h.restore()
     assert_same(qwen, base)
+    return ax, ay, uy, want_y, base, index
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_switch_x_to_y_equals_y_on_a_fresh_base(qwen, tmp_path, dtype):
+    qwen.to(dtype)
+    ax, ay, uy, want_y, base, index = _y_on_a_fresh_base(qwen, tmp_path)
     hx = lora_core.switch(index, None, lora_core.plan([(ax, 0.8)], index), "merge")
     shared = set(hx.merged) & set(uy)
     assert shared and set(hx.merged) - set(uy) and set(uy) - set(hx.merged), "the test needs all three kinds"
@@ -112,13 +117,7 @@ def test_lowrank_switch_swaps_tensors_on_one_hook(qwen, tmp_path):
 @pytest.mark.parametrize("strategy", ["keep_until_full", "rotate"])
 @pytest.mark.parametrize("free_mb", [1000, 0])
 def test_budgeted_switch_is_exact(qwen, tmp_path, strategy, free_mb):
-    (lx, ax), (ly, ay) = _adapters(qwen, tmp_path)
-    base = snapshot(qwen)
-    index = ModelIndex(qwen)
-    uy = lora_core.plan([(ay, 0.7)], index)
-    h = lora_core.apply_updates(index, uy, "merge")
-    want_y = _weights(qwen)
-    h.restore()
+    ax, ay, uy, want_y, base, index = _y_on_a_fresh_base(qwen, tmp_path)
     budget = BudgetState(reserve_bytes=10 * MB, strategy=strategy, free_bytes=lambda device: free_mb * MB)
     hx = lora_core.switch(index, None, lora_core.plan([(ax, 0.8)], index), "merge", budget=budget)
     hy = lora_core.switch(index, hx, uy, "merge", budget=budget)

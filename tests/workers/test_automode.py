@@ -8,9 +8,9 @@ import torch
 from lora_core import load_adapter
 from lora_core import testing as T
 from workers.automode import AutoMode, choose
-from workers.backends import make_backend
 from workers.wrapper import ComposedModel
 
+from .test_wrapper import backend as tiny  # noqa: F401 - the module's tiny model fixture
 from .test_wrapper import render
 
 
@@ -57,12 +57,6 @@ def test_bookkeeping_runs_and_branch_time():
     a.rendered(2, 2.4, branch_seconds=0.4)  # the branch took 0.2 s of each 1.2 s image
     assert a.delta_s.value == pytest.approx(0.2)
     assert a.render_s.value == pytest.approx(0.7 * 1.0 + 0.3 * 1.0)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(1)
-    return make_backend({"backend": "tiny"}, device="cpu")
 
 
 @pytest.fixture(scope="module")
