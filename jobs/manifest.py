@@ -19,6 +19,8 @@ from typing import Any, Mapping
 import fsspec
 import yaml
 
+from lora_core.store_io import options_for, protocol_of  # torch-free: lora_core imports lazily
+
 from .matrix import expand_matrices
 from .validate import (
     BAD, Problems, at, check_defaults, check_fields, check_job, check_list, check_model,
@@ -252,10 +254,7 @@ def filesystem(url: str, storage_options: Mapping | None = None) -> tuple[fsspec
     """
     if "::" in url:
         return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    proto = url.partition("://")[0] if "://" in url else "file"
-    fallbacks = {"s3a": "s3", "https": "http", "gcs": "gs", "local": "file"}
-    opts = (storage_options or {}).get(proto) or (storage_options or {}).get(fallbacks.get(proto, ""), {})
-    return fsspec.core.url_to_fs(url, **dict(opts))
+    return fsspec.core.url_to_fs(url, **options_for(protocol_of(url), dict(storage_options or {})))
 
 
 def _read_bytes(url: str, storage_options: Mapping | None) -> bytes:

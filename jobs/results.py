@@ -21,13 +21,13 @@ import os
 import posixpath
 import re
 import time
-import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
+
+from lora_core.store_output import ensure_under, write_bytes_atomic  # torch-free: lora_core imports lazily
 
 from .manifest import Job, filesystem
 from .validate import ID_RE, is_url
@@ -37,8 +37,6 @@ log = logging.getLogger("jobs.results")
 RESULTS_NAME = "results.parquet"
 PARTS_DIR = "results.parts"
 IMAGES_DIR = "images"
-#: Protocols where a rename is a copy + delete: write the final name once instead.
-OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "oss", "memory"})
 STATUSES = ("ok", "failed")
 _PART_RE = re.compile(r"(\d+)\.parquet\Z")
 
@@ -137,55 +135,12 @@ def image_uri(output_root: str, job_id: str) -> str:
     Ids are validated by the manifest already; checking again here keeps a bad id from
     any other caller from writing outside the output root.
     """
-    if not isinstance(job_id, str) or not ID_RE.match(job_id) or ".." in job_id:
+    if not isinstance(job_id, str) or not ID_RE.match(job_id) or ".." in job_id or "/" in job_id:
         raise ValueError(f"job id {job_id!r} is not a safe file name")
-    uri = _join(output_root, IMAGES_DIR, f"{job_id}.png")
-    images = _join(output_root, IMAGES_DIR)
-    if is_url(output_root):
-        inside = posixpath.dirname(posixpath.normpath(uri.split("://", 1)[-1])) == posixpath.normpath(
-            images.split("://", 1)[-1])
-    else:
-        inside = os.path.dirname(os.path.abspath(uri)) == os.path.abspath(images)
-    if not inside:
-        raise ValueError(f"image for job {job_id!r} would escape the output root {output_root!r}")
-    return uri
-
-
-def _protocol(url: str) -> str:
-    return url.split("::")[-1].partition("://")[0] if is_url(url) else "file"
-
-
-def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping | None = None) -> str:
-    """Write ``data`` at ``url`` so readers see the old file or the new one, never a part."""
-    fs, path = filesystem(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        _write_local(path, data)
-    elif _protocol(url) in OBJECT_STORES:
-        fs.pipe_file(path, data)
-    else:  # sftp, hdfs, ...: a real rename exists
-        tmp = _temp_name(path)
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
-    return url
-
-
-def _temp_name(path: str) -> str:
-    head, name = posixpath.split(path)
-    return posixpath.join(head, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-def _write_local(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = _temp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not publish a file whose bytes are not on disk
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return ensure_under(_join(output_root, IMAGES_DIR), f"{job_id}.png")
+    except ValueError as e:
+        raise ValueError(f"image for job {job_id!r} would escape the output root {output_root!r}") from e
 
 
 def write_image_atomic(output_uri: str, png_bytes: bytes, storage_options: Mapping | None = None) -> str:

@@ -1,13 +1,35 @@
-"""lora_core: pure LoRA logic (no Ray). Load, compose, apply with exact restore."""
+"""lora_core: pure LoRA logic (no Ray). Load, compose, apply with exact restore.
+
+The names below are imported on first use (PEP 562), so that light users of the package
+(``lora_core.store_io`` / ``store_output`` from ``jobs/``, which ``farm validate`` needs)
+do not pay for importing torch.
+"""
 from __future__ import annotations
 
-from . import errors, nunchaku
-from .adapter import Adapter, LoraLayer, load_adapter
-from .api import BASE_KEY, Handle, apply, apply_updates, composition_key, content_id, key_of_ids, prepare, switch
-from .compose import ModuleUpdate, plan
-from .model_index import ModelIndex
+import importlib
+from typing import Any
 
-__all__ = [
-    "Adapter", "LoraLayer", "load_adapter", "apply", "apply_updates", "prepare", "switch", "Handle", "composition_key",
-    "content_id", "key_of_ids", "BASE_KEY", "ModuleUpdate", "plan", "ModelIndex", "errors", "nunchaku",
-]
+_WHERE = {
+    "Adapter": "adapter", "LoraLayer": "adapter", "load_adapter": "adapter",
+    "BASE_KEY": "api", "Handle": "api", "apply": "api", "apply_updates": "api", "composition_key": "api",
+    "content_id": "api", "key_of_ids": "api", "prepare": "api", "switch": "api",
+    "ModuleUpdate": "compose", "plan": "compose", "ModelIndex": "model_index",
+}
+_MODULES = ("errors", "nunchaku")
+
+__all__ = [*_WHERE, *_MODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

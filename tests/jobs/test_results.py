@@ -147,3 +147,13 @@ def test_results_on_s3(tmp_path):
         assert completed_jobs(root, opts) == {"a"}
     finally:
         server.stop()
+
+
+def test_manifests_and_results_do_not_import_torch():
+    """`farm validate` must stay light: jobs/ uses lora_core's torch-free storage helpers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jobs.manifest, jobs.results, jobs.validate, farm.cli; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
