@@ -31,18 +31,39 @@ def round_up(n: int, k: int = TILE) -> int:
     return (n + k - 1) // k * k
 
 
-# Each packed pair of neighbouring columns (``e`` = 0, 1) stays together, so the permutation
-# moves pairs: viewing the pair as one element of twice the width halves the elements the
-# strided copy handles (measured: ~2x faster for bf16 on CPU).
-_WIDE = {1: torch.int16, 2: torch.int32, 4: torch.int64}
+# The permutation is done in two cheap steps instead of one 7-D strided copy (measured 6x
+# faster for a 9216 x 576 bf16 factor on CPU):
+#   1. tiles into storage order: a 16-element tile row is contiguous on both sides, so it
+#      moves as whole 16-byte (complex128) units;
+#   2. inside each tile, one gather with a fixed index. Neighbouring columns (e = 0, 1)
+#      stay together, so 1-, 2- and 4-byte dtypes are gathered as pairs of twice the width.
+_PAIR = {1: torch.int16, 2: torch.int32, 4: torch.int64}
+_UNIT = torch.complex128  # 16 bytes
+_inner_cache: dict[tuple[int, bool, str], torch.Tensor] = {}
 
 
-def _paired(m: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A contiguous (rows, cols) tensor as (rows, cols // e) elements of e-fold width."""
-    wide = _WIDE.get(m.element_size())
+def _inner_index(pairs: bool, inverse: bool, device: torch.device) -> torch.Tensor:
+    """Storage position j of a tile <- logical position ``index[j]`` (``inverse``: the other way)."""
+    key = (int(pairs), inverse, str(device))
+    idx = _inner_cache.get(key)
+    if idx is None:
+        if pairs:  # logical (n_pack, n_lane, k_pack, k_lane) -> (n_lane, k_lane, n_pack, k_pack)
+            idx = torch.arange(128).view(2, 8, 2, 4).permute(1, 3, 0, 2).reshape(-1)
+        else:  # ... and e innermost on both sides
+            idx = torch.arange(256).view(2, 8, 2, 4, 2).permute(1, 3, 0, 2, 4).reshape(-1)
+        if inverse:
+            idx = torch.argsort(idx)
+        idx = _inner_cache[key] = idx.to(device)
+    return idx
+
+
+def _tile_view(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(T, elements per tile) of a tile-ordered tensor, as pairs where the width allows."""
+    wide = _PAIR.get(m.element_size())
+    flat = m.reshape(-1)
     if wide is None:
-        return m, 1
-    return m.view(wide), 2
+        return flat.view(torch.int64).view(-1, TILE * TILE), False
+    return flat.view(wide).view(-1, TILE * TILE // 2), True
 
 
 def pack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
@@ -54,16 +75,14 @@ def pack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f"pack_lowrank expects a 2-D tensor, got shape {tuple(w.shape)}")
     rows, cols = round_up(w.shape[0]), round_up(w.shape[1])
-    m, e = _paired(_pad_to(w, rows, cols).contiguous())
-    t = m.view(rows // TILE, TILE, cols // TILE, TILE // e)  # (nt, a, kt, b/e)
-    t = t.permute(2, 0, 1, 3) if down else t.permute(0, 2, 1, 3)  # down stores k-tiles outermost; up n-tiles
-    # a = 8*n_pack + n_lane; b = 8*k_pack + 2*k_lane + e -> offset 32*n_lane + 8*k_lane + 4*n_pack + 2*k_pack + e
-    t = t.reshape(*t.shape[:2], 2, 8, 2, 4 if e == 2 else 8)
-    if e == 2:  # (n_pack, n_lane, k_pack, k_lane) -> (n_lane, k_lane, n_pack, k_pack), the pair stays whole
-        t = t.permute(0, 1, 3, 5, 2, 4)
-    else:
-        t = t.reshape(*t.shape[:5], 4, 2).permute(0, 1, 3, 5, 2, 4, 6)
-    flat = t.contiguous().view(-1).view(w.dtype)
+    m = _pad_to(w, rows, cols).contiguous()
+    units = m.element_size()  # 16-byte units in a 16-element tile row
+    t = m.view(_UNIT).view(rows // TILE, TILE, cols // TILE, units)  # (nt, a, kt, b)
+    # down stores k-tiles outermost; up stores n-tiles outermost
+    tiles = (t.permute(2, 0, 1, 3) if down else t.permute(0, 2, 1, 3)).contiguous().view(w.dtype)
+    x, pairs = _tile_view(tiles)
+    idx = _inner_index(pairs, False, x.device)
+    flat = torch.gather(x, 1, idx.expand(x.shape[0], -1)).view(-1).view(w.dtype)
     return flat.view(cols, rows) if down else flat.view(rows, cols)
 
 
@@ -81,14 +100,12 @@ def unpack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
     else:
         rows, cols = w.shape
         t1, t2 = rows // TILE, cols // TILE
-    m, e = _paired(w.contiguous())
-    if e == 2:  # (n_lane, k_lane, n_pack, k_pack) -> (n_pack, n_lane, k_pack, k_lane)
-        t = m.view(t1, t2, 8, 4, 2, 2).permute(0, 1, 4, 2, 5, 3)
-    else:
-        t = m.view(t1, t2, 8, 4, 2, 2, 2).permute(0, 1, 4, 2, 5, 3, 6)
-    t = t.reshape(t1, t2, TILE, TILE // e)  # (T1, T2, a, b/e)
-    m = t.permute(1, 2, 0, 3) if down else t.permute(0, 2, 1, 3)  # -> (nt, a, kt, b/e)
-    return m.reshape(rows, cols // e).contiguous().view(w.dtype)
+    x, pairs = _tile_view(w.contiguous())
+    idx = _inner_index(pairs, True, x.device)
+    tiles = torch.gather(x, 1, idx.expand(x.shape[0], -1)).view(-1).view(w.dtype)
+    t = tiles.view(_UNIT).view(t1, t2, TILE, w.element_size())  # (T1, T2, a, b)
+    m = t.permute(1, 2, 0, 3) if down else t.permute(0, 2, 1, 3)  # -> (nt, a, kt, b)
+    return m.contiguous().view(w.dtype).view(rows, cols)
 
 
 def append_packed(packed: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
