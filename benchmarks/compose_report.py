@@ -136,7 +136,10 @@ def section(result: dict) -> str:
         "loader's approach, reimplemented in `benchmarks/compose_svdq.py`: unpack the whole packed low-rank branch, "
         "concatenate and repack on every reset and apply, on `SVDQW4A4Linear` stand-ins of Qwen-Image's "
         "nunchaku shapes (to_qkv/add_qkv_proj 3072->9216, to_out/to_add_out 3072->3072, MLP 3072<->12288, "
-        "base rank 32, bf16; the same LoRAs without the modulation layers).",
+        "base rank 32, bf16; the same LoRAs without the modulation layers). The peer packs and unpacks with "
+        "`lora_core.nunchaku`'s functions, so both sides gain from their speed; what differs is the work: ours "
+        "packs only the LoRA and appends its tiles to the base's packed tiles, and restores by swapping the "
+        "original Parameters back.",
         "",
         "Floors (ms/block), measured in the same run with buffers allocated once: a merge must at least write every "
         "touched weight and form B@A; our merge (and PEFT's on CPU) multiplies in fp32, so the fp32 product is the "

@@ -10,10 +10,10 @@ from torch import nn
 
 from .adapter import Adapter, Source, load_adapter, state_dict_id
 from .compose import ModuleUpdate, plan
+from .errors import NonFiniteError
 from .model_index import ModelIndex
 from .safetensors_io import file_sha256
 from .targets import dense, fp8, lowrank, svdq
-from .errors import NonFiniteError
 from .targets.ledger import Ledger
 
 MODES = ("merge", "lowrank")
@@ -120,10 +120,7 @@ def switch(
         handle.restore()
         old._adopt(apply_updates(index, old_updates, old_mode, keep_originals_on=keep_originals_on, budget=budget))
         raise
-    if not updates:
-        handle.restore()
-        return None
-    return handle
+    return handle if updates else None
 
 
 def _path(kind: str, mode: str) -> str:

@@ -16,7 +16,6 @@ from typing import Sequence
 import torch
 
 from lora_core import BASE_KEY, Adapter, ModelIndex, key_of_ids, plan, prepare, switch
-
 from lora_core.api import Handle
 from lora_core.targets.lowrank import BranchClock
 
@@ -139,8 +138,8 @@ class ComposedModel:
         self.stats.record(seconds)
         if self.auto is not None and self._handle is not None:
             self.auto.switched(mode, seconds)
-            for b in self._handle.branches.values():
-                b.clock = self.clock
+            for name, b in self._handle.branches.items():  # dense layers' branches: what merging would save
+                b.clock = self.clock if self.index.kinds[name] == "linear" else None
         self.clock.take()
         return seconds
 
@@ -148,8 +147,7 @@ class ComposedModel:
         """The worker rendered ``images`` at the held composition in ``seconds`` (feeds ``auto``)."""
         branch_s = self.clock.take()
         if self.auto is not None:
-            lowrank_held = self._handle is not None and bool(self._handle.branches)
-            self.auto.rendered(images, seconds, branch_s if lowrank_held else None)
+            self.auto.rendered(images, seconds, branch_s if self.held_mode == "lowrank" and self._handle else None)
 
     def _planned(self, key: str, pairs: list[tuple[Adapter, float]], mode: str) -> dict:
         hit = self._prepared.get((mode, key))
