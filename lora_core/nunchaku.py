@@ -19,7 +19,8 @@ import torch
 TILE = 16
 
 
-def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+def pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``x`` zero-padded to (rows, cols); ``x`` itself when it has that shape already."""
     if x.shape == (rows, cols):
         return x
     out = x.new_zeros(rows, cols)
@@ -75,7 +76,7 @@ def pack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f"pack_lowrank expects a 2-D tensor, got shape {tuple(w.shape)}")
     rows, cols = round_up(w.shape[0]), round_up(w.shape[1])
-    m = _pad_to(w, rows, cols).contiguous()
+    m = pad_to(w, rows, cols).contiguous()
     units = m.element_size()  # 16-byte units in a 16-element tile row
     t = m.view(_UNIT).view(rows // TILE, TILE, cols // TILE, units)  # (nt, a, kt, b)
     # down stores k-tiles outermost; up stores n-tiles outermost
@@ -116,8 +117,10 @@ def append_packed(packed: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     the other, so concatenating along rank is a copy of whole tiles, never a repack."""
     if packed.shape[0] != extra.shape[0] or packed.shape[1] % TILE or extra.shape[1] % TILE:
         raise ValueError(f"cannot append packed {tuple(extra.shape)} to packed {tuple(packed.shape)}")
-    p = packed.shape[0] // TILE
-    out = torch.cat([packed.reshape(p, -1, TILE * TILE), extra.reshape(p, -1, TILE * TILE)], 1)
+    p, r1, r2 = packed.shape[0] // TILE, packed.shape[1] // TILE, extra.shape[1] // TILE
+    out = packed.new_empty(p, r1 + r2, TILE * TILE)  # slice copies: cat along dim 1 is slow on CPU
+    out[:, :r1].copy_(packed.reshape(p, r1, TILE * TILE))
+    out[:, r1:].copy_(extra.reshape(p, r2, TILE * TILE))
     return out.view(packed.shape[0], packed.shape[1] + extra.shape[1])
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..compose import ModuleUpdate
 from ..errors import NonFiniteError
-from ..nunchaku import append_packed, pack_lowrank, round_up, unpack_lowrank
+from ..nunchaku import append_packed, pack_lowrank, pad_to, round_up, unpack_lowrank
 from .dense import all_finite
 from .ledger import Ledger
 
@@ -49,12 +49,8 @@ def concat_branch(module: nn.Module, update: ModuleUpdate) -> tuple[torch.Tensor
         r = round_up(update.rank)
         a = update.A.to(device=module.proj_down.device, dtype=dtype)
         b = update.B.to(device=module.proj_up.device, dtype=dtype)
-        down_l = a.new_zeros(r, in_pad)
-        down_l[: a.shape[0], : a.shape[1]] = a
-        up_l = b.new_zeros(out_pad, r)
-        up_l[: b.shape[0], : b.shape[1]] = b
-        down = append_packed(module.proj_down.data, pack_lowrank(down_l, down=True))
-        up = append_packed(module.proj_up.data, pack_lowrank(up_l, down=False))
+        down = append_packed(module.proj_down.data, pack_lowrank(pad_to(a, r, in_pad), down=True))
+        up = append_packed(module.proj_up.data, pack_lowrank(pad_to(b, out_pad, r), down=False))
         return down, up, rank + r
     down0 = _base(module.proj_down, True, rank)  # (rank, in_pad)
     up0 = _base(module.proj_up, False, rank)  # (out_pad, rank)
