@@ -120,7 +120,9 @@ def section(result: dict) -> str:
         "strengths 0.8/0.6/0.5, Y = 1 or 3 others at 0.7/0.9/0.4. Low-rank: *new composition* = the first switch "
         "to Y (plan, cast and check the branch tensors, swap them onto the hooks already in place); *warm switch* "
         "= X <-> Y once both are held (ours keeps prepared branch tensors per composition, up to "
-        "`branch_cache_mb`, and swaps them; PEFT's `set_adapters` does the same work either way).",
+        "`branch_cache_mb`, and swaps them; PEFT's `set_adapters` does the same work either way). SVDQ: the same "
+        "two rows (ours keeps the packed branches of held compositions within the same budget; the seed "
+        "loader repacks every time).",
         "",
         table(result),
         "",

@@ -4,8 +4,10 @@ shapes, our ``targets/svdq.py`` switch against the seed loader's approach.
 The seed loader's approach (reimplemented here, it is not in lora_core): on every reset,
 unpack the whole packed low-rank branch, cut it back to the base rank and repack; on every
 apply, unpack the (base) branch, concatenate the LoRA along the rank axis and repack. Ours
-unpacks each base branch once (memoized), packs once per apply, and restores by swapping
-the original Parameters back.
+packs only the LoRA and appends its tiles to the base's packed tiles, restores by swapping
+the original Parameters back, and (``ComposedModel``) keeps the packed branches of recent
+compositions, so a switch back to one swaps Parameters. Two rows: *new composition* (Y
+never held by that ComposedModel) and *warm switch* (X <-> Y, both held).
 """
 from __future__ import annotations
 
@@ -156,11 +158,19 @@ def run_svdq(blocks: int, adapters_by_rank: Mapping[int, list[Adapter]], sizes: 
 
 
 def _one(cm, seed, ours_tree, seed_tree, X, Y, rank, n, repeats, blocks) -> list[dict]:
-    def ours_to(pairs):
-        cm.want(pairs)
-        cm.ensure()
+    def ours_to(pairs, model=cm):
+        model.want(pairs)
+        model.ensure()
 
-    ours_to(X)  # first apply fills the memo of unpacked base branches
+    # new composition: Y never held by this ComposedModel (plan, pack Y's LoRA, append tiles)
+    t_new = []
+    cm.reset()
+    for _ in range(repeats):
+        fresh = ComposedModel(Backend(ours_tree), lora_mode="merge")
+        ours_to(X, fresh)
+        t_new.append(timed(lambda: ours_to(Y, fresh)))
+        fresh.reset()
+    ours_to(X)
     seed.switch(X)
     t_ours, t_seed, cur = [], [], X
     for _ in range(repeats):
@@ -187,6 +197,9 @@ def _one(cm, seed, ours_tree, seed_tree, X, Y, rank, n, repeats, blocks) -> list
     common = {"mode": "svdq", "rank": rank, "loras": n, "blocks": blocks, "peer": "seed loader (unpack-concat-repack)"}
     check = {"ok": ok, "what": "packed proj_down/proj_up/rank bit-identical to the seed approach"}
     return [
+        dict(common, scenario="new composition", ours_s=med(t_new), peer_s=med(t_seed), floor_s=med(t_floor),
+             floor_kind="copy LoRA bytes", floor_parts={"copy_lora_bytes_s": med(t_floor), "lora_bytes": floor.nbytes},
+             ours_samples=t_new, peer_samples=t_seed, check=check),
         dict(common, scenario="warm switch", ours_s=med(t_ours), peer_s=med(t_seed), floor_s=med(t_floor),
              floor_kind="copy LoRA bytes", floor_parts={"copy_lora_bytes_s": med(t_floor), "lora_bytes": floor.nbytes},
              ours_samples=t_ours, peer_samples=t_seed, check=check),

@@ -1,6 +1,7 @@
 """The public entry points: load, apply (with an exact restore), and composition keys."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from typing import Iterable, Mapping, Sequence
@@ -130,17 +131,32 @@ def _path(kind: str, mode: str) -> str:
 
 
 def prepare(index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str) -> dict[str, ModuleUpdate]:
-    """Updates whose runtime branches are already cast to their module's dtype and device
-    and checked finite: a caller that keeps them (per composition) switches back to that
-    composition by swapping tensors only. Raises before anything is touched."""
+    """Updates made ready to land: runtime branches cast to their module's dtype and device,
+    SVDQ branches packed against the module's base; all checked finite. A caller that
+    keeps them (per composition) switches back to that composition by swapping tensors
+    only. Raises before anything is touched, whatever the model holds now."""
     out = {}
     for name, u in updates.items():
-        if _path(index.kinds[name], mode) == "lowrank" and not u.ready:
+        path = _path(index.kinds[name], mode)
+        if path == "lowrank" and not u.ready:
             dtype, device = lowrank.module_dtype_device(index.modules[name])
             a, b = _checked_branch_tensors(u, dtype, device)
-            u = ModuleUpdate(u.module, u.kind, a, b, ready=True)
+            u = dataclasses.replace(u, A=a, B=b, ready=True)
+        elif path == "svdq" and u.packed is None:
+            u = dataclasses.replace(u, packed=svdq.pack_update(index.modules[name], u))
         out[name] = u
     return out
+
+
+def prepared_bytes(updates: Mapping[str, ModuleUpdate]) -> int:
+    """Bytes a kept prepared composition holds: ready branch factors and packed SVDQ branches."""
+    n = 0
+    for u in updates.values():
+        if u.ready:
+            n += sum(t.numel() * t.element_size() for t in (u.A, u.B))
+        if u.packed is not None:
+            n += u.packed.nbytes
+    return n
 
 
 def _checked_branch_tensors(update: ModuleUpdate, dtype: torch.dtype, device: torch.device):

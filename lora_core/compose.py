@@ -10,7 +10,7 @@ does not depend on the caller's list order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -30,6 +30,7 @@ class ModuleUpdate:
     A: torch.Tensor  # (R, in)
     B: torch.Tensor  # (out, R)
     ready: bool = False  # for a runtime branch: already in the module's dtype/device and checked finite
+    packed: Any = None  # for an SVDQ layer: its packed branch, built by ``api.prepare`` (targets.svdq.Packed)
 
     @property
     def rank(self) -> int:

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from lora_core import BASE_KEY, Adapter, ModelIndex, key_of_ids, plan, prepare, switch
-from lora_core.api import Handle
+from lora_core.api import Handle, prepared_bytes
 from lora_core.targets.lowrank import BranchClock
 
 from .automode import AutoMode
@@ -61,8 +61,9 @@ class ComposedModel:
         self.auto = AutoMode() if lora_mode == "auto" else None
         self.clock = BranchClock()  # times the branches' own work under ``auto``
         self.held_mode = self.mode  # the dense mode of the composition held now
-        # lowrank: prepared branch tensors (on the model's device) of recent compositions, so
-        # switching back to one swaps tensors only; bounded in bytes, least recently used out
+        # prepared branches (lowrank factors, SVDQ packed branches; on the model's device) of
+        # recent compositions, so switching back to one swaps tensors only; bounded in bytes,
+        # least recently used out
         self.branch_cache_bytes = int(branch_cache_mb * (1 << 20))
         self._prepared: OrderedDict[tuple[str, str], tuple[dict, int]] = OrderedDict()
         self.fp8_saved_bytes = 0
@@ -155,12 +156,11 @@ class ComposedModel:
             self._prepared.move_to_end((mode, key))
             return hit[0]
         updates = prepare(self.index, plan(pairs, self.index), mode)
-        if mode == "lowrank":
-            nbytes = sum(t.numel() * t.element_size() for u in updates.values() if u.ready for t in (u.A, u.B))
-            if 0 < nbytes <= self.branch_cache_bytes:
-                self._prepared[(mode, key)] = (updates, nbytes)
-                while sum(n for _, n in self._prepared.values()) > self.branch_cache_bytes:
-                    self._prepared.popitem(last=False)
+        nbytes = prepared_bytes(updates)
+        if 0 < nbytes <= self.branch_cache_bytes:
+            self._prepared[(mode, key)] = (updates, nbytes)
+            while sum(n for _, n in self._prepared.values()) > self.branch_cache_bytes:
+                self._prepared.popitem(last=False)
         return updates
 
     def reset(self) -> None:

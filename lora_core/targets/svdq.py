@@ -9,6 +9,7 @@ kept and swapped back on restore, so restore is exact and costs nothing.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,24 +37,44 @@ def _base(param: torch.Tensor, down: bool, rank: int) -> torch.Tensor:
     return base
 
 
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """A composition's packed branch for one module, built against its base parameters."""
+
+    base_down: torch.Tensor
+    base_up: torch.Tensor
+    down: torch.Tensor
+    up: torch.Tensor
+    rank: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up))
+
+
+def base_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The module's own packed branch and rank, also while it holds a composition."""
+    return module.__dict__.get("_lora_farm_base") or (module.proj_down, module.proj_up, int(module.rank))
+
+
 def concat_branch(module: nn.Module, update: ModuleUpdate) -> tuple[torch.Tensor, torch.Tensor, int]:
     """New packed (proj_down, proj_up) and the new padded rank; the module is not touched.
 
     When the base rank is a multiple of 16 (nunchaku's checkpoints: 32, 128) only the LoRA
     is packed, and its tiles are appended to the base's packed tiles (``append_packed``).
     """
-    rank = int(module.rank)
-    dtype = module.proj_down.dtype
-    in_pad, out_pad = module.proj_down.shape[0], module.proj_up.shape[0]
-    if rank % 16 == 0 and module.proj_down.shape[1] == rank and module.proj_up.shape[1] == rank:
+    base_down, base_up, rank = base_of(module)
+    dtype = base_down.dtype
+    in_pad, out_pad = base_down.shape[0], base_up.shape[0]
+    if rank % 16 == 0 and base_down.shape[1] == rank and base_up.shape[1] == rank:
         r = round_up(update.rank)
-        a = update.A.to(device=module.proj_down.device, dtype=dtype)
-        b = update.B.to(device=module.proj_up.device, dtype=dtype)
-        down = append_packed(module.proj_down.data, pack_lowrank(pad_to(a, r, in_pad), down=True))
-        up = append_packed(module.proj_up.data, pack_lowrank(pad_to(b, out_pad, r), down=False))
+        a = update.A.to(device=base_down.device, dtype=dtype)
+        b = update.B.to(device=base_up.device, dtype=dtype)
+        down = append_packed(base_down.data, pack_lowrank(pad_to(a, r, in_pad), down=True))
+        up = append_packed(base_up.data, pack_lowrank(pad_to(b, out_pad, r), down=False))
         return down, up, rank + r
-    down0 = _base(module.proj_down, True, rank)  # (rank, in_pad)
-    up0 = _base(module.proj_up, False, rank)  # (out_pad, rank)
+    down0 = _base(base_down, True, rank)  # (rank, in_pad)
+    up0 = _base(base_up, False, rank)  # (out_pad, rank)
     a = update.A.to(device=down0.device, dtype=dtype)
     b = update.B.to(device=up0.device, dtype=dtype)
     new_rank = round_up(rank + a.shape[0])
@@ -66,16 +87,30 @@ def concat_branch(module: nn.Module, update: ModuleUpdate) -> tuple[torch.Tensor
     return pack_lowrank(down, down=True), pack_lowrank(up, down=False), new_rank
 
 
-def apply_svdq(module: nn.Module, update: ModuleUpdate, ledger: Ledger) -> None:
+def pack_update(module: nn.Module, update: ModuleUpdate) -> Packed:
+    """Check the update and build its packed branch against the module's base (the module
+    is not touched, whatever composition it holds now)."""
     if not (all_finite(update.B) and all_finite(update.A)):
         raise NonFiniteError(f"LoRA update for {update.module!r} is not finite; nothing was changed")
-    down, up, new_rank = concat_branch(module, update)
+    base_down, base_up, _ = base_of(module)
+    down, up, rank = concat_branch(module, update)
+    return Packed(base_down, base_up, down, up, rank)
+
+
+def apply_svdq(module: nn.Module, update: ModuleUpdate, ledger: Ledger) -> None:
+    """Swap the composition's packed branch in: the one ``update`` carries when it was built
+    against this module's base (``api.prepare``), else a new one."""
+    base_down, base_up, base_rank = base_of(module)
+    packed = update.packed
+    if not (isinstance(packed, Packed) and packed.base_down is base_down and packed.base_up is base_up):
+        packed = pack_update(module, update)
+    module.__dict__.setdefault("_lora_farm_base", (base_down, base_up, base_rank))
     old = (module.proj_down, module.proj_up, module.rank)
 
     def undo(module=module, old=old) -> None:
         module.proj_down, module.proj_up, module.rank = old
 
-    module.proj_down = nn.Parameter(down, requires_grad=False)
-    module.proj_up = nn.Parameter(up, requires_grad=False)
-    module.rank = new_rank
+    module.proj_down = nn.Parameter(packed.down, requires_grad=False)
+    module.proj_up = nn.Parameter(packed.up, requires_grad=False)
+    module.rank = packed.rank
     ledger.record(update.module, undo)

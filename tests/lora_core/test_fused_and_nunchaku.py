@@ -194,3 +194,34 @@ def test_index_knows_structure():
     assert idx.slots["transformer_blocks.0.attn.to_k"].offset == DIM
     assert idx.kinds["transformer_blocks.0.img_mod.1"] == "awq"
     assert idx.interleaved("transformer_blocks.0.txt_mod.1")
+
+
+def test_svdq_prepared_while_another_composition_is_held_then_swapped_in(tmp_path):
+    """``prepare`` packs Y against the base even while X is applied; landing it is a swap of
+    the prepared tensors, bit-identical to applying Y on a fresh base; a NaN is caught in
+    ``prepare``, before anything is touched."""
+    model = T.nunchaku_qwen_standin(DIM, MLP)
+    index = ModelIndex(model)
+    base = snapshot(model)
+    ax = lora_core.load_adapter(T.peft_state_dict(qkv_layers("transformer_blocks.0.attn", 4, 8, 4.0)))
+    ay = lora_core.load_adapter(T.peft_state_dict(qkv_layers("transformer_blocks.0.attn", 8, 9, 2.0)))
+    h = lora_core.apply(model, [(ay, 0.7)])
+    want_y = snapshot(model)
+    h.restore()
+    hx = lora_core.switch(index, None, lora_core.prepare(index, lora_core.plan([(ax, 0.8)], index), "merge"), "merge")
+    at_x = snapshot(model)
+    uy = lora_core.prepare(index, lora_core.plan([(ay, 0.7)], index), "merge")
+    assert_same(model, at_x)  # preparing touched nothing
+    packed = uy["transformer_blocks.0.attn.to_qkv"].packed
+    hy = lora_core.switch(index, hx, uy, "merge")
+    mod = model.transformer_blocks[0].attn.to_qkv
+    assert mod.proj_down.data_ptr() == packed.down.data_ptr(), "the prepared branch itself, no copy"
+    assert_same(model, want_y)
+    bad = lora_core.plan([(ax, 0.8)], index)
+    u = bad["transformer_blocks.0.attn.to_qkv"]
+    bad[u.module] = lora_core.ModuleUpdate(u.module, u.kind, u.A, u.B * float("nan"))
+    with pytest.raises(lora_core.errors.NonFiniteError):
+        lora_core.prepare(index, bad, "merge")
+    assert_same(model, want_y)
+    lora_core.switch(index, hy, {}, "merge")
+    assert_same(model, base)
