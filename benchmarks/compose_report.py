@@ -55,6 +55,25 @@ def per_mode(result: dict) -> str:
     return "; ".join(out)
 
 
+def new_composition_note(result: dict) -> str:
+    """The first switch to a composition (not a target row): where it stands, from the data."""
+    parts = []
+    for mode, why in (("lowrank", "PEFT's `set_adapters` does no tensor work; ours plans, casts and checks the "
+                                  "factors once per composition"),
+                      ("svdq", "the plan builds fp32 block-diagonal up factors for the fused qkv, and the packed "
+                               "branch is written whole, base tiles included")):
+        rows = [r for r in result["scenarios"].values() if r["mode"] == mode and r["scenario"] == "new composition"]
+        if rows:
+            peer = [r["ours_over_peer"] for r in rows]
+            floor = [r["ours_over_floor"] for r in rows if r["ours_over_floor"] is not None]
+            parts.append(f"{mode} {min(peer):.2f}-{max(peer):.2f}x the peer and {min(floor):.1f}-{max(floor):.1f}x "
+                         f"the floor ({why})")
+    if not parts:
+        return ""
+    return ("*New composition* rows (the first switch to a composition; not in the targets, which are about the "
+            "warm switch): " + "; ".join(parts) + ".")
+
+
 def floor_table(result: dict) -> str:
     lines = [
         "| rank x n | copy touched weights | B@A fp32 (applies) | B@A bf16 (extrapolated) | copy LoRA bytes (low-rank) |",
@@ -105,8 +124,9 @@ def section(result: dict) -> str:
         f"joint_attention_dim {s['model']['joint_attention_dim']}), bf16, random weights. LoRAs: PEFT files "
         "(`transformer.<module>.lora_A.weight` + `.alpha`, alpha = rank/2) on the 14 attention/MLP/modulation "
         "linears of every block. Each cell is the median of N samples (`--repeats`, default 3; the dense-merge "
-        "cells take `--merge-repeats`, default 1: one sample there is 28 module merges of seconds each, for ours "
-        "and for PEFT, and more would not fit the run in ~10 minutes). Figures are **milliseconds per transformer "
+        "cells `--merge-repeats`, default the same). This is a shared 2-core VM: wall times of one configuration "
+        "move by up to ~2x between runs, for ours and the peer alike, which is why each is measured beside the "
+        "other in turn. Figures are **milliseconds per transformer "
         f"block** (x60 for the full model). Whole run: {result['total_s']:.0f} s; load average "
         f"{m.get('loadavg_1m_start', '?')} at start, {m.get('loadavg_1m_end', '?')} at end.",
         "",
@@ -130,6 +150,8 @@ def section(result: dict) -> str:
         f"<= 1/3 peer: **{'met' if tg['warm_switch_le_third_of_peer_all'] else 'not met'}**; "
         f"<= 3x floor: **{'met' if tg['warm_switch_le_3x_floor_all'] else 'not met'}**. "
         f"All correctness checks: {'passed' if tg['all_checks_ok'] else '**FAILED**'}.",
+        "",
+        new_composition_note(result),
         "",
         "Peers: *merge*: diffusers + PEFT on a copy of the same model and the same files; warm switch = "
         "`unfuse_lora` + `set_adapters` + `fuse_lora` with every adapter already loaded; restore = `unfuse_lora` "

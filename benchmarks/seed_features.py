@@ -26,8 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import multiprocessing as mp
-import resource
+import os
 import sys
 import time
 
@@ -104,7 +103,8 @@ def step_cache() -> dict:
     cache = model.set_step_cache({"mag_ratios": ratios, "threshold": 0.1, "retention_ratio": 0.2, "k": 2})
     runs = [timed() for _ in range(3)]
     cached = min(runs, key=lambda r: r[0])
-    return {"steps": REQ["steps"], "calls": cache.stats["calls"], "skipped": cache.stats["skipped"],
+    return {"steps": REQ["steps"], "calls_per_render": cache.stats["calls"] / 3,
+            "skipped_per_render": cache.stats["skipped"] / 3,
             "transformer_s": [plain[1], cached[1]], "render_s": [plain[0], cached[0]],
             "mean_abs_pixel_diff": _diff(plain[2], cached[2]), "mag_ratios": ratios}
 
@@ -121,21 +121,23 @@ def rope() -> dict:
     return {"size": "384x256", "render_s": [t_plain, t_scaled], "mean_abs_pixel_diff": _diff(a, b)}
 
 
-def _merge_peak(way: str, q) -> None:
-    """In a fresh process: extra peak RSS (bytes) of one merge, over the RSS after setup."""
-    import psutil
-
+def _merge_peak(way: str) -> None:
+    """Run in a fresh interpreter: prints the extra peak RSS (bytes) of one merge over the
+    RSS after setup, as JSON."""
     torch.set_num_threads(1)
     from lora_core import ModelIndex, apply_updates
     from lora_core.compose import ModuleUpdate
 
-    lin = torch.nn.Linear(3072, 12288, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    lin = torch.nn.Linear(3072, 12288, bias=False, device="meta")  # no fp32 init pass: setup stays at its size
+    lin.weight = torch.nn.Parameter(torch.empty(12288, 3072, dtype=torch.bfloat16).uniform_(-0.01, 0.01),
+                                    requires_grad=False)
     root = torch.nn.Module()
     root.lin = lin
     a, b = torch.randn(64, 3072) * 0.01, torch.randn(12288, 64) * 0.01
     index = ModelIndex(root)
-    before = psutil.Process().memory_info().rss
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # restart the peak (VmHWM) at the RSS now
+        f.write("5")
     if way == "lora_core":
         apply_updates(index, {"lin": ModuleUpdate("lin", "linear", a, b)}, "merge")
     else:
@@ -143,19 +145,30 @@ def _merge_peak(way: str, q) -> None:
         new = torch.addmm(lin.weight.float(), b, a).to(torch.bfloat16)
         lin.weight.data.copy_(new)
         del original, new
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    q.put({"extra_peak_bytes": peak - max(before, peak_before), "weight_bytes": lin.weight.numel() * 2})
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"extra_peak_bytes": (peak - before) * 1024, "weight_bytes": lin.weight.numel() * 2}))
+
+
+def _status_kib(field: str) -> int:
+    """A /proc/self/status figure in KiB. (Not ru_maxrss: Linux carries it over from the
+    process that forked us, so a big parent would hide the child's own peak.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def merge_memory() -> dict:
-    ctx = mp.get_context("spawn")
+    """Each way in a fresh interpreter whose allocator hands large blocks straight back to
+    the OS (``MALLOC_MMAP_THRESHOLD_``), so resident memory follows live tensors."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=root)
     out = {}
     for way in ("lora_core", "whole_matrix"):
-        q = ctx.Queue()
-        p = ctx.Process(target=_merge_peak, args=(way, q))
-        p.start()
-        out[way] = q.get(timeout=300)
-        p.join()
+        code = f"from benchmarks.seed_features import _merge_peak; _merge_peak({way!r})"
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                              check=True, timeout=300)
+        out[way] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -181,14 +194,14 @@ def markdown(r: dict, command: str) -> str:
         f"| fp8 (fuse, then quantize) | one rank-8 LoRA on attention + img_mlp, e4m3 per row | mean abs pixel "
         f"difference {f['mean_abs_pixel_diff']:.2f}/255 vs fp32 with the same LoRA; "
         f"{f['weight_bytes_saved'] / mb:.2f} MiB of block weights saved |",
-        f"| step cache | threshold 0.1, retention 0.2, k 2, calibrated ratios | {s['skipped']} of {s['calls']} "
-        f"transformer calls skipped; transformer {s['transformer_s'][0] * 1e3:.0f} -> "
+        f"| step cache | threshold 0.1, retention 0.2, k 2, calibrated ratios | {s['skipped_per_render']:.0f} of "
+        f"{s['calls_per_render']:.0f} transformer calls skipped per render; transformer {s['transformer_s'][0] * 1e3:.0f} -> "
         f"{s['transformer_s'][1] * 1e3:.0f} ms, render {s['render_s'][0]:.3f} -> {s['render_s'][1]:.3f} s; "
         f"mean abs pixel difference {s['mean_abs_pixel_diff']:.2f}/255 |",
         f"| RoPE scaling | factor 2 above timestep 0.5, {ro['size']} | render {ro['render_s'][0]:.3f} -> "
         f"{ro['render_s'][1]:.3f} s; mean abs pixel difference {ro['mean_abs_pixel_diff']:.2f}/255 |",
         f"| merge memory | rank 64 into a 3072->12288 bf16 linear ({mm['lora_core']['weight_bytes'] / mb:.0f} MiB) "
-        f"| extra peak RSS: lora_core {mm['lora_core']['extra_peak_bytes'] / mb:.0f} MiB (the kept original + "
+        f"| extra peak resident memory (VmHWM over VmRSS): lora_core {mm['lora_core']['extra_peak_bytes'] / mb:.0f} MiB (the kept original + "
         f"a 3 MiB scratch) vs whole-matrix {mm['whole_matrix']['extra_peak_bytes'] / mb:.0f} MiB |",
         "",
         "The step cache's calibrated ratios on this model: `" + ", ".join(f"{x:.3f}" for x in s["mag_ratios"]) + "`.",
@@ -203,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = run()
     if not args.no_write:
-        write_section(markdown(r, "python -m benchmarks.seed_features " + " ".join(argv if argv is not None else sys.argv[1:])))
+        write_section(markdown(r, ("python -m benchmarks.seed_features " + " ".join(argv if argv is not None else sys.argv[1:])).strip()))
     print(json.dumps(r, indent=1) if args.json else markdown(r, "python -m benchmarks.seed_features"))
     return 0
 
