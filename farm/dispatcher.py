@@ -221,7 +221,8 @@ class Dispatcher:
     def _record(self, row: dict) -> None:
         jid = row["job_id"]
         job = self.jobs[jid]
-        values = {k: row.get(k) for k in ("output_uri", "composition_key", "worker_id", "fetch_s", "compose_s", "render_s", "error")}
+        values = {k: row.get(k) for k in ("output_uri", "composition_key", "worker_id", "fetch_s", "compose_s", "render_s",
+                                          "error", "lora_mode")}
         result = ResultRow.from_job(job, row["status"], attempts=self.attempts[jid], **values)
         if row["status"] == "ok":
             self.stats.ok += 1

@@ -38,7 +38,8 @@ def render_html(output_root: str, rows) -> str:
         parts.append(f"<section><h2>{html.escape(key)}</h2><p>{html.escape(_loras(members[0]))}</p>")
         for r in members:
             caption = (f"<b>{html.escape(r.job_id)}</b><br>{html.escape(r.prompt)} · seed {r.seed}<br>"
-                       f"fetch {r.fetch_s:.2f}s · compose {r.compose_s:.2f}s · render {r.render_s:.2f}s · {html.escape(r.worker_id)}")
+                       f"fetch {r.fetch_s:.2f}s · compose {r.compose_s:.2f}s · render {r.render_s:.2f}s"
+                       + (f" ({html.escape(r.lora_mode)})" if r.lora_mode else "") + f" · {html.escape(r.worker_id)}")
             if r.status == "ok":
                 src = html.escape(_rel(output_root, r.output_uri))
                 parts.append(f"<figure><img src='{src}' alt='{html.escape(r.job_id)}'><figcaption>{caption}</figcaption></figure>")

@@ -61,6 +61,7 @@ def test_run_then_resubmit_renders_nothing(ray_cluster, tmp_path, loras):
     assert sorted(r.job_id for r in rows) == sorted(j.job_id for j in m.jobs)
     assert all(r.status == "ok" and os.path.exists(r.output_uri) for r in rows)
     assert len({r.composition_key for r in rows}) == 3
+    assert {r.lora_mode for r in rows} <= {"merge", "lowrank"} and all(r.lora_mode for r in rows), "the mode is recorded"
     assert s.switches <= 4, "3 compositions on 2 workers: at most one extra switch"
     again = runner.run_manifest(m, workers=2, progress=False)
     assert (again.ok, again.failed, again.skipped) == (0, 0, 6)
