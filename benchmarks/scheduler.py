@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.sim import FarmModel, lower_bounds, make_workload, simulate
+from benchmarks.sim import FarmModel, lower_bounds, make_workload, recompositions_needed, simulate
 from farm.policies import POLICIES, make
 from farm.scheduler import AffinityScheduler, WorkerView
 
@@ -57,9 +57,18 @@ NOTES = """Where the targets are not met, and why:
   ~1.2x. A fixed, larger `horizon_s` cuts compositions (toward D) at the price of
   makespan; no setting we tried met both targets there (e.g. alpha 0.6, C/R 1, 16
   workers: auto 1.02x / 1.95x, `horizon_s=100` 1.15x / 1.40x, no replication 2.6x / 1.0x).
+  *Reachable together* counts the configurations where no argument we have rules out
+  meeting both: `benchmarks.sim.recompositions_needed` at T = 1.15 x the makespan bound
+  (the {braces} below) is within 1.25 x D. In 32 of 36 it is, so the misses there are
+  the policy's: it replicates and steals greedily as the queue drains (every holder of a
+  drained composition must take another), where a plan made once for a known batch
+  (split the hot compositions, then pack the rest LPT-style) would need ~1.2 x D. A
+  minimum-gain rule for replicas (gain >= 1, 3, 10 x compose) was tried in the
+  simulator: 25, 27, 26 of 36 met; kept as it is.
 * **Bursty arrivals:** the only valid recomposition bound is D, and an online policy
   cannot reach it: a composition that comes back in a later burst after its holders moved
-  on must be composed again (about 2x D here). The makespan gap (up to ~1.26x, at high
+  on must be composed again (about 2x D here); the relaxation behind *reachable together*
+  knows the future, so it does not rule that out. The makespan gap (up to ~1.26x, at high
   compose/render) is mostly that the bound charges the last burst's compositions only
   beyond the K a farm could already hold."""
 
@@ -75,6 +84,9 @@ def run_one(jobs: int, compositions: int, workers: int, alpha: float, compose: f
     out["lower_bound_makespan"] = round(bounds["makespan"], 3)
     out["lower_bound_recompositions"] = bounds["recompositions"]
     out["lp_compositions"] = round(bounds["lp_compositions"], 1)
+    # compositions any schedule needs to finish within the makespan target (see sim.recompositions_needed)
+    out["recompositions_needed_at_makespan_target"] = recompositions_needed(
+        work, farm, TARGETS["makespan"] * bounds["makespan"])
     out["params"] = {
         "jobs": jobs, "compositions": compositions, "workers": workers, "alpha": alpha,
         "compose_cost": compose, "render_cost": render, "fetch_cost": farm.fetch,
@@ -103,6 +115,9 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     return {
         "makespan_x_lb": a["makespan"] / r["lower_bound_makespan"],
         "recomp_x_lb": a["recompositions"] / r["lower_bound_recompositions"],
+        # can any schedule meet both the makespan and the recomposition targets here?
+        "jointly_feasible": r["recompositions_needed_at_makespan_target"]
+        <= TARGETS["recompositions"] * r["lower_bound_recompositions"],
         "best": best, "speedup": r[best]["makespan"] / a["makespan"],
     }
 
@@ -194,8 +209,9 @@ def report(rows: list[dict[str, Any]], costs: list[dict[str, float]], command: s
         f"{TARGETS['makespan']}x its lower bound, recompositions <= {TARGETS['recompositions']}x theirs, "
         f">= {TARGETS['speedup']}x faster than the best baseline.", "",
         "| workload | configs | all 3 targets met | makespan / recomp. / speedup target met | "
+        "makespan + recomp. targets reachable together | missed where reachable | "
         "worst makespan/LB | worst recomp./LB | speedup min / median |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     summary: dict[str, Any] = {}
     for scenario in SCENARIOS:
@@ -204,15 +220,19 @@ def report(rows: list[dict[str, Any]], costs: list[dict[str, float]], command: s
                s["speedup"] >= TARGETS["speedup"]) for s in ss]
         met = sum(all(o) for o in ok)
         each = " / ".join(str(sum(o[i] for o in ok)) for i in range(3))
+        feasible = sum(s["jointly_feasible"] for s in ss)
+        missed = sum(s["jointly_feasible"] and not all(o) for s, o in zip(ss, ok))
         summary[scenario] = {
             "configs": len(ss), "targets_met": met, "met_makespan_recomp_speedup": each,
+            "jointly_feasible": feasible, "missed_where_feasible": missed,
             "worst_makespan_x_lb": round(max(s["makespan_x_lb"] for s in ss), 3),
             "worst_recomp_x_lb": round(max(s["recomp_x_lb"] for s in ss), 3),
             "min_speedup": round(min(s["speedup"] for s in ss), 2),
             "median_speedup": round(statistics.median(s["speedup"] for s in ss), 2),
         }
         m = summary[scenario]
-        lines.append(f"| {scenario} | {len(ss)} | {met} | {each} | {m['worst_makespan_x_lb']} | {m['worst_recomp_x_lb']} | "
+        lines.append(f"| {scenario} | {len(ss)} | {met} | {each} | {feasible} | {missed} | "
+                     f"{m['worst_makespan_x_lb']} | {m['worst_recomp_x_lb']} | "
                      f"{m['min_speedup']} / {m['median_speedup']} |")
     lines += ["", NOTES, "", "Cost of one `AffinityScheduler.assign` (16 workers, capacity 2, one job finishing per call, "
               "queue held at 10,000 jobs):", "",
@@ -222,14 +242,16 @@ def report(rows: list[dict[str, Any]], costs: list[dict[str, float]], command: s
     for scenario in SCENARIOS:
         lines += ["", f"<details><summary>{scenario}: every configuration</summary>", "",
                   "| alpha | compose/render | workers | LB makespan | affinity makespan (xLB) | recomp. (xLB) "
-                  "[LP] | p95 wait | best baseline | its makespan | speedup | baselines' recomp. |",
+                  "[LP] {needed at the makespan target} | p95 wait | best baseline | its makespan | speedup | "
+                  "baselines' recomp. |",
                   "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
         for r in (r for r in rows if r["scenario"] == scenario):
             p, a, s = r["params"], r["affinity"], summarize(r)
             lines.append(
                 f"| {p['alpha']} | {p['compose_cost'] / p['render_cost']:g} | {p['workers']} | "
                 f"{r['lower_bound_makespan']:.1f} | {a['makespan']:.1f} ({s['makespan_x_lb']:.3f}) | "
-                f"{a['recompositions']} ({s['recomp_x_lb']:.2f}) [{r['lp_compositions']:.0f}] | {a['p95_wait']:.1f} | "
+                f"{a['recompositions']} ({s['recomp_x_lb']:.2f}) [{r['lp_compositions']:.0f}] "
+                f"{{{r['recompositions_needed_at_makespan_target']:.0f}}} | {a['p95_wait']:.1f} | "
                 f"{s['best']} | {r[s['best']]['makespan']:.1f} | {s['speedup']:.2f} | "
                 + " / ".join(str(r[n]["recompositions"]) for n in BASELINES) + " |")
         lines += ["", "</details>"]

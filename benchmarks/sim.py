@@ -154,6 +154,23 @@ def lower_bounds(jobs: Sequence[QueuedJob], farm: FarmModel) -> dict[str, float]
     return {"makespan": bound, "recompositions": len(sizes), "lp_compositions": lp_compositions}
 
 
+def recompositions_needed(jobs: Sequence[QueuedJob], farm: FarmModel, makespan: float) -> float:
+    """A lower bound on the compositions of any schedule that ends by ``makespan``.
+
+    The same argument as the LP in :func:`lower_bounds`: composition c (n_c jobs) spread
+    over y_c workers leaves one of them n_c / y_c jobs after its compose, so finishing by T
+    needs y_c >= R n_c / (T - F - C), and each of those workers composes c at least once:
+    sum_c max(1, ceil(R n_c / (T - F - C))). With T = the makespan target this tells
+    whether the makespan and recomposition targets can be met together at all.
+    """
+    R, C, F = farm.render_s, farm.compose_s, farm.fetch
+    room = makespan - F - C
+    if room <= 0:
+        return math.inf
+    sizes = Counter(j.composition for j in jobs).values()
+    return float(sum(max(1, math.ceil(R * n / room - 1e-9)) for n in sizes))
+
+
 @dataclass(eq=False)
 class _Worker:
     wid: str

@@ -124,3 +124,21 @@ def test_report_section_replaces_only_its_own(tmp_path):
     assert body.count(bench.SECTION) == 1
     bench.plot(rows, str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_recompositions_needed_at_a_makespan():
+    """sizes 10, 1, 1; R = C = F = 1: by T = 7 a worker has 5 s of rendering after fetch and
+    compose, so the 10-job composition needs 2 workers: 4 compositions; by T = 3, 1 s each:
+    10 + 1 + 1; below F + C nothing can finish."""
+    from benchmarks.sim import recompositions_needed
+
+    jobs = [QueuedJob(f"j{i}", "big", ("a",), 0, 0.0) for i in range(10)]
+    jobs += [QueuedJob("s1", "s1", ("b",), 0, 0.0), QueuedJob("s2", "s2", ("c",), 0, 0.0)]
+    farm = FarmModel(4, compose_s=1.0, render_s=1.0, fetch_s=1.0)
+    assert recompositions_needed(jobs, farm, 7.0) == 4
+    assert recompositions_needed(jobs, farm, 3.0) == 12
+    assert recompositions_needed(jobs, farm, 2.0) == float("inf")
+    # never below one per composition, and never above the makespan LP's need at its own bound
+    b = lower_bounds(jobs, farm)
+    assert 3 <= recompositions_needed(jobs, farm, b["makespan"]) and b["lp_compositions"] <= recompositions_needed(
+        jobs, farm, b["makespan"])
