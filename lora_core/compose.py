@@ -54,8 +54,13 @@ def plan(pairs: Sequence[tuple[Adapter, float]], index: ModelIndex) -> dict[str,
                 continue
             _check_coverage(places, layer.B.shape[0], adapter.source, target)
             scale = strength * layer.scale
-            for p in places:
-                terms.setdefault(p.module, []).append(_term(p, layer.A, layer.B, scale, index, adapter.source, target))
+            for module, ps in _by_module(places).items():
+                parts = [_term(p, layer.A, layer.B, scale, index, adapter.source, target) for p in ps]
+                if len(parts) > 1 and all(p.cols is None for p in ps):
+                    # one file layer on several row ranges of one fused module (a BFL qkv onto
+                    # nunchaku's to_qkv): the same A, so one term of rank r, not r per range
+                    parts = [(parts[0][0], torch.stack([b for _, b in parts]).sum(0))]
+                terms.setdefault(module, []).extend(parts)
     if missing:
         shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
         raise TargetNotFoundError(f"{len(missing)} LoRA target(s) match no module of the model: {shown}")
@@ -75,6 +80,13 @@ def _cat_columns(parts: list[torch.Tensor]) -> torch.Tensor:
     for p in parts:
         out[:, col : col + p.shape[1]].copy_(p)
         col += p.shape[1]
+    return out
+
+
+def _by_module(places: list[Placement]) -> dict[str, list[Placement]]:
+    out: dict[str, list[Placement]] = {}
+    for p in places:
+        out.setdefault(p.module, []).append(p)
     return out
 
 

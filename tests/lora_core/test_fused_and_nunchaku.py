@@ -225,3 +225,23 @@ def test_svdq_prepared_while_another_composition_is_held_then_swapped_in(tmp_pat
     assert_same(model, want_y)
     lora_core.switch(index, hy, {}, "merge")
     assert_same(model, base)
+
+
+def test_bfl_fused_qkv_onto_a_fused_svdq_module_costs_rank_r_not_3r():
+    """A BFL ``img_attn.qkv`` layer (one A, B over q|k|v) onto nunchaku's fused ``to_qkv``:
+    one term of the file's rank, not three copies of A; the output is base + the LoRA."""
+    model = nn.Module()
+    model.transformer_blocks = nn.ModuleList([nn.Module()])
+    attn = model.transformer_blocks[0].attn = nn.Module()
+    attn.to_qkv = T.SVDQW4A4Linear(DIM, 3 * DIM, rank=32, torch_dtype=torch.float32, seed=3)
+    layers = T.random_layers({"double_blocks.0.img_attn.qkv": (DIM, 3 * DIM)}, rank=8, seed=4, alpha=4.0)
+    x = torch.randn(2, 5, DIM)
+    base = attn.to_qkv(x).double()
+    snap = snapshot(model)
+    h = lora_core.apply(model, [(T.kohya_state_dict(layers, prefix="lora_unet_"), 0.7)])
+    assert attn.to_qkv.rank == 32 + 16, "rank 8 padded to 16, once"
+    a, b, alpha = layers["double_blocks.0.img_attn.qkv"]
+    want = base + x.double() @ (0.7 * (alpha / 8) * b.double() @ a.double()).T
+    assert torch.allclose(attn.to_qkv(x).double(), want, atol=1e-4, rtol=1e-4)
+    h.restore()
+    assert_same(model, snap)
