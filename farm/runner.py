@@ -100,7 +100,8 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
     max_batch = max_batch or int(m.options.get("max_batch", 4))
     worker_opts = dict(lora_mode=lora_mode or m.options.get("lora_mode", "auto"), max_batch=max_batch, storage_options=opts,
                        fp8=bool(m.options.get("fp8", False)), memory_reserve_gb=m.options.get("memory_reserve_gb"),
-                       merge_strategy=m.options.get("merge_strategy", "keep_until_full"))
+                       merge_strategy=m.options.get("merge_strategy", "keep_until_full"),
+                       branch_cache_mb=m.options.get("branch_cache_mb", 1024))
     writer = ResultsWriter(output, opts)
     buffered = _Buffered(writer)
     bar = _Progress(len(todo), progress)

@@ -297,6 +297,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "fp8": False,                 # weight-only fp8 after merge (fuse, then quantize)
     "memory_reserve_gb": None,    # keep this much free on the device while merging
     "merge_strategy": "keep_until_full",
+    "branch_cache_mb": 1024,      # device memory for prepared branches of recent compositions
 }
 MERGE_STRATEGIES = ("keep_until_full", "rotate")
 
@@ -336,6 +337,7 @@ def check_options(value: Any, path: str, problems: Problems) -> dict:
         "fp8": lambda v, p: check_bool(v, p, problems),
         "memory_reserve_gb": lambda v, p: check_number(v, p, problems, 0.0),
         "merge_strategy": lambda v, p: check_str(v, p, problems, choices=MERGE_STRATEGIES),
+        "branch_cache_mb": lambda v, p: check_number(v, p, problems, 0.0),
     }
     for name, check in checks.items():
         if raw.get(name) is not None:

@@ -49,6 +49,7 @@ class RenderWorker:
         fp8: bool = False,
         memory_reserve_gb: float | None = None,
         merge_strategy: str = "keep_until_full",
+        branch_cache_mb: float = 1024,
     ):
         self.model_spec = dict(model or {"backend": "tiny"})
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -58,7 +59,8 @@ class RenderWorker:
         self.device = device
         self.num_threads = num_threads
         self.allow_pickle = allow_pickle
-        self.model_options = dict(fp8=fp8, memory_reserve_gb=memory_reserve_gb, merge_strategy=merge_strategy)
+        self.model_options = dict(fp8=fp8, memory_reserve_gb=memory_reserve_gb, merge_strategy=merge_strategy,
+                                  branch_cache_mb=branch_cache_mb)
         self.cache_dir = cache_dir or default_cache_dir()
         self._cache_budget = cache_budget_bytes
         self._store = None

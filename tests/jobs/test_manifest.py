@@ -131,7 +131,7 @@ def test_defaults_apply_and_jobs_override_them():
     assert (a.steps, a.width, a.height, a.negative_prompt) == (8, 512, RENDER_DEFAULTS["height"], "blurry")
     assert (b.steps, b.height, b.guidance) == (2, 64, 3.0) and isinstance(b.guidance, float)
     assert m.options == {"lora_mode": "auto", "max_batch": 4, "retries": 2, "fp8": False,
-                         "memory_reserve_gb": None, "merge_strategy": "keep_until_full"}
+                         "memory_reserve_gb": None, "merge_strategy": "keep_until_full", "branch_cache_mb": 1024}
     assert m.model == {"backend": "tiny"}
 
 
@@ -230,8 +230,10 @@ def test_model_options_validated():
 
     with pytest.raises(ManifestError) as e:
         validate_manifest({"jobs": [{"prompt": "x"}],
-                           "options": {"fp8": "yes", "memory_reserve_gb": -1, "merge_strategy": "lru"}})
+                           "options": {"fp8": "yes", "memory_reserve_gb": -1, "merge_strategy": "lru",
+                                       "branch_cache_mb": "lots"}})
     text = str(e.value)
     assert "options.fp8" in text and "options.memory_reserve_gb" in text and "options.merge_strategy" in text
+    assert "options.branch_cache_mb" in text
     m = validate_manifest({"jobs": [{"prompt": "x"}], "options": {"fp8": True, "memory_reserve_gb": 2, "merge_strategy": "rotate"}})
     assert (m.options["fp8"], m.options["memory_reserve_gb"], m.options["merge_strategy"]) == (True, 2.0, "rotate")
