@@ -62,9 +62,13 @@ NOTES = """Where the targets are not met, and why:
   (the {braces} below) is within 1.25 x D. In 32 of 36 it is, so the misses there are
   the policy's: it replicates and steals greedily as the queue drains (every holder of a
   drained composition must take another), where a plan made once for a known batch
-  (split the hot compositions, then pack the rest LPT-style) would need ~1.2 x D. A
-  minimum-gain rule for replicas (gain >= 1, 3, 10 x compose) was tried in the
-  simulator: 25, 27, 26 of 36 met; kept as it is.
+  (split the hot compositions, then pack the rest LPT-style) would need ~1.2 x D. Traced
+  on alpha 0.6, C/R 1, 16 workers (39 compositions for D = 20): the hot compositions get
+  their replicas at t = 0, the small ones are left for the end, and there ~10 of them meet
+  16 workers, so they are split again. Tried in the simulator, batch/20, and not kept: a
+  minimum gain per replica (>= 1, 3, 10 x compose: 25, 27, 26 of 36 met), a slack on the
+  replication horizon (+10..50%: 26-27 of 36), letting surplus replicas leave early for
+  unheld compositions (23 of 36).
 * **Bursty arrivals:** the only valid recomposition bound is D, and an online policy
   cannot reach it: a composition that comes back in a later burst after its holders moved
   on must be composed again (about 2x D here); the relaxation behind *reachable together*
