@@ -139,12 +139,19 @@ __all__ = [
 
 
 def nunchaku_qwen_standin(dim: int = 64, mlp: int = 128, layers: int = 1, rank: int = 32,
-                          dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+                          dtype: torch.dtype = torch.bfloat16, modulation: bool = True,
+                          reference: bool = True) -> nn.Module:
     """Module tree with nunchaku Qwen-Image's names: fused to_qkv / add_qkv_proj (SVDQ),
-    to_out.0, to_add_out, img_mlp/txt_mlp net.0.proj and net.2 (SVDQ), img_mod.1 / txt_mod.1 (AWQ)."""
+    to_out.0, to_add_out, img_mlp/txt_mlp net.0.proj and net.2 (SVDQ), img_mod.1 / txt_mod.1 (AWQ;
+    ``modulation=False`` leaves them out). ``reference=False`` drops the SVDQ layers' dense
+    fp32 reference weights (their forward then needs them: for switch-only benchmarks at
+    real width, where they would cost GBs)."""
 
     def svdq(i, o, seed):
-        return SVDQW4A4Linear(i, o, rank=rank, torch_dtype=dtype, seed=seed)
+        m = SVDQW4A4Linear(i, o, rank=rank, torch_dtype=dtype, seed=seed)
+        if not reference:
+            m.dense_ref = torch.empty(0)
+        return m
 
     root = nn.Module()
     root.transformer_blocks = nn.ModuleList()
@@ -161,6 +168,8 @@ def nunchaku_qwen_standin(dim: int = 64, mlp: int = 128, layers: int = 1, rank: 
             ff.net = nn.ModuleList([nn.Module(), nn.GELU(), svdq(mlp, dim, s + 10 + j)])
             ff.net[0].proj = svdq(dim, mlp, s + 20 + j)
             setattr(blk, f"{stream}_mlp", ff)
-            setattr(blk, f"{stream}_mod", nn.Sequential(nn.SiLU(), AWQW4A16Linear(dim, 6 * dim, torch_dtype=dtype, seed=s + 30 + j)))
+            if modulation:
+                setattr(blk, f"{stream}_mod",
+                        nn.Sequential(nn.SiLU(), AWQW4A16Linear(dim, 6 * dim, torch_dtype=dtype, seed=s + 30 + j)))
         root.transformer_blocks.append(blk)
     return root
