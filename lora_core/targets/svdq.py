@@ -46,6 +46,11 @@ class Packed:
     down: torch.Tensor
     up: torch.Tensor
     rank: int
+    base_versions: tuple[int, int] = (0, 0)  # in-place edits of the base make it stale
+
+    def fits(self, base_down: torch.Tensor, base_up: torch.Tensor) -> bool:
+        return (self.base_down is base_down and self.base_up is base_up
+                and self.base_versions == (base_down._version, base_up._version))
 
     @property
     def nbytes(self) -> int:
@@ -53,7 +58,8 @@ class Packed:
 
 
 def base_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The module's own packed branch and rank, also while it holds a composition."""
+    """The module's own packed branch and rank, also while it holds a composition (kept on
+    the module from apply to restore; at the base, its live parameters)."""
     return module.__dict__.get("_lora_farm_base") or (module.proj_down, module.proj_up, int(module.rank))
 
 
@@ -94,7 +100,7 @@ def pack_update(module: nn.Module, update: ModuleUpdate) -> Packed:
         raise NonFiniteError(f"LoRA update for {update.module!r} is not finite; nothing was changed")
     base_down, base_up, _ = base_of(module)
     down, up, rank = concat_branch(module, update)
-    return Packed(base_down, base_up, down, up, rank)
+    return Packed(base_down, base_up, down, up, rank, (base_down._version, base_up._version))
 
 
 def apply_svdq(module: nn.Module, update: ModuleUpdate, ledger: Ledger) -> None:
@@ -102,13 +108,16 @@ def apply_svdq(module: nn.Module, update: ModuleUpdate, ledger: Ledger) -> None:
     against this module's base (``api.prepare``), else a new one."""
     base_down, base_up, base_rank = base_of(module)
     packed = update.packed
-    if not (isinstance(packed, Packed) and packed.base_down is base_down and packed.base_up is base_up):
+    if not (isinstance(packed, Packed) and packed.fits(base_down, base_up)):
         packed = pack_update(module, update)
+    had_base = "_lora_farm_base" in module.__dict__
     module.__dict__.setdefault("_lora_farm_base", (base_down, base_up, base_rank))
     old = (module.proj_down, module.proj_up, module.rank)
 
     def undo(module=module, old=old) -> None:
         module.proj_down, module.proj_up, module.rank = old
+        if not had_base:  # back at the base: its live parameters are the truth again
+            module.__dict__.pop("_lora_farm_base", None)
 
     module.proj_down = nn.Parameter(packed.down, requires_grad=False)
     module.proj_up = nn.Parameter(packed.up, requires_grad=False)

@@ -245,3 +245,29 @@ def test_bfl_fused_qkv_onto_a_fused_svdq_module_costs_rank_r_not_3r():
     assert torch.allclose(attn.to_qkv(x).double(), want, atol=1e-4, rtol=1e-4)
     h.restore()
     assert_same(model, snap)
+
+
+def test_svdq_prepared_branch_is_rebuilt_when_the_base_changed():
+    """A packed branch prepared against a base that was later edited in place (new weights
+    loaded into the same parameters) or replaced is not reused: the LoRA lands on the new base."""
+    model = T.nunchaku_qwen_standin(DIM, MLP)
+    index = ModelIndex(model)
+    ad = lora_core.load_adapter(T.peft_state_dict(qkv_layers("transformer_blocks.0.attn", 4, 8, 4.0)))
+    stale = lora_core.prepare(index, lora_core.plan([(ad, 0.7)], index), "merge")
+    mod = model.transformer_blocks[0].attn.to_qkv
+    with torch.no_grad():
+        mod.proj_down.mul_(0.5)  # in place: same Parameter, new version
+    h = lora_core.switch(index, None, stale, "merge")
+    got = snapshot(model)
+    h.restore()
+    fresh = lora_core.apply(model, [(ad, 0.7)])
+    for k, v in snapshot(model).items():
+        assert torch.equal(v, got[k]), k
+    fresh.restore()
+    mod.proj_down = nn.Parameter(mod.proj_down.detach() * 2, requires_grad=False)  # replaced while at base
+    new_base = mod.proj_down
+    h = lora_core.apply(model, [(ad, 0.7)])
+    composed = lora_core.nunchaku.unpack_lowrank(mod.proj_down.data, down=True)
+    assert torch.equal(composed[:32], lora_core.nunchaku.unpack_lowrank(new_base.data, down=True)[:32])
+    h.restore()
+    assert mod.proj_down is new_base and "_lora_farm_base" not in mod.__dict__
