@@ -123,7 +123,7 @@ class ComposedModel:
         updates = self._planned(key, pairs, mode)  # binding errors raise before anything changes
         if moved:  # kept originals and branches live on the old device: start over from the base
             self._handle.restore()
-            self._handle = None
+            self._handle, self.key, self._held = None, BASE_KEY, (BASE_KEY, [])
         self.backend.reset_step_cache()
         try:
             self._handle = switch(self.index, self._handle, updates, mode, keep_originals_on=self.keep_originals_on,

@@ -159,3 +159,24 @@ def test_one_step_on_a_terminal_shift_schedule_is_a_clear_error(backend):
     """diffusers' stretch_shift_to_terminal divides by zero at one step: refuse, don't render NaN."""
     with pytest.raises(ValueError, match="steps must be >= 2"):
         backend.render([RenderRequest(prompt="x", seed=1, steps=1, width=64, height=64)])
+
+
+@pytest.mark.parametrize("mode", ["merge", "lowrank"])
+def test_device_move_recomposes_from_the_base(backend, adapters, mode):
+    """The backend reports another device (cpu -> cpu:0 stands in for a move): the held
+    composition is rebuilt from the base, prepared branches are dropped, and the image is
+    the composition's own."""
+    m = ComposedModel(backend, lora_mode=mode)
+    want = render(m, [(adapters["c"], 0.6)])
+    saved = backend.device
+    try:
+        backend.device = torch.device("cpu", 0)
+        assert m.pending
+        m.want([(adapters["c"], 0.6)])
+        assert m.ensure() > 0 and not m.pending
+        assert all(k[1] != "base" for k in m._prepared) and len(m._prepared) <= 1
+        assert png(backend.render([REQ])[0]) == want
+    finally:
+        backend.device = saved
+        m.reset()
+    assert not any(mod._forward_hooks for mod in backend.transformer.modules())
