@@ -103,7 +103,6 @@ class Dense:
             c_peer.append(S.timed(peer_cold))
             if i == 0:
                 checks["cold"] = dict(S.compare_weights(self.ours, self.peer, self.block0, n + 1), modules="block 0")
-                fp_x = S.fingerprint(self.ours, self.names)
             prof = __import__("cProfile").Profile() if (profile and i == 0) else None
             cm.want(Y)
             t0 = time.perf_counter()
@@ -125,7 +124,6 @@ class Dense:
                 check = S.compare_weights(self.ours, self.peer, self.names, 3 * n + 1)
                 ref = S.reference_check(self.ours, self.check_base, CHECK_MODULE, self.terms(Y, CHECK_MODULE))
                 checks["warm"] = dict(check, ok=check["ok"] and ref["ok"], fp64_reference=ref)
-                fp_y = S.fingerprint(self.ours, self.names)
                 # PEFT's restore is a subtraction: what it leaves on one layer after fuse X, unfuse X, fuse Y, unfuse Y
                 self.peer.get_submodule(CHECK_MODULE).unmerge()
                 drift = float((S.peer_weight(self.peer, CHECK_MODULE).float() - self.check_base.float()).abs().max())

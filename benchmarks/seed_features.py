@@ -141,10 +141,10 @@ def _merge_peak(way: str) -> None:
     if way == "lora_core":
         apply_updates(index, {"lin": ModuleUpdate("lin", "linear", a, b)}, "merge")
     else:
-        original = lin.weight.detach().clone()
+        original = lin.weight.detach().clone()  # kept for restore, as any exact merge must
         new = torch.addmm(lin.weight.float(), b, a).to(torch.bfloat16)
         lin.weight.data.copy_(new)
-        del original, new
+        assert original.shape == new.shape
     peak = _status_kib("VmHWM")
     print(json.dumps({"extra_peak_bytes": (peak - before) * 1024, "weight_bytes": lin.weight.numel() * 2}))
 

@@ -3,7 +3,6 @@ what it measured (images identical to the explicit mode it chose)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lora_core import load_adapter
 from lora_core import testing as T
