@@ -68,7 +68,8 @@ NOTES = """Where the targets are not met, and why:
   16 workers, so they are split again. Tried in the simulator, batch/20, and not kept: a
   minimum gain per replica (>= 1, 3, 10 x compose: 25, 27, 26 of 36 met), a slack on the
   replication horizon (+10..50%: 26-27 of 36), letting surplus replicas leave early for
-  unheld compositions (23 of 36).
+  unheld compositions (23 of 36), unheld compositions before replicas unless a replica
+  is urgent (24-25 of 36; batch/100 stays 36/36).
 * **Bursty arrivals:** the only valid recomposition bound is D, and an online policy
   cannot reach it: a composition that comes back in a later burst after its holders moved
   on must be composed again (about 2x D here); the relaxation behind *reachable together*
