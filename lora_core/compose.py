@@ -100,19 +100,24 @@ def _check_coverage(places: list[Placement], out_rows: int, source: str, target:
 
 def _term(p: Placement, A: torch.Tensor, B: torch.Tensor, scale: float, index: ModelIndex, source: str, target: str):
     a = (A[:, p.cols] if p.cols is not None else A).float()
-    b = (B[p.rows] if p.rows is not None else B).float() * scale
-    if p.swap_halves:
-        half = b.shape[0] // 2
-        b = torch.cat([b[half:], b[:half]], 0)
+    src = B[p.rows] if p.rows is not None else B
     n_in, n_out = index.in_features(p.module), index.out_features(p.module)
     if a.shape[1] != n_in:
         raise ShapeMismatchError(
             f"LoRA down has {a.shape[1]} inputs but module {p.module!r} takes {n_in}", source=source, key=target
         )
-    if p.offset is not None:
-        full = b.new_zeros(n_out, b.shape[1])
-        full[p.offset : p.offset + b.shape[0]] = b
-        b = full
+    if p.offset is not None and not p.swap_halves:  # scaled straight into its rows of the fused module
+        b = src.new_zeros(n_out, src.shape[1], dtype=torch.float32)
+        b[p.offset : p.offset + src.shape[0]].copy_(src).mul_(scale)
+    else:
+        b = src.to(torch.float32, copy=True).mul_(scale)  # one new fp32 tensor, scaled in place
+        if p.swap_halves:
+            half = b.shape[0] // 2
+            b = torch.cat([b[half:], b[:half]], 0)
+        if p.offset is not None:
+            full = b.new_zeros(n_out, b.shape[1])
+            full[p.offset : p.offset + b.shape[0]] = b
+            b = full
     if b.shape[0] != n_out:
         raise ShapeMismatchError(
             f"LoRA up has {b.shape[0]} outputs but module {p.module!r} gives {n_out}", source=source, key=target
