@@ -63,13 +63,14 @@ def base_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
     return module.__dict__.get("_lora_farm_base") or (module.proj_down, module.proj_up, int(module.rank))
 
 
-def concat_branch(module: nn.Module, update: ModuleUpdate) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """New packed (proj_down, proj_up) and the new padded rank; the module is not touched.
+def concat_branch(on: tuple[torch.Tensor, torch.Tensor, int], update: ModuleUpdate) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """New packed (proj_down, proj_up) and the new padded rank: the LoRA appended to the
+    packed branch ``on`` = (proj_down, proj_up, rank); nothing is touched.
 
-    When the base rank is a multiple of 16 (nunchaku's checkpoints: 32, 128) only the LoRA
-    is packed, and its tiles are appended to the base's packed tiles (``append_packed``).
+    When that rank is a multiple of 16 (nunchaku's checkpoints: 32, 128) only the LoRA is
+    packed, and its tiles are appended to the packed tiles (``append_packed``).
     """
-    base_down, base_up, rank = base_of(module)
+    base_down, base_up, rank = on
     dtype = base_down.dtype
     in_pad, out_pad = base_down.shape[0], base_up.shape[0]
     if rank % 16 == 0 and base_down.shape[1] == rank and base_up.shape[1] == rank:
@@ -93,25 +94,27 @@ def concat_branch(module: nn.Module, update: ModuleUpdate) -> tuple[torch.Tensor
     return pack_lowrank(down, down=True), pack_lowrank(up, down=False), new_rank
 
 
-def pack_update(module: nn.Module, update: ModuleUpdate) -> Packed:
-    """Check the update and build its packed branch against the module's base (the module
-    is not touched, whatever composition it holds now)."""
+def pack_update(module: nn.Module, update: ModuleUpdate,
+                on: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> Packed:
+    """Check the update and build its packed branch on ``on`` (default: the module's base,
+    whatever composition it holds now); the module is not touched."""
     if not (all_finite(update.B) and all_finite(update.A)):
         raise NonFiniteError(f"LoRA update for {update.module!r} is not finite; nothing was changed")
-    base_down, base_up, _ = base_of(module)
-    down, up, rank = concat_branch(module, update)
-    return Packed(base_down, base_up, down, up, rank, (base_down._version, base_up._version))
+    on = on or base_of(module)
+    down, up, rank = concat_branch(on, update)
+    return Packed(on[0], on[1], down, up, rank, (on[0]._version, on[1]._version))
 
 
 def apply_svdq(module: nn.Module, update: ModuleUpdate, ledger: Ledger) -> None:
     """Swap the composition's packed branch in: the one ``update`` carries when it was built
-    against this module's base (``api.prepare``), else a new one."""
-    base_down, base_up, base_rank = base_of(module)
+    on what the module holds now (``api.prepare`` builds on the base, which ``switch``
+    restores first), else a new one built on what it holds (so two ``apply`` calls stack)."""
+    held = (module.proj_down, module.proj_up, int(module.rank))
     packed = update.packed
-    if not (isinstance(packed, Packed) and packed.fits(base_down, base_up)):
-        packed = pack_update(module, update)
+    if not (isinstance(packed, Packed) and packed.fits(held[0], held[1])):
+        packed = pack_update(module, update, on=held)
     had_base = "_lora_farm_base" in module.__dict__
-    module.__dict__.setdefault("_lora_farm_base", (base_down, base_up, base_rank))
+    module.__dict__.setdefault("_lora_farm_base", held)
     old = (module.proj_down, module.proj_up, module.rank)
 
     def undo(module=module, old=old) -> None:

@@ -271,3 +271,27 @@ def test_svdq_prepared_branch_is_rebuilt_when_the_base_changed():
     assert torch.equal(composed[:32], lora_core.nunchaku.unpack_lowrank(new_base.data, down=True)[:32])
     h.restore()
     assert mod.proj_down is new_base and "_lora_farm_base" not in mod.__dict__
+
+
+def test_two_applies_stack_on_svdq_like_on_dense(tmp_path):
+    """``apply`` X, then ``apply`` Y without restoring: the SVDQ branch holds both (as a dense
+    merge would), equal in output to X and Y applied together; restoring Y then X is exact."""
+    model = T.nunchaku_qwen_standin(DIM, MLP)
+    mod = model.transformer_blocks[0].attn.to_qkv
+    x = torch.randn(2, 5, DIM).to(torch.bfloat16)
+    sx = T.peft_state_dict(qkv_layers("transformer_blocks.0.attn", 4, 8, 4.0))
+    sy = T.peft_state_dict(qkv_layers("transformer_blocks.0.attn", 4, 9, 2.0))
+    snap = snapshot(model)
+    both = lora_core.apply(model, [(sx, 0.8), (sy, 0.5)])
+    want = mod(x).double()
+    both.restore()
+    hx = lora_core.apply(model, [(sx, 0.8)])
+    only_x = mod(x).double()
+    hy = lora_core.apply(model, [(sy, 0.5)])
+    got = mod(x).double()
+    assert (got - only_x).abs().max() > 1e-3, "Y is on top of X, not instead of it"
+    assert torch.allclose(got, want, atol=2e-2, rtol=2e-2)
+    hy.restore()
+    assert torch.equal(mod(x).double(), only_x)
+    hx.restore()
+    assert_same(model, snap)
