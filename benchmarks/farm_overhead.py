@@ -34,7 +34,6 @@ from benchmarks.common import machine as common_machine, replace_section
 
 import argparse
 import cProfile
-import io
 import json
 import os
 import pstats
@@ -272,6 +271,7 @@ def _prototype_workers() -> dict[str, type]:
 
     from jobs.results import image_uri
     from workers.actor import RayRenderWorker
+    from workers.worker import png_bytes
 
     class GroupSyncWorker(RayRenderWorker):
         """Writes a call's PNGs to temp files, fsyncs them all at once (threads: one journal
@@ -300,31 +300,27 @@ def _prototype_workers() -> dict[str, type]:
                 self._staged = []
 
         def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> dict:
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            uri = image_uri(output_root, job.job_id)
-            os.makedirs(os.path.dirname(uri), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(uri), f".{job.job_id}.{uuid.uuid4().hex[:8]}.tmp")
+            uri, tmp = _temp_for(output_root, job)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.write(fd, buf.getvalue())
+            os.write(fd, png_bytes(image))
             self._staged.append((fd, tmp, uri))
-            return dict(job_id=job.job_id, status="ok", output_uri=uri, composition_key=key, worker_id=self.worker_id,
-                        attempts=1, fetch_s=fetch_s, compose_s=compose_s, render_s=render_s, error="", transient=False)
+            return self._ok_row(job, uri, key, fetch_s, compose_s, render_s)
 
     class NoSyncWorker(RayRenderWorker):
         """No fsync at all (temp file + rename only): the floor of the image write."""
 
         def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> dict:
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            uri = image_uri(output_root, job.job_id)
-            os.makedirs(os.path.dirname(uri), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(uri), f".{job.job_id}.{uuid.uuid4().hex[:8]}.tmp")
+            uri, tmp = _temp_for(output_root, job)
             with open(tmp, "wb") as f:
-                f.write(buf.getvalue())
+                f.write(png_bytes(image))
             os.replace(tmp, uri)
-            return dict(job_id=job.job_id, status="ok", output_uri=uri, composition_key=key, worker_id=self.worker_id,
-                        attempts=1, fetch_s=fetch_s, compose_s=compose_s, render_s=render_s, error="", transient=False)
+            return self._ok_row(job, uri, key, fetch_s, compose_s, render_s)
+
+    def _temp_for(output_root, job) -> tuple[str, str]:
+        """The image's URI and a temp name beside it (local output roots only)."""
+        uri = image_uri(output_root, job.job_id)
+        os.makedirs(os.path.dirname(uri), exist_ok=True)
+        return uri, os.path.join(os.path.dirname(uri), f".{job.job_id}.{uuid.uuid4().hex[:8]}.tmp")
 
     return {"group_fsync": GroupSyncWorker, "no_fsync": NoSyncWorker}
 

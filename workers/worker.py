@@ -162,10 +162,11 @@ class RenderWorker:
     def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> dict:
         from jobs.results import image_uri, write_image_atomic
 
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
         uri = image_uri(output_root, job.job_id)
-        write_image_atomic(uri, buf.getvalue(), opts)
+        write_image_atomic(uri, png_bytes(image), opts)
+        return self._ok_row(job, uri, key, fetch_s, compose_s, render_s)
+
+    def _ok_row(self, job, uri: str, key: str, fetch_s: float, compose_s: float, render_s: float) -> dict:
         return dict(job_id=job.job_id, status="ok", output_uri=uri, composition_key=key, worker_id=self.worker_id,
                     attempts=1, fetch_s=fetch_s, compose_s=compose_s, render_s=render_s, error="", transient=False,
                     lora_mode=self.model.held_mode)
@@ -192,6 +193,12 @@ class RenderWorker:
             "jobs_done": self.jobs_done,
             "jobs_failed": self.jobs_failed,
         }
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _request(job):
