@@ -139,8 +139,7 @@ def prepare(index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str) -
     for name, u in updates.items():
         path = _path(index.kinds[name], mode)
         if path == "lowrank" and not u.ready:
-            dtype, device = lowrank.module_dtype_device(index.modules[name])
-            a, b = _checked_branch_tensors(u, dtype, device)
+            a, b = _checked_branch_tensors(u, *lowrank.module_dtype_device(index.modules[name]))
             u = dataclasses.replace(u, A=a, B=b, ready=True)
         elif path == "svdq" and u.packed is None:
             u = dataclasses.replace(u, packed=svdq.pack_update(index.modules[name], u))
@@ -183,8 +182,7 @@ def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, handle: Handl
         dense.merge(m, update, handle._ledger, handle.originals, keep_on=keep_on, budget=budget)
         handle.merged.add(name)
     else:
-        dtype, device = lowrank.module_dtype_device(m)
-        a, b = _checked_branch_tensors(update, dtype, device)
+        a, b = _checked_branch_tensors(update, *lowrank.module_dtype_device(m))
         handle.branches[name] = lowrank.attach(m, name, a, b, handle._ledger)
 
 

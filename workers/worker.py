@@ -26,6 +26,7 @@ from lora_core.cache import AdapterCache
 from lora_core.errors import LoraError
 from lora_core.store import default_cache_dir
 
+from .automode import Ewma
 from .wrapper import ComposedModel
 
 DEFAULT_ADAPTER_CACHE = 2 << 30
@@ -67,7 +68,7 @@ class RenderWorker:
         self._paths: dict[str, str] = {}  # sha256 -> local path
         self.adapters: AdapterCache[Adapter] = AdapterCache(adapter_cache_bytes, self._load_by_sha)
         self._model: ComposedModel | None = None
-        self.render_s_per_image = 0.0
+        self.render_s_per_image = Ewma()  # seconds per image, recent renders weigh more
         self.jobs_done = 0
         self.jobs_failed = 0
 
@@ -148,7 +149,7 @@ class RenderWorker:
             elapsed = time.perf_counter() - t0
             self.model.rendered(len(group), elapsed)
             render_s = elapsed / len(group)
-            self.render_s_per_image = render_s if not self.jobs_done else 0.7 * self.render_s_per_image + 0.3 * render_s
+            self.render_s_per_image.add(render_s)
             rows = [self._write(j, img, output_root, opts, key, fetch_s, compose_s, render_s) for j, img in zip(group, images)]
         except Exception as e:  # noqa: BLE001 - every failure becomes a result row
             rows = [_failed(j, self.worker_id, e, fetch_s, compose_s) for j in group]
@@ -189,7 +190,7 @@ class RenderWorker:
             "compose_s": m.stats.mean_s if m else 0.0,
             "switches": m.stats.switches if m else 0,
             "lora_mode": (m.auto.as_dict() if m.auto is not None else {"mode": m.lora_mode}) if m else {"mode": self.lora_mode},
-            "render_s": self.render_s_per_image,
+            "render_s": self.render_s_per_image.value or 0.0,
             "jobs_done": self.jobs_done,
             "jobs_failed": self.jobs_failed,
         }

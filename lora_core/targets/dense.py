@@ -67,10 +67,10 @@ def merge_rows(dst: torch.Tensor, src: torch.Tensor, update: ModuleUpdate, compu
         raise NonFiniteError(f"merging into {update.module!r} gives NaN or Inf; nothing was changed")
 
 
-def merged_weight(weight: torch.Tensor, update: ModuleUpdate, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A new tensor ``cast(weight + B @ A)`` (default fp32) on the weight's device, for
-    callers that need the whole merged matrix (fp8 quantizes it); raises if not finite."""
-    new = torch.empty(weight.shape, dtype=dtype or torch.float32, device=weight.device)
+def merged_weight(weight: torch.Tensor, update: ModuleUpdate) -> torch.Tensor:
+    """A new fp32 tensor ``weight + B @ A`` on the weight's device, for callers that need
+    the whole merged matrix (fp8 quantizes it); raises if not finite."""
+    new = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     merge_rows(new, weight, update)
     return new
 
