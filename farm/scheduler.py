@@ -38,10 +38,13 @@ Costs: a switch costs ``compose_cost_s`` plus, per adapter not in the worker's m
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Container, Iterable, Sequence
+
+from farm import plan as batch_plan
 
 
 NO_WORK = -math.inf  # the "priority" of a composition with nothing queued
@@ -178,6 +181,14 @@ class JobQueue:
 
     def compositions(self) -> int:
         return len(self._comps)
+
+    def priorities(self) -> int:
+        """How many distinct priority levels are queued."""
+        return len(self._prio)
+
+    def sizes(self) -> list[tuple[str, int]]:
+        """(composition, queued jobs) for every composition with work: O(compositions)."""
+        return [(key, comp.count) for key, comp in self._comps.items()]
 
     def largest(self, exclude: Container[str | None], limit: int) -> list[tuple[float, int, int, str]]:
         """Up to ``limit`` composition entries by (top priority, size), skipping ``exclude``."""
@@ -329,51 +340,198 @@ class Policy:
 
 
 class AffinityScheduler(Policy):
-    """LoRA affinity + hot-composition replication + an age bound.
+    """LoRA affinity: a plan for a batch, greedy rules for arrivals, and an age bound.
 
-    Each ``assign`` runs three passes over the workers with room:
+    A batch (the queue as submitted, one priority level) is planned once by
+    ``farm/plan.py``: per worker, an ordered list of pieces ``(composition, jobs)`` that
+    ends all workers near the earliest end the plan can reach, splitting a composition
+    over workers only where it must (each piece is one recomposition). Each ``assign``:
 
     1. age bound (``_serve_overdue``): a composition nobody holds whose oldest job has
        been overtaken for ``max_wait_s`` goes to the cheapest worker that breaks no
        affinity; after twice that, to the cheapest worker whatever it holds;
-    2. switch: compositions that want a worker, best first by (top priority, time to
+    2. plan: every worker with pieces left takes jobs of its current piece (a piece whose
+       jobs went elsewhere is skipped). When a worker's pieces run out, the rest of the
+       queue is planned again toward the same end time, in the same slack (seconds), so
+       a worker that is early takes only work that would otherwise end late; while a
+       plan runs, a worker without pieces takes only jobs no piece covers. A new plan is
+       made when jobs it does not cover reach ``replan_share`` of those it does (e.g.
+       retries), a worker joins, a planned one dies, or the mean render or compose
+       estimate moves by 1.5x;
+    3. without a plan (``plan=False``, several priority levels queued, or jobs that
+       arrived while a plan ran, until the farm drains), the greedy rules:
+       switch: compositions that want a worker, best first by (top priority, time to
        clear), each to its cheapest eligible worker. A composition nobody holds always
        wants one; a held one only while ``backlog * render / holders > switch + horizon``
        (replication). Eligible: a worker whose own composition has no work at that
-       priority or above, so affinity is only broken for higher-priority work;
-    3. continue: every worker with room takes more of its own composition.
+       priority or above, so affinity is only broken for higher-priority work; then
+       continue: every worker with room takes more of its own composition.
 
     "Cheapest" ranks workers by (own composition still has work, time until free + the
     ``switch_cost``), so memory beats node disk beats remote, and idle beats busy.
 
     Options: ``max_wait_s`` (None: no age bound). Age is counted against the newest job
     already assigned, not the clock, so a batch submitted at once is never reordered.
-    ``horizon_s`` (None: the farm's queued work per worker, so a hot composition is
-    replicated up to about its share of the farm and no further). ``prefetch_lead_s``
-    (None: 8 x ``fetch_cost_s``): how early before a worker runs dry to hint its next
-    composition.
+    ``plan`` (True), ``plan_slack`` (0.05: the plan may end up to 5% later than the
+    earliest it found, to split fewer compositions), ``replan_share`` (0.1).
+    ``horizon_s`` (greedy rules; None: the farm's queued work per worker, so a hot
+    composition is replicated up to about its share of the farm and no further).
+    ``prefetch_lead_s`` (None: 8 x ``fetch_cost_s``): how early before a worker runs dry
+    to hint its next composition (its next piece, under a plan).
     """
 
     name = "affinity"
 
     def __init__(
         self, *, max_wait_s: float | None = 600.0, horizon_s: float | None = None,
-        prefetch_lead_s: float | None = None,
+        prefetch_lead_s: float | None = None, plan: bool = True, plan_slack: float = 0.05,
+        replan_share: float = 0.1,
     ) -> None:
         super().__init__()
         self.prefetch_lead_s = prefetch_lead_s
         self.max_wait_s = max_wait_s
         self.horizon_s = horizon_s
+        self.plan, self.plan_slack, self.replan_share = plan, plan_slack, replan_share
+        self._plan: dict[str, deque[list]] = {}  # worker -> its pieces left: [composition, jobs]
+        self._plan_for: frozenset[str] = frozenset()  # the workers the plan was made for
+        self._plan_end = -math.inf  # when the plan means to be done (the clock of ``now``)
+        self._plan_slack_s = 0.0  # the first plan's slack, in seconds
+        self._plan_costs = (0.0, 0.0)  # mean render and compose seconds it was made with
+        self._last_piece: dict[str, list] = {}  # composition -> its last planned piece
+        self._covered: Counter[str] = Counter()  # composition -> jobs in its pieces left
+        self._loose: set[str] = set()  # compositions with more queued jobs than pieces cover
+        self._unplanned = 0  # jobs queued since the plan that no piece covers
+        self._online = False  # jobs arrived while a plan ran: no plans until the farm drains
+        self.plans_made = 0
+
+    # ---- the batch plan (farm/plan.py) -------------------------------------------------
+    def submit(self, jobs: Iterable[QueuedJob]) -> None:
+        if self._plan:  # arrivals while a plan runs: jobs trickle in, the greedy rules serve them
+            self._online = True
+            self._drop_plan()
+        for job in jobs:
+            super().submit((job,))
+            self._cover(job.composition)
+
+    def done(self, job_id: str, *, requeue: bool = False) -> None:
+        item = self._running.get(job_id)
+        super().done(job_id, requeue=requeue)
+        if item is not None and requeue:
+            self._cover(item[1].composition)
+
+    def _cover(self, key: str) -> None:
+        """A job joined the queue: the last unfinished piece of its composition grows, if any."""
+        piece = self._last_piece.get(key)
+        if piece is not None and piece[1] > 0:
+            piece[1] += 1
+            self._covered[key] += 1
+        else:
+            self._unplanned += 1
+            self._recheck(key)
+
+    def _recheck(self, key: str) -> None:
+        if self.queue.count(key) > self._covered[key]:
+            self._loose.add(key)
+        else:
+            self._loose.discard(key)
+
+    def _replan(self, slots: list[_Slot], dead: set[str], now: float, *, ran_out: bool = False) -> None:
+        """Plan the queue when there is no plan, or it is stale (many jobs it does not cover),
+        or a worker joined or a planned one died; with ``ran_out`` (a worker's pieces ran
+        out), rebalance toward the same end time."""
+        alive = frozenset(s.view.worker_id for s in slots)
+        if not self.plan or self._online or self.queue.priorities() != 1:
+            self._drop_plan()
+            return
+        costs = (sum(s.view.render_cost_s for s in slots) / len(slots),
+                 sum(s.view.compose_cost_s for s in slots) / len(slots))
+        fresh = (alive <= self._plan_for and not dead.intersection(self._plan)
+                 and self._unplanned <= self.replan_share * sum(self._covered.values())
+                 and all(0.67 <= a / b <= 1.5 for a, b in zip(costs, self._plan_costs) if b > 0))
+        if fresh and not ran_out:
+            return
+        loras = self.queue.loras
+
+        def switch(i: int, key: str, first: bool) -> float:
+            s = slots[i]
+            if first:
+                return switch_cost(s.view, key, loras(key), s.comp)
+            missing = sum(1 for u in loras(key) if u not in s.view.adapters)
+            return s.view.compose_cost_s + missing * s.view.load_cost_s  # prefetched while it renders
+
+        lanes = [batch_plan.Lane(s.delay, s.comp, s.view.render_cost_s) for s in slots]
+        if fresh:  # rebalancing a running plan: its end and its slack in seconds stay
+            pieces, end = batch_plan.plan(self.queue.sizes(), lanes, switch, slack_s=self._plan_slack_s,
+                                          at_least=self._plan_end - now)
+        else:
+            pieces, end = batch_plan.plan(self.queue.sizes(), lanes, switch, slack=self.plan_slack)
+            self._plan_slack_s, self._plan_costs = self.plan_slack * end, costs
+        self._drop_plan()
+        self._plan_for, self._plan_end = alive | (self._plan_for if fresh else frozenset()), now + end
+        for s, mine in zip(slots, pieces):
+            if mine:
+                self._plan[s.view.worker_id] = deque([key, n] for key, n in mine)
+                for piece in self._plan[s.view.worker_id]:
+                    self._last_piece[piece[0]] = piece
+                    self._covered[piece[0]] += piece[1]
+        self.plans_made += 1
+
+    def _drop_plan(self) -> None:
+        self._plan, self._last_piece, self._covered, self._loose = {}, {}, Counter(), set()
+        self._unplanned = 0
+
+    def _follow_plan(self, slots: list[_Slot], holders: Counter, out: list) -> bool:
+        """Every planned worker takes jobs of its current piece; True when one's pieces ran out."""
+        ran_out = False
+        for s in slots:
+            mine = self._plan.get(s.view.worker_id)
+            while mine and s.spare > 0:
+                piece = mine[0]
+                key = piece[0]
+                if piece[1] > 0 and self.queue.count(key):
+                    self._give(self.queue.pop(key), s, out, holders)
+                    piece[1] -= 1
+                    self._covered[key] -= 1
+                    continue
+                self._covered[key] -= piece[1]  # finished, or its jobs went elsewhere
+                piece[1] = 0
+                mine.popleft()
+                self._recheck(key)
+            if mine is not None and not mine:
+                del self._plan[s.view.worker_id]
+                ran_out = True
+        return ran_out
+
+    def _take_loose(self, free: list[_Slot], holders: Counter, out: list) -> None:
+        """While a plan runs, workers without pieces take only the jobs no piece covers: their
+        own composition's first, then the composition with the most such jobs."""
+        for s in free:
+            while s.spare > 0 and self._loose:
+                key = s.comp if s.comp in self._loose else max(
+                    self._loose, key=lambda k: (self.queue.count(k) - self._covered[k], k))
+                self._give(self.queue.pop(key), s, out, holders)  # type: ignore[arg-type]
+                self._recheck(key)  # type: ignore[arg-type]
 
     def assign(self, workers: Sequence[WorkerView], now: float) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         slots = self._slots(workers)
+        if not len(self.queue) and not self._running:
+            self._online = False  # drained: the next submit is a batch again
         if not slots or not len(self.queue):
             return out
         holders: Counter[str | None] = Counter(s.comp for s in slots)
         self._serve_overdue(slots, holders, now, out)
-        self._switch(slots, holders, out)
-        for s in slots:
+        dead = {w.worker_id for w in workers if not w.alive}
+        self._replan(slots, dead, now)
+        if self._follow_plan(slots, holders, out) and len(self.queue):
+            self._replan(slots, dead, now, ran_out=True)
+            self._follow_plan(slots, holders, out)
+        unplanned = [s for s in slots if s.view.worker_id not in self._plan]
+        if self._plan:
+            self._take_loose(unplanned, holders, out)
+            return out
+        self._switch(slots, unplanned, holders, out)
+        for s in unplanned:
             while s.spare > 0 and self.queue.count(s.comp):
                 self._give(self.queue.pop(s.comp), s, out, holders)  # type: ignore[arg-type]
         return out
@@ -407,8 +565,8 @@ class AffinityScheduler(Policy):
                 if not free:
                     return
 
-    def _switch(self, slots: list[_Slot], holders: Counter, out: list) -> None:
-        free = [s for s in slots if s.spare > 0]
+    def _switch(self, slots: list[_Slot], greedy: list[_Slot], holders: Counter, out: list) -> None:
+        free = [s for s in greedy if s.spare > 0]
         if not free:
             return
         rate = sum(s.view.render_cost_s for s in slots) / len(slots)
@@ -461,19 +619,29 @@ class AffinityScheduler(Policy):
     def prefetch(self, workers: Sequence[WorkerView]) -> dict[str, list[str]]:
         """Per worker, the uris missing from its memory (fetch to the node, then warm it) for the
         composition it was last sent and, when that composition runs dry within about a
-        local queue's worth of jobs, for the composition it is likely to take next."""
+        local queue's worth of jobs, for the composition it takes next: its next planned
+        piece, or for a worker without a plan, a guess (the largest compositions nobody holds)."""
         slots = self._slots(workers)
         holders: Counter[str | None] = Counter(s.comp for s in slots)
-
-        def runway(s: _Slot) -> float:  # seconds of its composition's queued work left per holder
-            return self.queue.count(s.comp) / max(holders[s.comp], 1) * s.view.render_cost_s
 
         def lead(s: _Slot) -> float:  # start early enough for a few files down one node link
             return self.prefetch_lead_s if self.prefetch_lead_s is not None else 8 * s.view.fetch_cost_s
 
-        drying = sorted((s for s in slots if runway(s) <= lead(s)), key=runway)
-        upcoming = self.queue.largest({c for c in holders if c is not None}, len(drying))
-        nxt = {id(s): entry[-1] for s, entry in zip(drying, upcoming)}  # one guess per worker
+        nxt: dict[int, str] = {}
+        guessing: list[_Slot] = []
+        for s in slots:
+            live = (p for p in self._plan.get(s.view.worker_id, ()) if p[1] > 0 and self.queue.count(p[0]))
+            mine = list(itertools.islice(live, 2))  # its current and next pieces with work left
+            if not mine:
+                runway = self.queue.count(s.comp) / max(holders[s.comp], 1) * s.view.render_cost_s
+                if runway <= lead(s):  # its composition's queued work per holder runs out soon
+                    guessing.append(s)
+            elif mine[0][0] != s.comp:
+                nxt[id(s)] = mine[0][0]  # its next piece starts once its local queue drains
+            elif len(mine) > 1 and mine[0][1] * s.view.render_cost_s <= lead(s):
+                nxt[id(s)] = mine[1][0]
+        upcoming = self.queue.largest({c for c in holders if c is not None}, len(guessing))
+        nxt.update((id(s), entry[-1]) for s, entry in zip(guessing, upcoming))  # one guess per worker
         hints: dict[str, list[str]] = {}
         for s in slots:
             tail = self._tail.get(s.view.worker_id)

@@ -90,9 +90,10 @@ def test_no_replication_when_the_backlog_is_small():
 
 
 def test_fixed_horizon_controls_replication():
-    eager = AffinityScheduler(horizon_s=0.0)
+    """``horizon_s`` is the greedy rules' knob (no plan: online arrivals, mixed priorities)."""
+    eager = AffinityScheduler(horizon_s=0.0, plan=False)
     eager.submit(jobs("A", 30))
-    lazy = AffinityScheduler(horizon_s=1000.0)
+    lazy = AffinityScheduler(horizon_s=1000.0, plan=False)
     lazy.submit(jobs("A", 30))
     ws = [worker("w0", "A", inflight=2), worker("w1", None)]
     assert by_worker(eager.assign(ws, 0.0)).get("w1")
