@@ -17,7 +17,10 @@ Cost model (all in seconds; the same for every policy):
   then lands on the node's disk);
 * memory holds ``memory_adapters`` adapters (LRU); node disks keep everything;
 * prefetch hints download onto the node's disk in the background, one file at a time
-  per node, then load into the hinted worker's memory (``load_s``), overlapping renders.
+  per node, then load into the hinted worker's memory (``load_s``), overlapping renders;
+* the policy is shown the true costs, or with ``prior_s``, what the dispatcher would
+  know: ``farm.scheduler.CostEstimate`` learned from each finished job, starting at
+  ``prior_s`` (and a disk load of min(fetch, 0.1) s, as the dispatcher reports it).
 
 Workloads: ``n_compositions`` compositions, each of 1-3 adapters from a shared pool of
 ``max(3, n_compositions // 2)``; each job picks a composition with Zipf(alpha)
@@ -35,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from farm.scheduler import Policy, QueuedJob, WorkerView
+from farm.scheduler import CostEstimate, Policy, QueuedJob, WorkerView
 
 
 class SimError(RuntimeError):
@@ -52,6 +55,7 @@ class FarmModel:
     capacity: int = 2
     per_node: int = 4
     memory_adapters: int = 12
+    prior_s: float | None = None  # None: the policy sees the true costs; else learned from this prior
 
     @property
     def fetch(self) -> float:
@@ -179,6 +183,7 @@ class _Worker:
     mem: OrderedDict = field(default_factory=OrderedDict)
     queue: deque = field(default_factory=deque)
     busy: bool = False
+    costs: CostEstimate | None = None  # what the dispatcher would have learned (FarmModel.prior_s)
 
 
 @dataclass(eq=False)
@@ -195,6 +200,9 @@ class Simulation:
     def __init__(self, policy: Policy, jobs: Sequence[QueuedJob], farm: FarmModel) -> None:
         self.policy, self.farm, self.jobs = policy, farm, list(jobs)
         self.workers = [_Worker(f"w{i}", f"n{i // farm.per_node}") for i in range(farm.workers)]
+        if farm.prior_s is not None:
+            for w in self.workers:
+                w.costs = CostEstimate(compose_s=farm.prior_s, render_s=farm.prior_s, fetch_s=farm.prior_s)
         self.nodes = {w.node: _Node() for w in self.workers}
         self.by_id = {w.wid: w for w in self.workers}
         self.events: list[tuple[float, int, str, object]] = []
@@ -240,7 +248,9 @@ class Simulation:
                 self.pending[job.job_id] = job
             self.policy.submit(data)  # type: ignore[arg-type]
         elif kind == "finish":
-            worker, job = data  # type: ignore[misc]
+            worker, job, compose_s, fetch_s = data  # type: ignore[misc]
+            if worker.costs is not None:  # as the dispatcher learns from the job's result row
+                worker.costs.observe(compose_s=compose_s, render_s=self.farm.render_s, fetch_s=fetch_s)
             self.policy.done(job.job_id)
             self.finished += 1
             self.makespan = max(self.makespan, now)
@@ -260,9 +270,11 @@ class Simulation:
         f, node = self.farm, self.nodes[w.node]
         if node.frozen is None:
             node.frozen = frozenset(node.disk)
+        c = w.costs
+        compose, render, fetch = (c.compose_s, c.render_s, c.fetch_s) if c else (f.compose_s, f.render_s, f.fetch)
         return WorkerView(
             w.wid, w.node, w.comp, frozenset(w.mem), node.frozen, len(w.queue) + w.busy,
-            f.capacity, f.compose_s, f.render_s, f.fetch, f.load, True,
+            f.capacity, compose, render, fetch, min(fetch, 0.1) if c else f.load, True,
         )
 
     def dispatch(self, now: float) -> None:
@@ -311,13 +323,13 @@ class Simulation:
             return
         job = w.queue.popleft()
         self.waits.append(now - job.enqueued_at)
-        cost = 0.0
+        fetch = compose = 0.0
         if job.composition != w.comp:
-            cost = self.materialize(w, job.loras, now) + self.farm.compose_s
+            fetch, compose = self.materialize(w, job.loras, now), self.farm.compose_s
             self.recompositions += 1
             w.comp = job.composition
         w.busy = True
-        self.push(now + cost + self.farm.render_s, "finish", (w, job))
+        self.push(now + fetch + compose + self.farm.render_s, "finish", (w, job, compose, fetch))
 
     def materialize(self, w: _Worker, loras: Sequence[str], now: float) -> float:
         """Seconds to get ``loras`` into the worker's memory (a sequential pull)."""

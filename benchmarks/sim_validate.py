@@ -150,8 +150,11 @@ def validate(n_jobs: int = 40, n_compositions: int = 6, workers: int = 3, render
         queued, jobs, real_of = build_workload(n_jobs, n_compositions, alpha, seed, os.path.join(tmp, "loras"))
         warm_lora = write_loras(os.path.join(tmp, "warm-lora"), 1, seed=10_000 + seed)[0]
         fetch_s, load_s = measure_fetch_load(next(iter(real_of.values())), os.path.join(tmp, "probe-cache"))
-        farm = FarmModel(workers, compose_s=compose_s, render_s=render_s, fetch_s=fetch_s, load_s=load_s, capacity=2)
-        from farm.scheduler import AffinityScheduler
+        from farm.scheduler import AffinityScheduler, CostEstimate
+
+        # the policy learns its costs as the real dispatcher does, from the same priors
+        farm = FarmModel(workers, compose_s=compose_s, render_s=render_s, fetch_s=fetch_s, load_s=load_s, capacity=2,
+                         prior_s=CostEstimate().compose_s)
 
         sim = simulate(AffinityScheduler(), queued, farm)
         reals = [real_run(jobs, workers, render_s, compose_s, os.path.join(tmp, f"run{r}"), warm_lora)
@@ -181,7 +184,8 @@ def results_section(runs: list[dict], command: str) -> str:
         "pool), all jobs at t=0, `AffinityScheduler`, capacity 2. Real: `Dispatcher` + fresh `RayRenderWorker` "
         "actors with the sleep backend (real PEFT safetensors files fetched, bound and merged; a switch sleeps C, "
         "a render sleeps R per image), timed from `Dispatcher.run` start to return after warm-up. "
-        "Sim: `benchmarks.sim.simulate` with the same R and C and the measured fetch/load of one pool file. "
+        "Sim: `benchmarks.sim.simulate` with the same R and C and the measured fetch/load of one pool file; "
+        "its policy learns the costs from the dispatcher's 1 s priors (`FarmModel.prior_s`), as the real one does. "
         "Error = (sim - real) / real; target |error| <= 10%.",
         "",
         "| jobs | comps | workers | R s | C s | alpha | seed | sim makespan s | real makespan s (runs) | error | "
@@ -198,7 +202,7 @@ def results_section(runs: list[dict], command: str) -> str:
     mean = statistics.mean(r["error"] for r in runs)
     lines += ["", f"Worst |error|: **{100 * worst:.1f}%** ({'within' if worst <= TOLERANCE else 'outside'} the 10% "
                   f"target); mean error {100 * mean:+.1f}%. Recomposition counts are compared in the last column (same "
-                  "policy; the real dispatcher learns its cost estimates, the simulation is given them). What the simulation leaves out is the farm's own per-job cost: writing each PNG "
+                  "policy, learning its cost estimates from the same priors in both). What the simulation leaves out is the farm's own per-job cost: writing each PNG "
                   "(one fsync each) and the driver round trip per call, about 1-2 ms per job on this machine (see "
                   "\"Farm overhead\"), plus the real merge inside each switch (milliseconds here), so it is "
                   "slightly optimistic; with seconds-long renders that bias shrinks further."]

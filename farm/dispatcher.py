@@ -19,11 +19,11 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 
 from jobs.results import ResultRow
 
-from .scheduler import QueuedJob, WorkerView
+from .scheduler import CostEstimate, QueuedJob, WorkerView
 
 
 @dataclass
-class WorkerBook:
+class WorkerBook(CostEstimate):
     """What the dispatcher knows of one worker, from what it sent and got back."""
 
     worker_id: str
@@ -34,22 +34,12 @@ class WorkerBook:
     inflight: int = 0
     alive: bool = True
     deaths_in_a_row: int = 0
-    compose_s: float = 1.0
-    render_s: float = 1.0
-    fetch_s: float = 1.0
     last_key: str | None = None
     switches: int = 0
 
     def learn(self, row: dict) -> None:
-        def ema(old: float, new: float) -> float:
-            return 0.7 * old + 0.3 * new
-
-        if row.get("compose_s", 0) > 0:
-            self.compose_s = ema(self.compose_s, row["compose_s"])
-        if row.get("render_s", 0) > 0:
-            self.render_s = ema(self.render_s, row["render_s"])
-        if row.get("fetch_s", 0) > 0:
-            self.fetch_s = ema(self.fetch_s, row["fetch_s"])
+        self.observe(compose_s=row.get("compose_s") or 0.0, render_s=row.get("render_s") or 0.0,
+                     fetch_s=row.get("fetch_s") or 0.0)
         key = row.get("composition_key")
         if key and key != self.last_key:
             self.switches += 1

@@ -7,8 +7,9 @@ many idle workers and are split again (each split is one more recomposition). A 
 made once avoids that:
 
 1. find the smallest end time ``T`` for which the backlog fits (bisection on
-   :func:`pack`), then pack at ``T * (1 + slack)``; a little slack lets most
-   compositions fit whole;
+   :func:`pack`), then pack at a few ends up to ``T * (1 + slack)`` and keep the
+   packing with the fewest recompositions: a little slack lets most compositions fit
+   whole;
 2. :func:`pack` at a given ``T``: every worker has ``room = T - free_at`` seconds. A
    composition a worker already holds goes to its holders first (no recomposition),
    shared evenly. Then the others, largest first, best fit: each to the worker whose
@@ -17,8 +18,9 @@ made once avoids that:
    piece; splitting only where nothing fits keeps pieces few: at most D + K - 1).
 
 The result is, per worker, an ordered list of ``(composition, jobs)`` pieces. It is a
-hint: the scheduler follows it while it holds, and its greedy rules take over for a
-worker whose pieces ran out (work stealing) and for jobs the plan never saw.
+hint: the scheduler follows it while it holds, skips a piece whose jobs went elsewhere,
+and plans the rest again (toward the same end) when a worker's pieces run out, since
+the estimates it was made with are only estimates.
 
 Costs: ``switch(worker, key, first)`` is the estimated seconds for ``worker`` to start
 ``key`` (``first``: as its first piece, from what it holds now; later pieces can be
@@ -46,8 +48,16 @@ class Lane:
     render_s: float = 1.0  # seconds per job
 
 
-def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: float) -> list[list[Piece]] | None:
-    """Pieces per lane so that every lane ends by ``end``; None when the work does not fit."""
+def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: float,
+         fit: str = "best") -> list[list[Piece]] | None:
+    """Pieces per lane so that every lane ends by ``end``; None when the work does not fit.
+
+    ``fit="best"``: each composition to the tightest room that takes it whole (keeps big
+    rooms for big compositions: fewer splits); ``"worst"``: to the roomiest (LPT: balances
+    few lanes better). Either way one that fits nowhere whole fills the roomiest lane.
+    """
+    if fit not in ("best", "worst"):
+        raise ValueError(f"fit must be 'best' or 'worst', not {fit!r}")
     room = [end - lane.free_at for lane in lanes]
     pieces: list[list[Piece]] = [[] for _ in lanes]
     holders: dict[str, list[int]] = {}
@@ -56,7 +66,7 @@ def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: 
             holders.setdefault(lane.holds, []).append(i)
     items: list[tuple[int, str]] = []  # max-heap of (-jobs, composition) still to place
     for key, n in work:
-        own = sorted(holders.get(key, ()), key=lambda i: -room[i])
+        own = sorted(holders[key], key=lambda i: -room[i]) if key in holders else ()
         for j, i in enumerate(own):  # even shares, each within its holder's room
             k = min(math.ceil(n / (len(own) - j)), max(0, _jobs_in(room[i], 0.0, lanes[i])))
             if k > 0:
@@ -71,8 +81,9 @@ def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: 
     while items:
         neg, key = heapq.heappop(items)
         n = -neg
-        for at in range(bisect.bisect_left(order, (n * fastest, -1)), len(order)):
-            r, i = order[at]  # best fit: the tightest room that takes it whole
+        candidates = range(bisect.bisect_left(order, (n * fastest, -1)), len(order))
+        for at in (candidates if fit == "best" else reversed(candidates[-1:])):
+            r, i = order[at]  # the tightest room that takes it whole, or the roomiest
             cost = switch(i, key, not pieces[i]) + n * lanes[i].render_s
             if cost <= r + 1e-9:
                 break
@@ -96,40 +107,69 @@ def _jobs_in(room: float, switch_s: float, lane: Lane) -> int:
 
 
 def plan(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, *, slack: float = 0.05,
-         slack_s: float | None = None, at_least: float = 0.0, tries: int = 10,
+         slack_s: float | None = None, at_least: float = 0.0, tries: int = 5,
          tolerance: float = 2e-3) -> tuple[list[list[Piece]], float]:
     """(pieces per lane, the end they were packed for): every job of ``work`` is in one piece.
 
-    Ends from the smallest that fits (``T``) to ``T + slack_s`` (default ``slack * T``) are
-    tried; the packing with the fewest :func:`switches` wins, the earliest on a tie. ``at_least``
-    raises them all: a replan made while a plan runs keeps that plan's end and its slack
-    in seconds, so a worker that finishes early only takes work that would otherwise end
-    later, and a recomposition that saves a few seconds at the end of a long batch is not
-    made.
+    For best fit (and worst fit, up to 8 compositions per lane), ends from the smallest that fits (``T``) to ``T + slack_s``
+    (default ``slack * T``) are tried; the packing with the fewest :func:`switches` wins,
+    then the one that ends first (:func:`span`). ``at_least`` raises every end: a replan
+    made while a plan runs keeps that plan's end and its slack in seconds, so a worker
+    that finishes early only takes work that would otherwise end later, and a
+    recomposition that saves a few seconds at the end of a long batch is not made.
     """
     work = [(k, n) for k, n in work if n > 0]
     if not lanes:
         raise ValueError("plan needs at least one lane")
+    if any(not lane.render_s > 0 for lane in lanes):
+        raise ValueError(f"every lane needs render_s > 0, got {[lane.render_s for lane in lanes]}")
     if not work:
         return [[] for _ in lanes], 0.0
-    per_job = max(lane.render_s for lane in lanes)
-    first = max(switch(i, work[0][0], True) for i in range(len(lanes)))
-    lo = min(lane.free_at for lane in lanes)
-    hi = max(lane.free_at for lane in lanes) + sum(n for _, n in work) * per_job + len(work) * (first + per_job)
-    while pack(work, lanes, switch, hi) is None:  # later switches dearer than the first one's
-        hi *= 2
+    best: tuple[tuple[int, float], list[list[Piece]], float] | None = None
+    # worst fit (LPT) balances a few compositions per lane better; with many, best fit does too
+    for fit in ("best", "worst") if len(work) <= 8 * len(lanes) else ("best",):
+        smallest = _smallest_end(work, lanes, switch, fit, tolerance)
+        extra = slack * smallest if slack_s is None else slack_s
+        ends = [smallest] + [max(smallest + extra * j / tries, at_least) for j in range(tries + 1)]
+        for end in dict.fromkeys(ends):  # neither fit is monotone in the end time: try a few
+            found = pack(work, lanes, switch, end, fit)
+            if found is not None:
+                rank = (switches(found, lanes), span(found, lanes, switch))
+                if best is None or rank < best[0]:
+                    best = (rank, found, end)
+    assert best is not None  # the smallest end of each fit packs
+    return best[1], best[2]
+
+
+def _smallest_end(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, fit: str,
+                  tolerance: float) -> float:
+    """About the smallest end ``pack`` fits at (bisection; ``pack`` fits at the one returned)."""
+    fastest = min(lane.render_s for lane in lanes)
+    lo = min(lane.free_at for lane in lanes) + sum(n for _, n in work) * fastest / len(lanes)  # nothing ends sooner
+    hi = 1.25 * lo + max(switch(i, work[0][0], True) for i in range(len(lanes))) + fastest
+    for _ in range(64):
+        if pack(work, lanes, switch, hi, fit) is not None:
+            break
+        lo, hi = hi, 2 * hi
+    else:
+        raise ValueError("no end time fits this work: are the switch costs finite?")
     while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if pack(work, lanes, switch, mid) is not None else (mid, hi)
-    best, best_end = pack(work, lanes, switch, hi), hi
-    assert best is not None
-    extra = slack * hi if slack_s is None else slack_s
-    for j in range(tries + 1):  # best fit is not monotone in the end time: try a few
-        end = max(hi + extra * j / tries, at_least)
-        found = pack(work, lanes, switch, end)
-        if found is not None and switches(found, lanes) < switches(best, lanes):
-            best, best_end = found, end
-    return best, best_end
+        lo, hi = (lo, mid) if pack(work, lanes, switch, mid, fit) is not None else (mid, hi)
+    return hi
+
+
+def span(pieces: list[list[Piece]], lanes: Sequence[Lane], switch: SwitchCost) -> float:
+    """When the last lane following ``pieces`` is done, by the same costs ``pack`` uses."""
+    latest = 0.0
+    for i, (mine, lane) in enumerate(zip(pieces, lanes)):
+        t = lane.free_at
+        for j, (key, n) in enumerate(mine):
+            if not (j == 0 and key == lane.holds):
+                t += switch(i, key, j == 0)
+            t += n * lane.render_s
+        latest = max(latest, t)
+    return latest
 
 
 def switches(pieces: list[list[Piece]], lanes: Sequence[Lane]) -> int:

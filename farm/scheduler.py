@@ -75,6 +75,22 @@ class WorkerView:
     alive: bool = True
 
 
+@dataclass(kw_only=True)
+class CostEstimate:
+    """A worker's seconds per compose, per rendered job and per remote fetch, learned from
+    finished jobs (EWMA, weight 0.3) from a prior; the dispatcher and the simulator share it."""
+
+    compose_s: float = 1.0
+    render_s: float = 1.0
+    fetch_s: float = 1.0
+
+    def observe(self, *, compose_s: float = 0.0, render_s: float = 0.0, fetch_s: float = 0.0) -> None:
+        """One finished job's measured seconds; 0 means not measured (no switch, no fetch)."""
+        for name, seen in (("compose_s", compose_s), ("render_s", render_s), ("fetch_s", fetch_s)):
+            if seen > 0:
+                setattr(self, name, 0.7 * getattr(self, name) + 0.3 * seen)
+
+
 def switch_cost(worker: WorkerView, composition: str, loras: Iterable[str], current: str | None) -> float:
     """Estimated seconds for ``worker``, holding ``current``, to start on ``composition``."""
     if current == composition:
@@ -399,6 +415,7 @@ class AffinityScheduler(Policy):
         self._plan_costs = (0.0, 0.0)  # mean render and compose seconds it was made with
         self._last_piece: dict[str, list] = {}  # composition -> its last planned piece
         self._covered: Counter[str] = Counter()  # composition -> jobs in its pieces left
+        self._planned = 0  # jobs in all pieces left
         self._loose: set[str] = set()  # compositions with more queued jobs than pieces cover
         self._unplanned = 0  # jobs queued since the plan that no piece covers
         self._online = False  # jobs arrived while a plan ran: no plans until the farm drains
@@ -425,6 +442,7 @@ class AffinityScheduler(Policy):
         if piece is not None and piece[1] > 0:
             piece[1] += 1
             self._covered[key] += 1
+            self._planned += 1
         else:
             self._unplanned += 1
             self._recheck(key)
@@ -446,7 +464,7 @@ class AffinityScheduler(Policy):
         costs = (sum(s.view.render_cost_s for s in slots) / len(slots),
                  sum(s.view.compose_cost_s for s in slots) / len(slots))
         fresh = (alive <= self._plan_for and not dead.intersection(self._plan)
-                 and self._unplanned <= self.replan_share * sum(self._covered.values())
+                 and self._unplanned <= self.replan_share * self._planned
                  and all(0.67 <= a / b <= 1.5 for a, b in zip(costs, self._plan_costs) if b > 0))
         if fresh and not ran_out:
             return
@@ -459,7 +477,7 @@ class AffinityScheduler(Policy):
             missing = sum(1 for u in loras(key) if u not in s.view.adapters)
             return s.view.compose_cost_s + missing * s.view.load_cost_s  # prefetched while it renders
 
-        lanes = [batch_plan.Lane(s.delay, s.comp, s.view.render_cost_s) for s in slots]
+        lanes = [batch_plan.Lane(s.delay, s.comp, max(s.view.render_cost_s, 1e-3)) for s in slots]
         if fresh:  # rebalancing a running plan: its end and its slack in seconds stay
             pieces, end = batch_plan.plan(self.queue.sizes(), lanes, switch, slack_s=self._plan_slack_s,
                                           at_least=self._plan_end - now)
@@ -467,18 +485,22 @@ class AffinityScheduler(Policy):
             pieces, end = batch_plan.plan(self.queue.sizes(), lanes, switch, slack=self.plan_slack)
             self._plan_slack_s, self._plan_costs = self.plan_slack * end, costs
         self._drop_plan()
-        self._plan_for, self._plan_end = alive | (self._plan_for if fresh else frozenset()), now + end
+        if fresh:  # a rebalance never moves the end the plan is working toward earlier
+            self._plan_for, self._plan_end = alive | self._plan_for, max(self._plan_end, now + end)
+        else:
+            self._plan_for, self._plan_end = alive, now + end
         for s, mine in zip(slots, pieces):
             if mine:
                 self._plan[s.view.worker_id] = deque([key, n] for key, n in mine)
                 for piece in self._plan[s.view.worker_id]:
                     self._last_piece[piece[0]] = piece
                     self._covered[piece[0]] += piece[1]
+                    self._planned += piece[1]
         self.plans_made += 1
 
     def _drop_plan(self) -> None:
         self._plan, self._last_piece, self._covered, self._loose = {}, {}, Counter(), set()
-        self._unplanned = 0
+        self._unplanned = self._planned = 0
 
     def _follow_plan(self, slots: list[_Slot], holders: Counter, out: list) -> bool:
         """Every planned worker takes jobs of its current piece; True when one's pieces ran out."""
@@ -492,8 +514,10 @@ class AffinityScheduler(Policy):
                     self._give(self.queue.pop(key), s, out, holders)
                     piece[1] -= 1
                     self._covered[key] -= 1
+                    self._planned -= 1
                     continue
                 self._covered[key] -= piece[1]  # finished, or its jobs went elsewhere
+                self._planned -= piece[1]
                 piece[1] = 0
                 mine.popleft()
                 self._recheck(key)

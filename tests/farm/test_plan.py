@@ -214,3 +214,26 @@ def test_prefetch_hints_the_next_piece():
     policy.assign([WorkerView("w0", composition=first, capacity=2)], 1.0)  # takes the first's last two
     hints = policy.prefetch([WorkerView("w0", composition="Z", capacity=2)])
     assert hints["w0"] == [f"s3://{second.lower()}"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_bookkeeping_stays_consistent_in_the_simulator(seed: int):
+    """Random farms and workloads (batch and bursty): after every decision the jobs the
+    pieces cover add up, no piece is negative, and every job runs once (the simulator
+    checks that)."""
+    rng = random.Random(seed)
+
+    class Checked(AffinityScheduler):
+        def assign(self, workers, now):
+            out = super().assign(workers, now)
+            pieces = [p for d in self._plan.values() for p in d]
+            assert all(p[1] >= 0 for p in pieces)
+            assert self._planned == sum(self._covered.values()) == sum(p[1] for p in pieces)
+            return out
+
+    work = make_workload(rng.randint(50, 400), rng.randint(1, 30), rng.uniform(0.5, 1.5), seed,
+                         arrival=rng.choice(("batch", "bursty")), span_s=rng.uniform(10, 200), bursts=3)
+    farm = FarmModel(rng.randint(1, 8), compose_s=rng.uniform(0.5, 10), render_s=rng.uniform(0.3, 2),
+                     prior_s=rng.choice((None, 1.0)))
+    result = simulate(Checked(), work, farm)
+    assert result.makespan >= lower_bounds(work, farm)["makespan"] - 1e-6

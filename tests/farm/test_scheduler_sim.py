@@ -142,3 +142,37 @@ def test_recompositions_needed_at_a_makespan():
     b = lower_bounds(jobs, farm)
     assert 3 <= recompositions_needed(jobs, farm, b["makespan"]) and b["lp_compositions"] <= recompositions_needed(
         jobs, farm, b["makespan"])
+
+
+def test_cost_estimate_learns_like_the_dispatcher():
+    from farm.dispatcher import WorkerBook
+    from farm.scheduler import CostEstimate
+
+    est = CostEstimate(compose_s=1.0, render_s=1.0, fetch_s=1.0)
+    est.observe(compose_s=0.0, render_s=2.0)  # no switch: compose and fetch keep their estimate
+    assert (est.compose_s, est.render_s, est.fetch_s) == (1.0, pytest.approx(1.3), 1.0)
+    for _ in range(40):
+        est.observe(compose_s=5.0, render_s=0.5, fetch_s=0.2)
+    assert [est.compose_s, est.render_s, est.fetch_s] == pytest.approx([5.0, 0.5, 0.2], abs=1e-4)
+    book = WorkerBook("w0", None)  # the dispatcher's book is one; a row without a field learns nothing
+    book.learn({"compose_s": 5.0, "render_s": None, "composition_key": "k"})
+    assert (book.compose_s, book.render_s, book.switches) == (pytest.approx(2.2), 1.0, 1)
+
+
+def test_simulated_policy_can_learn_its_costs_from_a_prior():
+    """With ``prior_s`` the policy is shown what a dispatcher would have learned: at first
+    the prior, then estimates that approach the true costs."""
+    seen: list[tuple[float, float]] = []
+
+    class Watching(FifoPolicy):
+        def assign(self, workers, now):
+            seen.append((workers[0].render_cost_s, workers[0].compose_cost_s))
+            return super().assign(workers, now)
+
+    jobs = [QueuedJob(f"j{i}", "c", ("u",)) for i in range(30)]
+    farm = FarmModel(1, compose_s=4.0, render_s=0.25, fetch_s=0.0, prior_s=1.0)
+    learned = simulate(Watching(), jobs, farm)
+    assert seen[0] == (1.0, 1.0)
+    assert seen[-1][0] == pytest.approx(0.25, abs=0.01) and seen[-1][1] == pytest.approx(1.0 * 0.7 + 4.0 * 0.3)
+    told = simulate(FifoPolicy(), jobs, FarmModel(1, compose_s=4.0, render_s=0.25, fetch_s=0.0))
+    assert learned.makespan == told.makespan  # what the policy is shown changes no cost
