@@ -53,16 +53,15 @@ NOTES = """Where the targets are not met, and why:
   and Ray Serve's multiplexed routing only prefers a replica holding the model on a
   request's first attempt, so under a backlog it routes like power-of-two-choices).
 * **Batch workloads are planned** (`farm/plan.py`, session 3): the queue is packed once
-  into per-worker runs of one composition, best fit, splitting a composition only where
-  it fits nowhere whole; of the ends within 5% of the earliest it finds, the packing
-  with the fewest recompositions; a worker that runs out early re-plans the rest toward
-  the same end. The greedy rules alone (last column) meet batch/20 in 25 of 36; with
-  the plan 31 (`--sweep --no-write --seed 1`: 25 -> 30; `--seed 2`: 23 -> 33, where
-  every configuration both targets are reachable in is met; with learned costs 23 -> 26
-  and 23 -> 29);
-  batch/100 stays 36/36; bursty is unchanged (arrivals while a plan runs are served by
-  the greedy rules: re-planning every burst was tried and recomposed more, up to 3.2x D
-  vs 2.4x).
+  into per-worker runs of one composition (best or worst fit), splitting a composition
+  only where it fits nowhere whole; of the ends within 5% of the earliest it finds, the
+  packing with the fewest recompositions; a worker that runs out early re-plans the rest
+  toward the same end. The greedy rules alone (last column) meet batch/20 in 25 of 36,
+  with the plan 31 (`--sweep --no-write --seed 1`: 25 -> 30; `--seed 2`: 23 -> 33, every
+  configuration where both targets are reachable; with learned costs 23 -> 27 and
+  23 -> 29); batch/100 stays 36/36; bursty is unchanged (arrivals while a plan runs are
+  served by the greedy rules: re-planning every burst was tried and recomposed more, up
+  to 3.2x D vs 2.4x).
 * **Batch, 20 compositions, many workers:** reaching the makespan bound *requires*
   splitting hot compositions over several workers; the bound's own LP needs the
   compositions shown in [brackets]. *Reachable together* counts the configurations
@@ -71,7 +70,7 @@ NOTES = """Where the targets are not met, and why:
   below) is within 1.25 x D. Of the 5 misses, 4 are not reachable in that sense; the
   fifth (alpha 0.9, C/R 5, 16 workers) needs 25 = 1.25 x D only if the schedule ends at
   exactly 1.15 x the bound (its 147-job composition fits one worker whole only then);
-  the plan ends at 1.055x with 26.
+  the plan ends at 1.063x with 26.
 * **Bursty arrivals:** the only valid recomposition bound is D, and an online policy
   cannot reach it: a composition that comes back in a later burst after its holders moved
   on must be composed again (about 2x D here); the relaxation behind *reachable together*
@@ -81,7 +80,7 @@ NOTES = """Where the targets are not met, and why:
 * **Cost estimates:** the first three workloads show the policy the true costs. The real
   dispatcher starts from 1 s priors and learns them (`farm.scheduler.CostEstimate`,
   EWMA); the plan is remade when the mean estimate moves by 1.5x. The fourth workload
-  simulates that (`FarmModel.prior_s`): 29 of 36 met (the greedy rules alone: 23). The
+  simulates that (`FarmModel.prior_s`): 28 of 36 met (the greedy rules alone: 23). The
   misses are at 16 workers, mostly where a compose costs 5-20 renders: the first plan
   is made before any compose was measured and splits hot compositions as if composing
   cost the prior; those replicas are composed before the estimate catches up.
@@ -202,9 +201,10 @@ def plot(rows: list[dict[str, Any]], path: str = PLOT) -> None:
         for col, (metric, bound) in enumerate((("makespan", "lower_bound_makespan"),
                                                 ("recompositions", "lower_bound_recompositions"))):
             ax = axes[row][col]
-            for name in POLICIES:
+            for name in (*POLICIES, "affinity_greedy"):
                 ax.plot(range(len(rs)), [r[name][metric] / r[bound] for r in rs], marker="o", ms=3,
-                        lw=2 if name == "affinity" else 1, label=name)
+                        lw=2 if name == "affinity" else 1, ls=":" if name == "affinity_greedy" else "-",
+                        label="affinity without the plan" if name == "affinity_greedy" else name)
             target = TARGETS["makespan" if col == 0 else "recompositions"]
             ax.axhline(target, color="grey", ls="--", lw=0.8, label=f"target {target}x")
             ax.set_yscale("log")
