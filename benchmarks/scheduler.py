@@ -58,8 +58,8 @@ NOTES = """Where the targets are not met, and why:
   packing with the fewest recompositions; a worker that runs out early re-plans the rest
   toward the same end. The greedy rules alone (last column) meet batch/20 in 25 of 36,
   with the plan 31 (`--sweep --no-write --seed 1`: 25 -> 30; `--seed 2`: 23 -> 33, every
-  configuration where both targets are reachable; with learned costs 23 -> 27 and
-  23 -> 29); batch/100 stays 36/36; bursty is unchanged (arrivals while a plan runs are
+  configuration where both targets are reachable; with learned costs 24 -> 29 and
+  24 -> 30); batch/100 stays 36/36; bursty is unchanged (arrivals while a plan runs are
   served by the greedy rules: re-planning every burst was tried and recomposed more, up
   to 3.2x D vs 2.4x).
 * **Batch, 20 compositions, many workers:** reaching the makespan bound *requires*
@@ -78,12 +78,16 @@ NOTES = """Where the targets are not met, and why:
   compose/render) is mostly that the bound charges the last burst's compositions only
   beyond the K a farm could already hold.
 * **Cost estimates:** the first three workloads show the policy the true costs. The real
-  dispatcher starts from 1 s priors and learns them (`farm.scheduler.CostEstimate`,
-  EWMA); the plan is remade when the mean estimate moves by 1.5x. The fourth workload
-  simulates that (`FarmModel.prior_s`): 28 of 36 met (the greedy rules alone: 23). The
-  misses are at 16 workers, mostly where a compose costs 5-20 renders: the first plan
-  is made before any compose was measured and splits hot compositions as if composing
-  cost the prior; those replicas are composed before the estimate catches up.
+  dispatcher starts from 1 s priors and learns them (`farm.scheduler.CostEstimate`: the
+  first measurement replaces the prior, then an EWMA); the plan is remade when the mean
+  estimate moves by 1.5x. The fourth workload simulates that (`FarmModel.prior_s`): 30
+  of 36 met (the greedy rules alone: 24); when the EWMA started from the prior instead
+  (measurements averaged into the 1 s), 28. The misses are at 16 workers, where the
+  first plan is made before anything was measured and splits hot compositions as if a
+  compose cost the prior. Tried and not kept: a first plan that splits nothing until the
+  costs are measured (30 / 27 / 29 met on seeds 0 / 1 / 2, vs 30 / 29 / 30 without),
+  and a pessimistic compose prior of 3 / 10 / 30 s (30 / 29 / 27, makespans to 1.30x;
+  both with the older EWMA).
 * The last column is the same run without the plan (`AffinityScheduler(plan=False)`,
   the greedy rules alone, the policy before session 3)."""
 

@@ -77,18 +77,22 @@ class WorkerView:
 
 @dataclass(kw_only=True)
 class CostEstimate:
-    """A worker's seconds per compose, per rendered job and per remote fetch, learned from
-    finished jobs (EWMA, weight 0.3) from a prior; the dispatcher and the simulator share it."""
+    """A worker's seconds per compose, per rendered job and per remote fetch: a prior until
+    the first measurement, then an EWMA (weight 0.3) of the measurements. The dispatcher
+    and the simulator share it."""
 
     compose_s: float = 1.0
     render_s: float = 1.0
     fetch_s: float = 1.0
+    _measured: frozenset[str] = frozenset()  # the fields that left their prior
 
     def observe(self, *, compose_s: float = 0.0, render_s: float = 0.0, fetch_s: float = 0.0) -> None:
         """One finished job's measured seconds; 0 means not measured (no switch, no fetch)."""
-        for name, seen in (("compose_s", compose_s), ("render_s", render_s), ("fetch_s", fetch_s)):
-            if seen > 0:
-                setattr(self, name, 0.7 * getattr(self, name) + 0.3 * seen)
+        for name, value in (("compose_s", compose_s), ("render_s", render_s), ("fetch_s", fetch_s)):
+            if value > 0:
+                old = getattr(self, name) if name in self._measured else value
+                setattr(self, name, 0.7 * old + 0.3 * value)
+                self._measured |= {name}
 
 
 def switch_cost(worker: WorkerView, composition: str, loras: Iterable[str], current: str | None) -> float:
@@ -485,7 +489,7 @@ class AffinityScheduler(Policy):
             pieces, end = batch_plan.plan(self.queue.sizes(), lanes, switch, slack=self.plan_slack)
             self._plan_slack_s, self._plan_costs = self.plan_slack * end, costs
         self._drop_plan()
-        if fresh:  # a rebalance never moves the end the plan is working toward earlier
+        if fresh:  # a rebalance never moves the end the plan works toward earlier
             self._plan_for, self._plan_end = alive | self._plan_for, max(self._plan_end, now + end)
         else:
             self._plan_for, self._plan_end = alive, now + end
