@@ -38,9 +38,8 @@ Costs: a switch costs ``compose_cost_s`` plus, per adapter not in the worker's m
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from typing import Container, Iterable, Sequence
 
@@ -412,63 +411,42 @@ class AffinityScheduler(Policy):
         self.max_wait_s = max_wait_s
         self.horizon_s = horizon_s
         self.plan, self.plan_slack, self.replan_share = plan, plan_slack, replan_share
-        self._plan: dict[str, deque[list]] = {}  # worker -> its pieces left: [composition, jobs]
+        self._following = batch_plan.Following({}, self.queue.count)  # the plan, while one runs
         self._plan_for: frozenset[str] = frozenset()  # the workers the plan was made for
         self._plan_end = -math.inf  # when the plan means to be done (the clock of ``now``)
         self._plan_slack_s = 0.0  # the first plan's slack, in seconds
         self._plan_costs = (0.0, 0.0)  # mean render and compose seconds it was made with
-        self._last_piece: dict[str, list] = {}  # composition -> its last planned piece
-        self._covered: Counter[str] = Counter()  # composition -> jobs in its pieces left
-        self._planned = 0  # jobs in all pieces left
-        self._loose: set[str] = set()  # compositions with more queued jobs than pieces cover
-        self._unplanned = 0  # jobs queued since the plan that no piece covers
         self._online = False  # jobs arrived while a plan ran: no plans until the farm drains
         self.plans_made = 0
 
     # ---- the batch plan (farm/plan.py) -------------------------------------------------
     def submit(self, jobs: Iterable[QueuedJob]) -> None:
-        if self._plan:  # arrivals while a plan runs: jobs trickle in, the greedy rules serve them
+        if self._following:  # arrivals while a plan runs: jobs trickle in, the greedy rules serve them
             self._online = True
             self._drop_plan()
         for job in jobs:
             super().submit((job,))
-            self._cover(job.composition)
+            self._following.joined(job.composition)
 
     def done(self, job_id: str, *, requeue: bool = False) -> None:
         item = self._running.get(job_id)
         super().done(job_id, requeue=requeue)
         if item is not None and requeue:
-            self._cover(item[1].composition)
-
-    def _cover(self, key: str) -> None:
-        """A job joined the queue: the last unfinished piece of its composition grows, if any."""
-        piece = self._last_piece.get(key)
-        if piece is not None and piece[1] > 0:
-            piece[1] += 1
-            self._covered[key] += 1
-            self._planned += 1
-        else:
-            self._unplanned += 1
-            self._recheck(key)
-
-    def _recheck(self, key: str) -> None:
-        if self.queue.count(key) > self._covered[key]:
-            self._loose.add(key)
-        else:
-            self._loose.discard(key)
+            self._following.joined(item[1].composition)
 
     def _replan(self, slots: list[_Slot], dead: set[str], now: float, *, ran_out: bool = False) -> None:
         """Plan the queue when there is no plan, or it is stale (many jobs it does not cover),
-        or a worker joined or a planned one died; with ``ran_out`` (a worker's pieces ran
-        out), rebalance toward the same end time."""
-        alive = frozenset(s.view.worker_id for s in slots)
+        or a worker joined or a planned one died, or the costs moved; with ``ran_out`` (a
+        worker's pieces ran out), rebalance toward the same end time."""
         if not self.plan or self._online or self.queue.priorities() != 1:
             self._drop_plan()
             return
+        alive = frozenset(s.view.worker_id for s in slots)
         costs = (sum(s.view.render_cost_s for s in slots) / len(slots),
                  sum(s.view.compose_cost_s for s in slots) / len(slots))
-        fresh = (alive <= self._plan_for and not dead.intersection(self._plan)
-                 and self._unplanned <= self.replan_share * self._planned
+        f = self._following
+        fresh = (alive <= self._plan_for and not any(w in f for w in dead)
+                 and f.unplanned <= self.replan_share * f.planned
                  and all(0.67 <= a / b <= 1.5 for a, b in zip(costs, self._plan_costs) if b > 0))
         if fresh and not ran_out:
             return
@@ -485,60 +463,42 @@ class AffinityScheduler(Policy):
         if fresh:  # rebalancing a running plan: its end and its slack in seconds stay
             pieces, end = batch_plan.plan(self.queue.sizes(), lanes, switch, slack_s=self._plan_slack_s,
                                           at_least=self._plan_end - now)
+            self._plan_for, self._plan_end = alive | self._plan_for, max(self._plan_end, now + end)
         else:
             pieces, end = batch_plan.plan(self.queue.sizes(), lanes, switch, slack=self.plan_slack)
             self._plan_slack_s, self._plan_costs = self.plan_slack * end, costs
-        self._drop_plan()
-        if fresh:  # a rebalance never moves the end the plan works toward earlier
-            self._plan_for, self._plan_end = alive | self._plan_for, max(self._plan_end, now + end)
-        else:
             self._plan_for, self._plan_end = alive, now + end
-        for s, mine in zip(slots, pieces):
-            if mine:
-                self._plan[s.view.worker_id] = deque([key, n] for key, n in mine)
-                for piece in self._plan[s.view.worker_id]:
-                    self._last_piece[piece[0]] = piece
-                    self._covered[piece[0]] += piece[1]
-                    self._planned += piece[1]
+        self._following = batch_plan.Following(
+            {s.view.worker_id: mine for s, mine in zip(slots, pieces)}, self.queue.count)
         self.plans_made += 1
 
     def _drop_plan(self) -> None:
-        self._plan, self._last_piece, self._covered, self._loose = {}, {}, Counter(), set()
-        self._unplanned = self._planned = 0
+        self._following = batch_plan.Following({}, self.queue.count)
 
     def _follow_plan(self, slots: list[_Slot], holders: Counter, out: list) -> bool:
         """Every planned worker takes jobs of its current piece; True when one's pieces ran out."""
-        ran_out = False
+        f, ran_out = self._following, False
         for s in slots:
-            mine = self._plan.get(s.view.worker_id)
-            while mine and s.spare > 0:
-                piece = mine[0]
-                key = piece[0]
-                if piece[1] > 0 and self.queue.count(key):
-                    self._give(self.queue.pop(key), s, out, holders)
-                    piece[1] -= 1
-                    self._covered[key] -= 1
-                    self._planned -= 1
-                    continue
-                self._covered[key] -= piece[1]  # finished, or its jobs went elsewhere
-                self._planned -= piece[1]
-                piece[1] = 0
-                mine.popleft()
-                self._recheck(key)
-            if mine is not None and not mine:
-                del self._plan[s.view.worker_id]
-                ran_out = True
+            wid = s.view.worker_id
+            if wid not in f:
+                continue
+            while s.spare > 0:
+                key = f.current(wid)
+                if key is None:  # its pieces ran out: it left the plan
+                    ran_out = True
+                    break
+                self._give(self.queue.pop(key), s, out, holders)
+                f.took(wid)
         return ran_out
 
     def _take_loose(self, free: list[_Slot], holders: Counter, out: list) -> None:
         """While a plan runs, workers without pieces take only the jobs no piece covers: their
         own composition's first, then the composition with the most such jobs."""
+        f = self._following
         for s in free:
-            while s.spare > 0 and self._loose:
-                key = s.comp if s.comp in self._loose else max(
-                    self._loose, key=lambda k: (self.queue.count(k) - self._covered[k], k))
-                self._give(self.queue.pop(key), s, out, holders)  # type: ignore[arg-type]
-                self._recheck(key)  # type: ignore[arg-type]
+            while s.spare > 0 and (key := f.loose(s.comp)) is not None:
+                self._give(self.queue.pop(key), s, out, holders)
+                f.took_loose(key)
 
     def assign(self, workers: Sequence[WorkerView], now: float) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
@@ -554,8 +514,8 @@ class AffinityScheduler(Policy):
         if self._follow_plan(slots, holders, out) and len(self.queue):
             self._replan(slots, dead, now, ran_out=True)
             self._follow_plan(slots, holders, out)
-        unplanned = [s for s in slots if s.view.worker_id not in self._plan]
-        if self._plan:
+        unplanned = [s for s in slots if s.view.worker_id not in self._following]
+        if self._following:
             self._take_loose(unplanned, holders, out)
             return out
         self._switch(slots, unplanned, holders, out)
@@ -658,16 +618,15 @@ class AffinityScheduler(Policy):
         nxt: dict[int, str] = {}
         guessing: list[_Slot] = []
         for s in slots:
-            live = (p for p in self._plan.get(s.view.worker_id, ()) if p[1] > 0 and self.queue.count(p[0]))
-            mine = list(itertools.islice(live, 2))  # its current and next pieces with work left
+            mine = self._following.upcoming(s.view.worker_id)  # its current and next pieces
             if not mine:
                 runway = self.queue.count(s.comp) / max(holders[s.comp], 1) * s.view.render_cost_s
                 if runway <= lead(s):  # its composition's queued work per holder runs out soon
                     guessing.append(s)
-            elif mine[0][0] != s.comp:
-                nxt[id(s)] = mine[0][0]  # its next piece starts once its local queue drains
-            elif len(mine) > 1 and mine[0][1] * s.view.render_cost_s <= lead(s):
-                nxt[id(s)] = mine[1][0]
+            elif mine[0] != s.comp:
+                nxt[id(s)] = mine[0]  # its next piece starts once its local queue drains
+            elif len(mine) > 1 and self._following.left(s.view.worker_id) * s.view.render_cost_s <= lead(s):
+                nxt[id(s)] = mine[1]
         upcoming = self.queue.largest({c for c in holders if c is not None}, len(guessing))
         nxt.update((id(s), entry[-1]) for s, entry in zip(guessing, upcoming))  # one guess per worker
         hints: dict[str, list[str]] = {}

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from benchmarks.sim import FarmModel, lower_bounds, make_workload, simulate
-from farm.plan import Lane, pack, plan, switches
+from farm.plan import Following, Lane, pack, plan, switches
 from farm.scheduler import AffinityScheduler, QueuedJob, WorkerView
 
 
@@ -100,6 +100,28 @@ def test_pack_says_when_the_work_does_not_fit():
     assert plan([], [Lane()], flat()) == ([[]], 0.0)
 
 
+def test_following_counts_what_its_pieces_cover():
+    queue = Counter({"A": 5, "B": 3})
+    f = Following({"w0": [("A", 3), ("B", 3)], "w1": [("A", 2)], "w2": []}, queue.__getitem__)
+    assert "w2" not in f and f.planned == 8 and f.covered == Counter({"A": 5, "B": 3})
+    assert f.current("w0") == "A" and f.left("w0") == 3 and f.upcoming("w0") == ["A", "B"]
+    queue["A"] -= 1
+    f.took("w0")
+    assert f.left("w0") == 2 and f.planned == 7
+    queue["A"] += 1
+    f.joined("A")  # a retry: the last unfinished piece of A (w1's) grows
+    assert f.workers["w1"][0][1] == 3 and f.unplanned == 0 and f.loose(None) is None
+    queue["C"] += 2
+    f.joined("C")
+    f.joined("C")  # no piece of C: unplanned, and C is loose
+    assert f.unplanned == 2 and f.loose(None) == "C" and f.loose("C") == "C"
+    queue["C"] = 0  # another rule took C's jobs: not loose any more
+    assert f.loose(None) is None
+    queue["A"] = 0  # A's jobs went elsewhere: w0 moves on to B, w1 leaves the plan
+    assert f.current("w0") == "B" and f.current("w1") is None and "w1" not in f
+    assert f.planned == sum(f.covered.values()) == 3
+
+
 # ---- the scheduler with a plan -------------------------------------------------------------
 LORA = ("s3://l/x.safetensors",)
 
@@ -132,7 +154,7 @@ def test_a_worker_follows_its_pieces_in_order():
     policy.submit(batch({"A": 6, "B": 2, "C": 6}))
     first = policy.assign(views(2), 0.0)
     assert policy.plans_made == 1
-    order = {w: [p[0] for p in d] for w, d in policy._plan.items()}
+    order = {w: [p[0] for p in d] for w, d in policy._following.workers.items()}
     done: dict[str, list[str]] = {w: [] for w in ("w0", "w1")}
     pairs = first
     while pairs:
@@ -149,9 +171,9 @@ def test_arrivals_while_a_plan_runs_switch_to_the_greedy_rules_until_drained():
     policy = AffinityScheduler()
     policy.submit(batch({"A": 10, "B": 10}))
     pairs = policy.assign(views(2), 0.0)
-    assert policy._plan
+    assert policy._following
     policy.submit([QueuedJob("late", "C", LORA)])
-    assert not policy._plan and policy._online
+    assert not policy._following and policy._online
     for _ in range(30):
         for job_id, _ in pairs:
             policy.done(job_id)
@@ -174,13 +196,13 @@ def test_a_dead_workers_pieces_are_planned_again():
     policy = AffinityScheduler()
     policy.submit(batch({"A": 20, "B": 20, "C": 20}))
     policy.assign(views(3), 0.0)
-    owner = next(w for w, d in policy._plan.items() if d[0][0] == "C")
+    owner = next(w for w, d in policy._following.workers.items() if d[0][0] == "C")
     running = [j for j, (w, _) in policy._running.items() if w == owner]
     for job_id in running:
         policy.done(job_id, requeue=True)  # its actor died
     pairs = policy.assign(views(3, dead={owner}), 1.0)
-    assert policy.plans_made == 2 and owner not in policy._plan
-    assert any(p[0] == "C" for d in policy._plan.values() for p in d) or any(j.startswith("C") for j, _ in pairs)
+    assert policy.plans_made == 2 and owner not in policy._following
+    assert any(p[0] == "C" for d in policy._following.workers.values() for p in d) or any(j.startswith("C") for j, _ in pairs)
 
 
 def test_a_retried_job_stays_in_its_piece():
@@ -189,7 +211,7 @@ def test_a_retried_job_stays_in_its_piece():
     pairs = policy.assign(views(2), 0.0)
     job_id, wid = pairs[0]
     policy.done(job_id, requeue=True)  # transient failure: it comes back
-    assert policy.plans_made == 1 and policy._covered[job_id.split("-")[0]] == 9
+    assert policy.plans_made == 1 and policy._following.covered[job_id.split("-")[0]] == 9
     where: dict[str, str] = {}
     inflight = {wid: 1, ("w1" if wid == "w0" else "w0"): 2}
     for step in range(20):
@@ -206,7 +228,7 @@ def test_prefetch_hints_the_next_piece():
         [QueuedJob(f"B-{i}", "B", ("s3://b",)) for i in range(4)]
     policy.submit(jobs)
     policy.assign([WorkerView("w0", capacity=2)], 0.0)
-    (first, second), = [[p[0] for p in d] for d in policy._plan.values()]
+    (first, second), = [[p[0] for p in d] for d in policy._following.workers.values()]
     hints = policy.prefetch([WorkerView("w0", composition=first, inflight=2, capacity=2)])
     assert hints["w0"] == [f"s3://{first.lower()}", f"s3://{second.lower()}"]
     # Before it starts its next piece (here: holding something else), that piece is the hint,
@@ -226,9 +248,9 @@ def test_plan_bookkeeping_stays_consistent_in_the_simulator(seed: int):
     class Checked(AffinityScheduler):
         def assign(self, workers, now):
             out = super().assign(workers, now)
-            pieces = [p for d in self._plan.values() for p in d]
+            pieces = [p for d in self._following.workers.values() for p in d]
             assert all(p[1] >= 0 for p in pieces)
-            assert self._planned == sum(self._covered.values()) == sum(p[1] for p in pieces)
+            assert self._following.planned == sum(self._following.covered.values()) == sum(p[1] for p in pieces)
             return out
 
     work = make_workload(rng.randint(50, 400), rng.randint(1, 30), rng.uniform(0.5, 1.5), seed,
