@@ -616,19 +616,19 @@ class AffinityScheduler(Policy):
             return self.prefetch_lead_s if self.prefetch_lead_s is not None else 8 * s.view.fetch_cost_s
 
         nxt: dict[int, str] = {}
-        guessing: list[_Slot] = []
-        for s in slots:
+        guessing: list[tuple[float, int, _Slot]] = []  # (runway, order, slot): the soonest dry first
+        for n, s in enumerate(slots):
             mine = self._following.upcoming(s.view.worker_id)  # its current and next pieces
             if not mine:
                 runway = self.queue.count(s.comp) / max(holders[s.comp], 1) * s.view.render_cost_s
                 if runway <= lead(s):  # its composition's queued work per holder runs out soon
-                    guessing.append(s)
+                    guessing.append((runway, n, s))
             elif mine[0] != s.comp:
                 nxt[id(s)] = mine[0]  # its next piece starts once its local queue drains
             elif len(mine) > 1 and self._following.left(s.view.worker_id) * s.view.render_cost_s <= lead(s):
                 nxt[id(s)] = mine[1]
         upcoming = self.queue.largest({c for c in holders if c is not None}, len(guessing))
-        nxt.update((id(s), entry[-1]) for s, entry in zip(guessing, upcoming))  # one guess per worker
+        nxt.update((id(g[-1]), entry[-1]) for g, entry in zip(sorted(guessing), upcoming))  # one guess per worker
         hints: dict[str, list[str]] = {}
         for s in slots:
             tail = self._tail.get(s.view.worker_id)
