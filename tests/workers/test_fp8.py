@@ -14,14 +14,10 @@ from lora_core.targets.fp8 import FP8Linear, quantize
 from workers.backends import make_backend
 from workers.backends.base import RenderRequest
 from workers.wrapper import ComposedModel
+from workers.worker import png_bytes as png  # the farm's own encoder: the bytes it writes
 
 REQ = RenderRequest(prompt="a red fox", negative_prompt="", seed=3, steps=2, width=64, height=64, guidance=1.0)
 
-
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ the base gives the base image's bytes; A -> B -> A gives A's bytes.
 """
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from workers.backends import make_backend
 from workers.backends.base import RenderRequest
 from workers.backends.tiny import _init_weights, _train_tokenizer
 from workers.wrapper import ComposedModel
+from workers.worker import png_bytes as png  # the farm's own encoder: the bytes it writes
 
 REQ = RenderRequest("a red fox in the snow", seed=3, steps=2, width=64, height=64, guidance=1.0)
 
@@ -115,11 +115,6 @@ def build_zimage():
 BUILD = {"flux": build_flux, "sdxl": build_sdxl, "zimage": build_zimage}
 DENOISER = {"flux": "FluxTransformer2DModel", "sdxl": "UNet2DConditionModel", "zimage": "ZImageTransformer2DModel"}
 
-
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module", params=sorted(BUILD))

@@ -1,7 +1,6 @@
 """The sleep backend: real LoRA files bind and merge, a switch sleeps C, a render sleeps R per image."""
 from __future__ import annotations
 
-import io
 import time
 
 import pytest
@@ -13,16 +12,12 @@ from workers.backends import make_backend
 from workers.backends.base import BackendSpecError, RenderRequest
 from workers.backends.sleep import SleepBackend, seed_colour, sleep_transformer_shapes
 from workers.wrapper import ComposedModel
+from workers.worker import png_bytes as png  # the farm's own encoder: the bytes it writes
 
 
 def req(seed: int) -> RenderRequest:
     return RenderRequest(prompt="p", seed=seed, steps=2, width=1024, height=1024)
 
-
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """ComposedModel on the real tiny backend: exact switches, lazy composition, step-cache reset."""
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from workers.backends import make_backend
 from workers.backends.base import RenderRequest
 from workers.stepcache import StepCache
 from workers.wrapper import ComposedModel
+from workers.worker import png_bytes as png  # the farm's own encoder: the bytes it writes
 
 REQ = RenderRequest(prompt="a red fox", negative_prompt="", seed=7, steps=2, width=64, height=64, guidance=1.0)
 
@@ -36,11 +36,6 @@ def adapters(backend, tmp_path_factory):
         out[name] = load_adapter(T.write_safetensors(d / f"{name}.safetensors", T.peft_state_dict(layers)))
     return out
 
-
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def render(model: ComposedModel, pairs) -> bytes:
