@@ -9,7 +9,7 @@ full worker, or left in the queue when nothing more can happen, raises ``SimErro
 Cost model (all in seconds; the same for every policy):
 
 * workers run their local queue one job at a time (``capacity`` bounds the queue, not
-  parallelism); a job costs ``render_s``;
+  parallelism); a job costs ``render_s`` x its ``work``;
 * a job whose composition differs from the worker's current one first costs a switch:
   ``compose_s`` (one recomposition) plus, per adapter not in the worker's memory,
   ``load_s`` when it is on the node's disk, the rest of its download when the node is
@@ -85,9 +85,11 @@ class SimResult:
 
 def make_workload(
     n_jobs: int, n_compositions: int, alpha: float, seed: int, *,
-    arrival: str = "batch", span_s: float = 0.0, bursts: int = 8,
+    arrival: str = "batch", span_s: float = 0.0, bursts: int = 8, mixed_sizes: bool = False,
 ) -> list[QueuedJob]:
-    """Jobs with Zipf(alpha) composition popularity; ``enqueued_at`` is the arrival time."""
+    """Jobs with Zipf(alpha) composition popularity; ``enqueued_at`` is the arrival time.
+    ``mixed_sizes``: each composition's jobs have one size, its ``work`` 0.25, 1 or 2.25
+    (512, 1024 or 1536 pixels square against 1024), drawn at random; else all 1."""
     rng = random.Random(seed)
     pool = [f"s3://loras/l{i:04d}.safetensors" for i in range(max(3, n_compositions // 2))]
     loras = [tuple(sorted(rng.sample(pool, rng.randint(1, 3)))) for _ in range(n_compositions)]
@@ -102,8 +104,9 @@ def make_workload(
         times = sorted(rng.choice(starts) for _ in range(n_jobs))
     else:
         raise ValueError(f"arrival must be 'batch' or 'bursty', not {arrival!r}")
+    size = [rng.choice((0.25, 1.0, 2.25)) if mixed_sizes else 1.0 for _ in range(n_compositions)]
     return [
-        QueuedJob(f"j{i:06d}", f"c{c:05d}", loras[c], 0, t)
+        QueuedJob(f"j{i:06d}", f"c{c:05d}", loras[c], 0, t, size[c])
         for i, (c, t) in enumerate(zip(picks, times))
     ]
 
@@ -115,7 +118,8 @@ def lower_bounds(jobs: Sequence[QueuedJob], farm: FarmModel) -> dict[str, float]
     but reported beside it: ``lp_compositions``, the sum of y_c the LP below needs to reach
     its makespan bound (what a schedule that fast pays in compositions, fractionally).
 
-    Makespan, the largest of:
+    Makespan, the largest of (a job of ``work`` w renders in R w; n_c below is composition
+    c's summed work, N the total):
 
     * fetch floor + LP relaxation. Nothing is cached at t=0, so no compose starts before
       one remote fetch (F). Say composition c (n_c jobs) is rendered by y_c workers and
@@ -124,18 +128,20 @@ def lower_bounds(jobs: Sequence[QueuedJob], farm: FarmModel) -> dict[str, float]
       work fits in K workers' [F, T]: sum_c (R n_c + C y_c) <= K (T - F). The smallest
       T for which real y_c >= max(1, R n_c / (T - F - C)) satisfy it (bisection) is a
       bound. This is what charges a hot composition for the replicas it needs.
-    * integrality: some worker renders ceil(N / K) jobs after a compose: F + C + R ceil(N/K);
+    * integrality (all jobs of work 1): some worker renders ceil(N / K) jobs after a
+      compose: F + C + R ceil(N/K);
     * arrivals: jobs arriving at or after a cannot start before a, and at a the K
       workers hold (or are composing) at most K compositions, so of the D(>=a)
       compositions those jobs need, D(>=a) - K are composed after a:
-      a + (R N(>=a) + C max(0, D(>=a) - K)) / K for every arrival time a; and the last
-      arrival + R.
+      a + (R N(>=a) + C max(0, D(>=a) - K)) / K for every arrival time a; and every
+      job's arrival + R w.
     """
     if not jobs:
         return {"makespan": 0.0, "recompositions": 0, "lp_compositions": 0.0}
     K, R, C, F = farm.workers, farm.render_s, farm.compose_s, farm.fetch
-    sizes = np.array(list(Counter(j.composition for j in jobs).values()), dtype=float)
-    n = len(jobs)
+    sizes = np.array(list(_work_per_composition(jobs).values()), dtype=float)
+    n = float(sizes.sum())
+    unit = all(j.work == 1.0 for j in jobs)
 
     def fits(T: float) -> bool:
         replicas = np.maximum(1.0, R * sizes / (T - F - C))
@@ -146,15 +152,17 @@ def lower_bounds(jobs: Sequence[QueuedJob], farm: FarmModel) -> dict[str, float]
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     lp_compositions = float(np.sum(np.maximum(1.0, R * sizes / (hi - F - C))))
-    bound = max(hi, F + C + R * math.ceil(n / K))
+    bound = max(hi, F + C + R * math.ceil(len(jobs) / K)) if unit else hi
     ordered = sorted(jobs, key=lambda j: j.enqueued_at)
     later: set[str] = set()  # compositions of the jobs arriving at or after a
-    for i in range(n - 1, -1, -1):
+    work_after = 0.0  # their summed work
+    for i in range(len(ordered) - 1, -1, -1):
         later.add(ordered[i].composition)
+        work_after += ordered[i].work
         a = ordered[i].enqueued_at
         if i == 0 or ordered[i - 1].enqueued_at != a:
-            bound = max(bound, a + (R * (n - i) + C * max(0, len(later) - K)) / K)
-    bound = max(bound, ordered[-1].enqueued_at + R)
+            bound = max(bound, a + (R * work_after + C * max(0, len(later) - K)) / K)
+    bound = max(bound, max(j.enqueued_at + R * j.work for j in jobs))
     return {"makespan": bound, "recompositions": len(sizes), "lp_compositions": lp_compositions}
 
 
@@ -171,8 +179,15 @@ def recompositions_needed(jobs: Sequence[QueuedJob], farm: FarmModel, makespan: 
     room = makespan - F - C
     if room <= 0:
         return math.inf
-    sizes = Counter(j.composition for j in jobs).values()
+    sizes = _work_per_composition(jobs).values()
     return float(sum(max(1, math.ceil(R * n / room - 1e-9)) for n in sizes))
+
+
+def _work_per_composition(jobs: Sequence[QueuedJob]) -> dict[str, float]:
+    out: Counter[str] = Counter()
+    for j in jobs:
+        out[j.composition] += j.work
+    return dict(out)
 
 
 @dataclass(eq=False)
@@ -329,7 +344,7 @@ class Simulation:
             self.recompositions += 1
             w.comp = job.composition
         w.busy = True
-        self.push(now + fetch + compose + self.farm.render_s, "finish", (w, job, compose, fetch))
+        self.push(now + fetch + compose + self.farm.render_s * job.work, "finish", (w, job, compose, fetch))
 
     def materialize(self, w: _Worker, loras: Sequence[str], now: float) -> float:
         """Seconds to get ``loras`` into the worker's memory (a sequential pull)."""

@@ -37,13 +37,22 @@ class WorkerBook(CostEstimate):
     last_key: str | None = None
     switches: int = 0
 
-    def learn(self, row: dict) -> None:
-        self.observe(compose_s=row.get("compose_s") or 0.0, render_s=row.get("render_s") or 0.0,
+    def learn(self, row: dict, work: float = 1.0) -> None:
+        """One result row; ``work``: its job's render cost relative to the run's mean job."""
+        self.observe(compose_s=row.get("compose_s") or 0.0, render_s=(row.get("render_s") or 0.0) / work,
                      fetch_s=row.get("fetch_s") or 0.0)
         key = row.get("composition_key")
         if key and key != self.last_key:
             self.switches += 1
             self.last_key = key
+
+
+def job_work(jobs: Sequence[Any]) -> dict[str, float]:
+    """Each job's render cost relative to the mean job of ``jobs``: steps x pixels, the
+    transformer's work (attention's quadratic term ignored). Jobs without those fields: 1."""
+    raw = {j.job_id: float(getattr(j, "steps", 1) * getattr(j, "width", 1) * getattr(j, "height", 1)) for j in jobs}
+    mean = sum(raw.values()) / len(raw) if raw else 1.0
+    return {jid: (w / mean if mean > 0 else 1.0) for jid, w in raw.items()}
 
 
 @dataclass
@@ -87,6 +96,7 @@ class Dispatcher:
         self.pending: dict[Any, tuple[str, list[str]]] = {}
         self.attempts: dict[str, int] = defaultdict(int)
         self.jobs: dict[str, Any] = {}
+        self.work: dict[str, float] = {}  # job id -> render cost relative to the run's mean job
         self.prefetched: set[tuple[str, str]] = set()
         self.stats = RunStats()
 
@@ -113,7 +123,9 @@ class Dispatcher:
         self.stats.total = len(jobs)
         for j in jobs:
             self.jobs[j.job_id] = j
-        self.policy.submit([QueuedJob(j.job_id, j.composition, tuple(r.uri for r in j.loras), j.priority, now) for j in jobs])
+        self.work.update(job_work(jobs))
+        self.policy.submit([QueuedJob(j.job_id, j.composition, tuple(r.uri for r in j.loras), j.priority, now,
+                                      self.work[j.job_id]) for j in jobs])
         try:
             while self.pending or self._queued():
                 self._send()
@@ -183,7 +195,7 @@ class Dispatcher:
             self._lost(book, ids, e)
             return
         for row in rows:
-            book.learn(row)
+            book.learn(row, self.work.get(row["job_id"], 1.0))
             if row["status"] == "ok":
                 book.adapters.update(r.uri for r in self.jobs[row["job_id"]].loras)
             self._finish(row)

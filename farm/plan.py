@@ -41,7 +41,7 @@ import itertools
 import math
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 Piece = tuple[str, int]  # (composition key, jobs)
 SwitchCost = Callable[[int, str, bool], float]
@@ -53,12 +53,13 @@ class Lane:
 
     free_at: float = 0.0  # seconds until the jobs it already has are done
     holds: str | None = None  # the composition it holds (or will, once those are done)
-    render_s: float = 1.0  # seconds per job
+    render_s: float = 1.0  # seconds per job of weight 1
 
 
 def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: float,
-         fit: str = "best") -> list[list[Piece]] | None:
+         fit: str = "best", weight: Mapping[str, float] | None = None) -> list[list[Piece]] | None:
     """Pieces per lane so that every lane ends by ``end``; None when the work does not fit.
+    A job of composition ``key`` costs ``lane.render_s * weight[key]`` (default weight 1).
 
     ``fit="best"``: each composition to the tightest room that takes it whole (keeps big
     rooms for big compositions: fewer splits); ``"worst"``: to the roomiest (LPT: balances
@@ -66,6 +67,7 @@ def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: 
     """
     if fit not in ("best", "worst"):
         raise ValueError(f"fit must be 'best' or 'worst', not {fit!r}")
+    w = weight or {}
     room = [end - lane.free_at for lane in lanes]
     pieces: list[list[Piece]] = [[] for _ in lanes]
     holders: dict[str, list[int]] = {}
@@ -76,10 +78,11 @@ def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: 
     for key, n in work:
         own = sorted(holders[key], key=lambda i: -room[i]) if key in holders else ()
         for j, i in enumerate(own):  # even shares, each within its holder's room
-            k = min(math.ceil(n / (len(own) - j)), max(0, _jobs_in(room[i], 0.0, lanes[i])))
+            job_s = lanes[i].render_s * w.get(key, 1.0)
+            k = min(math.ceil(n / (len(own) - j)), max(0, _jobs_in(room[i], 0.0, job_s)))
             if k > 0:
                 pieces[i].append((key, k))
-                room[i] -= k * lanes[i].render_s
+                room[i] -= k * job_s
                 n -= k
         if n > 0:
             items.append((-n, key))
@@ -89,32 +92,34 @@ def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: 
     while items:
         neg, key = heapq.heappop(items)
         n = -neg
-        candidates = range(bisect.bisect_left(order, (n * fastest, -1)), len(order))
+        candidates = range(bisect.bisect_left(order, (n * fastest * w.get(key, 1.0), -1)), len(order))
         for at in (candidates if fit == "best" else reversed(candidates[-1:])):
             r, i = order[at]  # the tightest room that takes it whole, or the roomiest
-            cost = switch(i, key, not pieces[i]) + n * lanes[i].render_s
+            cost = switch(i, key, not pieces[i]) + n * lanes[i].render_s * w.get(key, 1.0)
             if cost <= r + 1e-9:
                 break
         else:  # nowhere whole: fill the roomiest lane, the rest goes back among the items
             at = len(order) - 1
             r, i = order[at]
             s = switch(i, key, not pieces[i])
-            fits = _jobs_in(r, s, lanes[i])
+            job_s = lanes[i].render_s * w.get(key, 1.0)
+            fits = _jobs_in(r, s, job_s)
             if fits <= 0:
                 return None
             heapq.heappush(items, (fits - n, key))
-            n, cost = fits, s + fits * lanes[i].render_s
+            n, cost = fits, s + fits * job_s
         del order[at]
         pieces[i].append((key, n))
         bisect.insort(order, (r - cost, i))
     return pieces
 
 
-def _jobs_in(room: float, switch_s: float, lane: Lane) -> int:
-    return math.floor((room - switch_s) / lane.render_s + 1e-9)
+def _jobs_in(room: float, switch_s: float, job_s: float) -> int:
+    return math.floor((room - switch_s) / job_s + 1e-9) if job_s > 0 else 2**62
 
 
-def plan(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, *, slack: float = 0.05,
+def plan(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, *,
+         weight: Mapping[str, float] | None = None, slack: float = 0.05,
          slack_s: float | None = None, at_least: float = 0.0, tries: int = 5,
          tolerance: float = 2e-3) -> tuple[list[list[Piece]], float]:
     """(pieces per lane, the end they were packed for): every job of ``work`` is in one piece.
@@ -136,13 +141,13 @@ def plan(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, *, sl
     best: tuple[tuple[int, float], list[list[Piece]], float] | None = None
     # worst fit (LPT) balances a few compositions per lane better; with many, best fit does too
     for fit in ("best", "worst") if len(work) <= 8 * len(lanes) else ("best",):
-        smallest = _smallest_end(work, lanes, switch, fit, tolerance)
+        smallest = _smallest_end(work, lanes, switch, fit, tolerance, weight)
         extra = slack * smallest if slack_s is None else slack_s
         ends = [smallest] + [max(smallest + extra * j / tries, at_least) for j in range(tries + 1)]
         for end in dict.fromkeys(ends):  # neither fit is monotone in the end time: try a few
-            found = pack(work, lanes, switch, end, fit)
+            found = pack(work, lanes, switch, end, fit, weight)
             if found is not None:
-                rank = (switches(found, lanes), span(found, lanes, switch))
+                rank = (switches(found, lanes), span(found, lanes, switch, weight))
                 if best is None or rank < best[0]:
                     best = (rank, found, end)
     assert best is not None  # the smallest end of each fit packs
@@ -150,32 +155,35 @@ def plan(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, *, sl
 
 
 def _smallest_end(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, fit: str,
-                  tolerance: float) -> float:
+                  tolerance: float, weight: Mapping[str, float] | None) -> float:
     """About the smallest end ``pack`` fits at (bisection; ``pack`` fits at the one returned)."""
+    w = weight or {}
     fastest = min(lane.render_s for lane in lanes)
-    lo = min(lane.free_at for lane in lanes) + sum(n for _, n in work) * fastest / len(lanes)  # nothing ends sooner
+    units = sum(n * w.get(key, 1.0) for key, n in work)
+    lo = min(lane.free_at for lane in lanes) + units * fastest / len(lanes)  # nothing ends sooner
     hi = 1.25 * lo + max(switch(i, work[0][0], True) for i in range(len(lanes))) + fastest
     for _ in range(64):
-        if pack(work, lanes, switch, hi, fit) is not None:
+        if pack(work, lanes, switch, hi, fit, weight) is not None:
             break
         lo, hi = hi, 2 * hi
     else:
         raise ValueError("no end time fits this work: are the switch costs finite?")
     while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if pack(work, lanes, switch, mid, fit) is not None else (mid, hi)
+        lo, hi = (lo, mid) if pack(work, lanes, switch, mid, fit, weight) is not None else (mid, hi)
     return hi
 
 
-def span(pieces: list[list[Piece]], lanes: Sequence[Lane], switch: SwitchCost) -> float:
+def span(pieces: list[list[Piece]], lanes: Sequence[Lane], switch: SwitchCost,
+         weight: Mapping[str, float] | None = None) -> float:
     """When the last lane following ``pieces`` is done, by the same costs ``pack`` uses."""
-    latest = 0.0
+    w, latest = weight or {}, 0.0
     for i, (mine, lane) in enumerate(zip(pieces, lanes)):
         t = lane.free_at
         for j, (key, n) in enumerate(mine):
             if not (j == 0 and key == lane.holds):
                 t += switch(i, key, j == 0)
-            t += n * lane.render_s
+            t += n * lane.render_s * w.get(key, 1.0)
         latest = max(latest, t)
     return latest
 

@@ -56,6 +56,7 @@ class QueuedJob:
     loras: tuple[str, ...] = ()  # adapter uris the composition needs
     priority: int = 0  # higher first
     enqueued_at: float = 0.0  # seconds, same clock as ``now``
+    work: float = 1.0  # render cost relative to the farm's typical job; ``render_cost_s`` is per unit
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,14 @@ def switch_cost(worker: WorkerView, composition: str, loras: Iterable[str], curr
 
 
 class _Comp:
-    __slots__ = ("loras", "by_rank", "by_age", "count", "ver")
+    __slots__ = ("loras", "by_rank", "by_age", "count", "work", "ver")
 
     def __init__(self, loras: tuple[str, ...]) -> None:
         self.loras = loras
         self.by_rank: list[tuple[int, float, int, str]] = []  # (-priority, enqueued_at, seq, id)
         self.by_age: list[tuple[float, int, str]] = []  # (enqueued_at, seq, id)
         self.count = 0
+        self.work = 0.0  # sum of the queued jobs' ``work``
         self.ver = 0
 
 
@@ -153,6 +155,7 @@ class JobQueue:
         heapq.heappush(self._rank, entry)
         self._prio[job.priority] += 1
         comp.count += 1
+        comp.work += job.work
         self._touch(job.composition, comp)
 
     def remove(self, job_id: str) -> QueuedJob | None:
@@ -165,6 +168,7 @@ class JobQueue:
             del self._prio[job.priority]
         comp = self._comps[job.composition]
         comp.count -= 1
+        comp.work -= job.work
         self._touch(job.composition, comp)
         if len(self._rank) > 2 * len(self._live) + 1024:
             self._rank = [e for e in self._rank if self._is_live(e)]
@@ -205,9 +209,10 @@ class JobQueue:
         """How many distinct priority levels are queued."""
         return len(self._prio)
 
-    def sizes(self) -> list[tuple[str, int]]:
-        """(composition, queued jobs) for every composition with work: O(compositions)."""
-        return [(key, comp.count) for key, comp in self._comps.items()]
+    def sizes(self) -> list[tuple[str, int, float]]:
+        """(composition, queued jobs, their summed ``work``) for every composition with work:
+        O(compositions)."""
+        return [(key, comp.count, comp.work) for key, comp in self._comps.items()]
 
     def largest(self, exclude: Container[str | None], limit: int) -> list[tuple[float, int, int, str]]:
         """Up to ``limit`` composition entries by (top priority, size), skipping ``exclude``."""
@@ -392,7 +397,10 @@ class AffinityScheduler(Policy):
     Options: ``max_wait_s`` (None: no age bound). Age is counted against the newest job
     already assigned, not the clock, so a batch submitted at once is never reordered.
     ``plan`` (True), ``plan_slack`` (0.05: the plan may end up to 5% later than the
-    earliest it found, to split fewer compositions), ``replan_share`` (0.1).
+    earliest it found, to split fewer compositions), ``replan_share`` (0.1),
+    ``weigh_jobs`` (True: the plan counts a job as its ``work`` units, e.g. pixels x
+    steps against the run's mean job, and ``render_cost_s`` is per unit; False: every
+    job as one).
     ``horizon_s`` (greedy rules; None: the farm's queued work per worker, so a hot
     composition is replicated up to about its share of the farm and no further).
     ``prefetch_lead_s`` (None: 8 x ``fetch_cost_s``): how early before a worker runs dry
@@ -404,13 +412,14 @@ class AffinityScheduler(Policy):
     def __init__(
         self, *, max_wait_s: float | None = 600.0, horizon_s: float | None = None,
         prefetch_lead_s: float | None = None, plan: bool = True, plan_slack: float = 0.05,
-        replan_share: float = 0.1,
+        replan_share: float = 0.1, weigh_jobs: bool = True,
     ) -> None:
         super().__init__()
         self.prefetch_lead_s = prefetch_lead_s
         self.max_wait_s = max_wait_s
         self.horizon_s = horizon_s
         self.plan, self.plan_slack, self.replan_share = plan, plan_slack, replan_share
+        self.weigh_jobs = weigh_jobs
         self._following = batch_plan.Following({}, self.queue.count)  # the plan, while one runs
         self._plan_for: frozenset[str] = frozenset()  # the workers the plan was made for
         self._plan_end = -math.inf  # when the plan means to be done (the clock of ``now``)
@@ -460,12 +469,15 @@ class AffinityScheduler(Policy):
             return s.view.compose_cost_s + missing * s.view.load_cost_s  # prefetched while it renders
 
         lanes = [batch_plan.Lane(s.delay, s.comp, max(s.view.render_cost_s, 1e-3)) for s in slots]
+        sizes = self.queue.sizes()
+        work = [(key, n) for key, n, _ in sizes]
+        weight = {key: units / n for key, n, units in sizes if units > 0} if self.weigh_jobs else {}
         if fresh:  # rebalancing a running plan: its end and its slack in seconds stay
-            pieces, end = batch_plan.plan(self.queue.sizes(), lanes, switch, slack_s=self._plan_slack_s,
+            pieces, end = batch_plan.plan(work, lanes, switch, weight=weight, slack_s=self._plan_slack_s,
                                           at_least=self._plan_end - now)
             self._plan_for, self._plan_end = alive | self._plan_for, max(self._plan_end, now + end)
         else:
-            pieces, end = batch_plan.plan(self.queue.sizes(), lanes, switch, slack=self.plan_slack)
+            pieces, end = batch_plan.plan(work, lanes, switch, weight=weight, slack=self.plan_slack)
             self._plan_slack_s, self._plan_costs = self.plan_slack * end, costs
             self._plan_for, self._plan_end = alive, now + end
         self._following = batch_plan.Following(

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from benchmarks.sim import FarmModel, lower_bounds, make_workload, simulate
-from farm.plan import Following, Lane, pack, plan, switches
+from farm.plan import Following, Lane, pack, plan, span, switches
 from farm.scheduler import AffinityScheduler, QueuedJob, WorkerView
 
 
@@ -98,6 +98,19 @@ def test_pack_says_when_the_work_does_not_fit():
     with pytest.raises(ValueError):
         plan([("A", 1)], [], flat())
     assert plan([], [Lane()], flat()) == ([[]], 0.0)
+
+
+def test_weights_balance_work_not_job_counts():
+    """A's jobs are 3x the others': by work the lanes are A alone vs B + C + D; counting
+    jobs puts 20 jobs on each lane, one of them with A and so 50% longer by work."""
+    lanes = [Lane(), Lane()]
+    work = [("A", 10), ("B", 10), ("C", 10), ("D", 10)]
+    weight = {"A": 3.0}
+    weighted, _ = plan(work, lanes, flat(1.0), weight=weight, slack=0.0)
+    blind, _ = plan(work, lanes, flat(1.0), slack=0.0)
+    assert sorted(sorted(k for k, _ in mine) for mine in weighted) == [["A"], ["B", "C", "D"]]
+    assert span(weighted, lanes, flat(1.0), weight) == pytest.approx(33.0)  # 30 + 3 composes
+    assert span(blind, lanes, flat(1.0), weight) > 40.0  # what the unweighted plan really costs
 
 
 def test_following_counts_what_its_pieces_cover():

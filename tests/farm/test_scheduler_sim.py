@@ -9,7 +9,7 @@ import pytest
 from benchmarks import scheduler as bench
 from benchmarks.sim import FarmModel, SimError, lower_bounds, make_workload, simulate
 from farm.policies import POLICIES, FifoPolicy, make
-from farm.scheduler import QueuedJob
+from farm.scheduler import AffinityScheduler, QueuedJob
 
 
 def random_case(seed: int) -> tuple[list[QueuedJob], FarmModel]:
@@ -21,7 +21,8 @@ def random_case(seed: int) -> tuple[list[QueuedJob], FarmModel]:
     )
     arrival = rng.choice(("batch", "bursty"))
     jobs = make_workload(rng.randint(1, 250), rng.randint(1, 40), rng.uniform(0.4, 1.6), seed,
-                         arrival=arrival, span_s=rng.uniform(0, 200), bursts=rng.randint(1, 6))
+                         arrival=arrival, span_s=rng.uniform(0, 200), bursts=rng.randint(1, 6),
+                         mixed_sizes=seed % 2 == 1)
     return jobs, farm
 
 
@@ -178,3 +179,28 @@ def test_simulated_policy_can_learn_its_costs_from_a_prior():
     assert seen[-1] == (0.25, 4.0)  # one compose, then renders: both measured
     told = simulate(FifoPolicy(), jobs, FarmModel(1, compose_s=4.0, render_s=0.25, fetch_s=0.0))
     assert learned.makespan == told.makespan  # what the policy is shown changes no cost
+
+
+def test_job_work_is_pixels_times_steps_against_the_mean():
+    from types import SimpleNamespace as Job
+
+    from farm.dispatcher import WorkerBook, job_work
+
+    jobs = [Job(job_id="small", steps=4, width=512, height=512), Job(job_id="big", steps=4, width=1024, height=1024)]
+    work = job_work(jobs)
+    assert work["big"] == pytest.approx(4 * work["small"]) and sum(work.values()) == pytest.approx(2.0)
+    book = WorkerBook("w0", None)
+    book.learn({"render_s": 3.2, "composition_key": "k"}, work["big"])  # 3.2 s for 1.6 units
+    assert book.render_s == pytest.approx(2.0)  # seconds per unit of work, the policy's render_cost_s
+
+
+def test_plan_weighs_jobs_by_their_work():
+    """Compositions whose jobs differ in size (0.25 / 1 / 2.25 units): counting jobs the
+    plan misjudges the lanes, and the batch ends later; weighing them it does not."""
+    work = make_workload(2000, 20, 0.6, 0, mixed_sizes=True)
+    assert {j.work for j in work} == {0.25, 1.0, 2.25}
+    farm = FarmModel(16, compose_s=5.0, render_s=1.0)
+    bound = lower_bounds(work, farm)["makespan"]
+    weighed = simulate(AffinityScheduler(), work, farm)
+    counted = simulate(AffinityScheduler(weigh_jobs=False), work, farm)
+    assert weighed.makespan <= 1.15 * bound < counted.makespan
