@@ -130,9 +130,10 @@ class JobQueue:
         self._live: dict[str, tuple[QueuedJob, int]] = {}
         self._comps: dict[str, _Comp] = {}
         self._rank: list[tuple[int, float, int, str]] = []  # every job, rank order
-        self._big: list[tuple[float, int, int, str]] = []  # (-top priority, -count, ver, key)
+        self._big: list[tuple[float, float, int, str]] = []  # (-top priority, -work, ver, key)
         self._old: list[tuple[float, int, str]] = []  # (oldest enqueued_at, ver, key)
         self._prio: Counter[int] = Counter()
+        self._prio_work: dict[int, float] = {}  # priority -> summed work of its queued jobs
         self._seq = 0
 
     def __len__(self) -> int:
@@ -154,6 +155,7 @@ class JobQueue:
         heapq.heappush(comp.by_age, (job.enqueued_at, self._seq, job.job_id))
         heapq.heappush(self._rank, entry)
         self._prio[job.priority] += 1
+        self._prio_work[job.priority] = self._prio_work.get(job.priority, 0.0) + job.work
         comp.count += 1
         comp.work += job.work
         self._touch(job.composition, comp)
@@ -164,8 +166,9 @@ class JobQueue:
             return None
         job = item[0]
         self._prio[job.priority] -= 1
+        self._prio_work[job.priority] -= job.work
         if not self._prio[job.priority]:
-            del self._prio[job.priority]
+            del self._prio[job.priority], self._prio_work[job.priority]
         comp = self._comps[job.composition]
         comp.count -= 1
         comp.work -= job.work
@@ -199,8 +202,16 @@ class JobQueue:
         entry = self._head(self._rank)
         return self._take(entry) if entry else None
 
+    def work(self, key: str | None) -> float:
+        """The summed ``work`` of composition ``key``'s queued jobs."""
+        comp = self._comps.get(key) if key is not None else None
+        return comp.work if comp else 0.0
+
     def count_at_least(self, priority: float) -> int:
         return sum(n for p, n in self._prio.items() if p >= priority)
+
+    def work_at_least(self, priority: float) -> float:
+        return sum(w for p, w in self._prio_work.items() if p >= priority)
 
     def compositions(self) -> int:
         return len(self._comps)
@@ -214,8 +225,8 @@ class JobQueue:
         O(compositions)."""
         return [(key, comp.count, comp.work) for key, comp in self._comps.items()]
 
-    def largest(self, exclude: Container[str | None], limit: int) -> list[tuple[float, int, int, str]]:
-        """Up to ``limit`` composition entries by (top priority, size), skipping ``exclude``."""
+    def largest(self, exclude: Container[str | None], limit: int) -> list[tuple[float, float, int, str]]:
+        """Up to ``limit`` composition entries by (top priority, summed work), skipping ``exclude``."""
         return self._scan(self._big, exclude, limit)  # type: ignore[return-value]
 
     def overdue(self, before: float, exclude: Container[str | None], limit: int) -> list[tuple[float, int, str]]:
@@ -252,7 +263,7 @@ class JobQueue:
                 heap = [e for e in heap if self._is_live(e)]
                 heapq.heapify(heap)
                 setattr(comp, name, heap)
-        heapq.heappush(self._big, (self._head(comp.by_rank)[0], -comp.count, comp.ver, key))
+        heapq.heappush(self._big, (self._head(comp.by_rank)[0], -comp.work, comp.ver, key))
         heapq.heappush(self._old, (self._head(comp.by_age)[0], comp.ver, key))
         if len(self._big) > 2 * len(self._comps) + 1024:
             self._big = [e for e in self._big if self._comp_live(e)]
@@ -577,7 +588,7 @@ class AffinityScheduler(Policy):
             if self.queue.count(key):
                 wants.append(self._want(key, holders, rate))
         for entry in self.queue.largest(held, sum(s.spare for s in free)):
-            wants.append((entry[0], -(self.queue.count(entry[-1]) * rate + compose), entry[-1]))
+            wants.append((entry[0], -(self.queue.work(entry[-1]) * rate + compose), entry[-1]))
         heapq.heapify(wants)
         while wants and free:
             neg_prio, neg_clear, key = heapq.heappop(wants)
@@ -596,7 +607,7 @@ class AffinityScheduler(Policy):
                 heapq.heappush(wants, self._want(key, holders, rate))
 
     def _want(self, key: str, holders: Counter, rate: float) -> tuple[float, float, str]:
-        return (-self.queue.top_priority(key), -self.queue.count(key) * rate / holders[key], key)
+        return (-self.queue.top_priority(key), -self.queue.work(key) * rate / holders[key], key)
 
     def _cheapest(self, free: list[_Slot], key: str, priority: float) -> tuple[_Slot, float] | None:
         loras = self.queue.loras(key)
@@ -614,7 +625,7 @@ class AffinityScheduler(Policy):
         if self.horizon_s is not None:
             return self.horizon_s
         unheld = max(0, self.queue.compositions() - sum(1 for c in held if self.queue.count(c)))
-        return (self.queue.count_at_least(priority) * rate + unheld * compose) / workers
+        return (self.queue.work_at_least(priority) * rate + unheld * compose) / workers
 
     def prefetch(self, workers: Sequence[WorkerView]) -> dict[str, list[str]]:
         """Per worker, the uris missing from its memory (fetch to the node, then warm it) for the
@@ -632,7 +643,7 @@ class AffinityScheduler(Policy):
         for n, s in enumerate(slots):
             mine = self._following.upcoming(s.view.worker_id)  # its current and next pieces
             if not mine:
-                runway = self.queue.count(s.comp) / max(holders[s.comp], 1) * s.view.render_cost_s
+                runway = self.queue.work(s.comp) / max(holders[s.comp], 1) * s.view.render_cost_s
                 if runway <= lead(s):  # its composition's queued work per holder runs out soon
                     guessing.append((runway, n, s))
             elif mine[0] != s.comp:

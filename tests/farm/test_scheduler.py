@@ -228,3 +228,17 @@ def test_decision_is_cheap_with_ten_thousand_queued():
         n += len(policy.assign([worker(f"w{step % 16}", f"c{step % 16}", inflight=1)], float(step)))
     per_job = (time.perf_counter() - t0) / max(n, 1)
     assert n == 200 and per_job < 2e-3  # ~60 us here; generous for slow CI
+
+
+def test_queue_sums_work_and_ranks_compositions_by_it():
+    q = JobQueue()
+    for i in range(3):
+        q.add(QueuedJob(f"s{i}", "S", (), 0, 0.0, 0.25))  # three thumbnails
+    q.add(QueuedJob("b0", "B", (), 0, 0.0, 2.25))  # one large image
+    q.add(QueuedJob("p0", "P", (), 1, 0.0, 1.0))
+    assert q.work("S") == 0.75 and q.work("B") == 2.25 and q.work("nope") == 0.0
+    assert [e[-1] for e in q.largest(set(), 3)] == ["P", "B", "S"]  # priority first, then work
+    assert q.work_at_least(0) == 4.0 and q.work_at_least(1) == 1.0
+    q.remove("b0")
+    assert q.work("B") == 0.0 and q.work_at_least(0) == 1.75
+    assert q.sizes() == [("S", 3, 0.75), ("P", 1, 1.0)]
