@@ -239,7 +239,7 @@ def plot(rows: list[dict[str, Any]], path: str = PLOT) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle("2000 jobs, render 1 s; x: Zipf alpha, compose s (= compose/render), workers")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
