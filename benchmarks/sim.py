@@ -20,7 +20,7 @@ Cost model (all in seconds; the same for every policy):
   per node, then load into the hinted worker's memory (``load_s``), overlapping renders;
 * the policy is shown the true costs, or with ``prior_s``, what the dispatcher would
   know: ``farm.scheduler.CostEstimate`` learned from each finished job, starting at
-  ``prior_s`` (and a disk load of min(fetch, 0.1) s, as the dispatcher reports it).
+  ``prior_s`` (its disk load too: ``CostEstimate.load_s``, as the dispatcher reports it).
 
 Workloads: ``n_compositions`` compositions, each of 1-3 adapters from a shared pool of
 ``max(3, n_compositions // 2)``; each job picks a composition with Zipf(alpha)
@@ -289,7 +289,7 @@ class Simulation:
         compose, render, fetch = (c.compose_s, c.render_s, c.fetch_s) if c else (f.compose_s, f.render_s, f.fetch)
         return WorkerView(
             w.wid, w.node, w.comp, frozenset(w.mem), node.frozen, len(w.queue) + w.busy,
-            f.capacity, compose, render, fetch, min(fetch, 0.1) if c else f.load, True,
+            f.capacity, compose, render, fetch, c.load_s if c else f.load, True,
         )
 
     def dispatch(self, now: float) -> None:

@@ -49,8 +49,8 @@ class WorkerBook(CostEstimate):
 
 def job_work(jobs: Sequence[Any]) -> dict[str, float]:
     """Each job's render cost relative to the mean job of ``jobs``: steps x pixels, the
-    transformer's work (attention's quadratic term ignored). Jobs without those fields: 1."""
-    raw = {j.job_id: float(getattr(j, "steps", 1) * getattr(j, "width", 1) * getattr(j, "height", 1)) for j in jobs}
+    transformer's work (attention's quadratic term ignored)."""
+    raw = {j.job_id: float(j.steps * j.width * j.height) for j in jobs}
     mean = sum(raw.values()) / len(raw) if raw else 1.0
     return {jid: (w / mean if mean > 0 else 1.0) for jid, w in raw.items()}
 
@@ -109,7 +109,7 @@ class Dispatcher:
             WorkerView(worker_id=b.worker_id, node_id=b.node_id, composition=b.composition,
                        adapters=frozenset(b.adapters), node_disk=frozenset(disk[b.node_id]), inflight=b.inflight,
                        capacity=self.capacity, compose_cost_s=b.compose_s, render_cost_s=b.render_s,
-                       fetch_cost_s=b.fetch_s, load_cost_s=min(b.fetch_s, 0.1), alive=b.alive)
+                       fetch_cost_s=b.fetch_s, load_cost_s=b.load_s, alive=b.alive)
             for b in self.books.values()
         ]
 

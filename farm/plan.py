@@ -78,7 +78,7 @@ def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: 
     for key, n in work:
         own = sorted(holders[key], key=lambda i: -room[i]) if key in holders else ()
         for j, i in enumerate(own):  # even shares, each within its holder's room
-            job_s = lanes[i].render_s * w.get(key, 1.0)
+            job_s = _job_s(lanes[i], key, w)
             k = min(math.ceil(n / (len(own) - j)), max(0, _jobs_in(room[i], 0.0, job_s)))
             if k > 0:
                 pieces[i].append((key, k))
@@ -95,14 +95,14 @@ def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: 
         candidates = range(bisect.bisect_left(order, (n * fastest * w.get(key, 1.0), -1)), len(order))
         for at in (candidates if fit == "best" else reversed(candidates[-1:])):
             r, i = order[at]  # the tightest room that takes it whole, or the roomiest
-            cost = switch(i, key, not pieces[i]) + n * lanes[i].render_s * w.get(key, 1.0)
+            cost = switch(i, key, not pieces[i]) + n * _job_s(lanes[i], key, w)
             if cost <= r + 1e-9:
                 break
         else:  # nowhere whole: fill the roomiest lane, the rest goes back among the items
             at = len(order) - 1
             r, i = order[at]
             s = switch(i, key, not pieces[i])
-            job_s = lanes[i].render_s * w.get(key, 1.0)
+            job_s = _job_s(lanes[i], key, w)
             fits = _jobs_in(r, s, job_s)
             if fits <= 0:
                 return None
@@ -112,6 +112,11 @@ def pack(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, end: 
         pieces[i].append((key, n))
         bisect.insort(order, (r - cost, i))
     return pieces
+
+
+def _job_s(lane: Lane, key: str, weight: Mapping[str, float]) -> float:
+    """Seconds for one job of composition ``key`` on ``lane``."""
+    return lane.render_s * weight.get(key, 1.0)
 
 
 def _jobs_in(room: float, switch_s: float, job_s: float) -> int:
@@ -124,9 +129,9 @@ def plan(work: Sequence[Piece], lanes: Sequence[Lane], switch: SwitchCost, *,
          tolerance: float = 2e-3) -> tuple[list[list[Piece]], float]:
     """(pieces per lane, the end they were packed for): every job of ``work`` is in one piece.
 
-    For best fit (and worst fit, up to 8 compositions per lane), ends from the smallest that fits (``T``) to ``T + slack_s``
-    (default ``slack * T``) are tried; the packing with the fewest :func:`switches` wins,
-    then the one that ends first (:func:`span`). ``at_least`` raises every end: a replan
+    For best fit (and worst fit, up to 8 compositions per lane), ends from the smallest
+    that fits (``T``) to ``T + slack_s`` (default ``slack * T``) are tried; the packing
+    with the fewest :func:`switches` wins, then the one that ends first (:func:`span`). ``at_least`` raises every end: a replan
     made while a plan runs keeps that plan's end and its slack in seconds, so a worker
     that finishes early only takes work that would otherwise end later, and a
     recomposition that saves a few seconds at the end of a long batch is not made.
@@ -183,7 +188,7 @@ def span(pieces: list[list[Piece]], lanes: Sequence[Lane], switch: SwitchCost,
         for j, (key, n) in enumerate(mine):
             if not (j == 0 and key == lane.holds):
                 t += switch(i, key, j == 0)
-            t += n * lane.render_s * w.get(key, 1.0)
+            t += n * _job_s(lane, key, w)
         latest = max(latest, t)
     return latest
 

@@ -86,6 +86,12 @@ class CostEstimate:
     fetch_s: float = 1.0
     _measured: frozenset[str] = frozenset()  # the fields that left their prior
 
+    @property
+    def load_s(self) -> float:
+        """Seconds to load an adapter from the node's disk: not measured on its own, taken as
+        the fetch estimate capped at 0.1 s."""
+        return min(self.fetch_s, 0.1)
+
     def observe(self, *, compose_s: float = 0.0, render_s: float = 0.0, fetch_s: float = 0.0) -> None:
         """One finished job's measured seconds; 0 means not measured (no switch, no fetch)."""
         for name, value in (("compose_s", compose_s), ("render_s", render_s), ("fetch_s", fetch_s)):
