@@ -47,12 +47,35 @@ class WorkerBook(CostEstimate):
             self.last_key = key
 
 
+def _pixel_steps(job: Any) -> float:
+    return float(job.steps * job.width * job.height)
+
+
 def job_work(jobs: Sequence[Any]) -> dict[str, float]:
     """Each job's render cost relative to the mean job of ``jobs``: steps x pixels, the
     transformer's work (attention's quadratic term ignored)."""
-    raw = {j.job_id: float(j.steps * j.width * j.height) for j in jobs}
+    raw = {j.job_id: _pixel_steps(j) for j in jobs}
     mean = sum(raw.values()) / len(raw) if raw else 1.0
     return {jid: (w / mean if mean > 0 else 1.0) for jid, w in raw.items()}
+
+
+def costs_from_rows(rows: Sequence[Any], jobs: Sequence[Any], recent: int = 256) -> CostEstimate | None:
+    """Cost priors for a run of ``jobs`` from an earlier run's result rows (its ``results.parquet``
+    in the same output root), so the first plan is made from measured seconds, not 1 s
+    guesses: the ``recent`` newest ``ok`` rows learned in order as the dispatcher learns them
+    (``WorkerBook.learn``), render seconds per unit of this run's mean job. None when no row
+    measured anything. The workers still replace each prior with their first measurement."""
+    sizes = [_pixel_steps(j) for j in jobs]
+    mean = sum(sizes) / len(sizes) if sizes else 0.0
+    ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: r.finished_at)[-recent:]
+    est = CostEstimate()
+    for r in ok:
+        size = _pixel_steps(r)
+        est.observe(compose_s=r.compose_s, fetch_s=r.fetch_s,
+                    render_s=r.render_s * mean / size if size > 0 and mean > 0 else 0.0)
+    if not est.measured:
+        return None
+    return CostEstimate(compose_s=est.compose_s, render_s=est.render_s, fetch_s=est.fetch_s)
 
 
 @dataclass
@@ -83,8 +106,11 @@ class Dispatcher:
         progress=None,
         node_of: dict[str, str] | None = None,
         max_batch: int = 4,
+        priors: CostEstimate | None = None,
     ):
-        self.books = {wid: WorkerBook(wid, h, node_id=(node_of or {}).get(wid, "")) for wid, h in workers.items()}
+        p = priors or CostEstimate()  # each worker's estimates start here (``costs_from_rows``)
+        self.books = {wid: WorkerBook(wid, h, node_id=(node_of or {}).get(wid, ""), compose_s=p.compose_s,
+                                      render_s=p.render_s, fetch_s=p.fetch_s) for wid, h in workers.items()}
         self.policy = policy
         self.output_root = output_root
         self.storage_options = storage_options or {}

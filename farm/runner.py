@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from jobs.manifest import Manifest
-from jobs.results import ResultsWriter, completed_jobs
+from jobs.results import ResultsWriter, completed_jobs, read_results
 
 log = logging.getLogger("farm.runner")
 
@@ -84,17 +84,22 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
                  lora_mode: str | None = None, max_batch: int | None = None, progress: bool = True,
                  capacity: int = 2) -> RunSummary:
     from .cluster import connect, make_workers
-    from .dispatcher import Dispatcher
+    from .dispatcher import Dispatcher, costs_from_rows
     from .scheduler import AffinityScheduler
 
     output = out or m.output
     opts = m.storage_options
     t0 = time.perf_counter()
-    done = completed_jobs(output, opts)
+    earlier = read_results(output, opts)
+    done = completed_jobs(output, opts, earlier)
     todo = [j for j in m.jobs if j.job_id not in done]
     skipped = len(m.jobs) - len(todo)
     if not todo:
         return RunSummary(output, len(m.jobs), skipped, 0, 0, 0, time.perf_counter() - t0)
+    priors = costs_from_rows(earlier, todo)  # the first plan from measured seconds, not 1 s guesses
+    if priors is not None:
+        log.info("cost priors from %d earlier result(s) in %s: compose %.3g s, render %.3g s per job, fetch %.3g s",
+                 len(earlier), output, priors.compose_s, priors.render_s, priors.fetch_s)
     cluster = connect(address, workers)
     n = workers or max(1, int(cluster.gpus))
     max_batch = max_batch or int(m.options.get("max_batch", 4))
@@ -114,7 +119,7 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
         node_of = dict(zip(named, ray.get([h.node.remote() for h in handles])))  # for node-disk affinity
         d = Dispatcher(named, AffinityScheduler(), output, storage_options=opts, node_of=node_of,
                        retries=int(m.options.get("retries", 2)), capacity=capacity, on_rows=buffered,
-                       progress=bar, max_batch=max_batch)
+                       progress=bar, max_batch=max_batch, priors=priors)
         stats = d.run(todo)
     finally:
         bar.close()

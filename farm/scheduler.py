@@ -87,6 +87,11 @@ class CostEstimate:
     _measured: frozenset[str] = frozenset()  # the fields that left their prior
 
     @property
+    def measured(self) -> frozenset[str]:
+        """The fields that left their prior."""
+        return self._measured
+
+    @property
     def load_s(self) -> float:
         """Seconds to load an adapter from the node's disk: not measured on its own, taken as
         the fetch estimate capped at 0.1 s."""

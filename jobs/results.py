@@ -259,10 +259,14 @@ def existing_images(output_root: str, storage_options: Mapping | None = None) ->
     return {s[: -len(".png")] for s in stems if s.endswith(".png") and not s.startswith(".")}
 
 
-def completed_jobs(output_root: str, storage_options: Mapping | None = None) -> set[str]:
-    """Ids whose latest row is ``ok`` and whose image exists: what a re-run may skip."""
+def completed_jobs(output_root: str, storage_options: Mapping | None = None,
+                   rows: Iterable[ResultRow] | None = None) -> set[str]:
+    """Ids whose latest row is ``ok`` and whose image exists: what a re-run may skip.
+    ``rows``: the root's rows when the caller has read them already."""
     images = existing_images(output_root, storage_options)
-    return {r.job_id for r in read_results(output_root, storage_options) if r.status == "ok" and r.job_id in images}
+    if rows is None:
+        rows = read_results(output_root, storage_options)
+    return {r.job_id for r in rows if r.status == "ok" and r.job_id in images}
 
 
 __all__ = [

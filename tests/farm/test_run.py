@@ -117,3 +117,34 @@ def test_interrupted_run_then_rerun_finishes_only_the_rest(ray_cluster, tmp_path
     monkeypatch.undo()
     second = runner.run_manifest(m, workers=2, progress=False)
     assert second.skipped == len(kept) and second.ok == 6 - len(kept) and second.failed == 0
+
+
+def test_a_run_into_an_output_root_starts_from_its_measured_costs(ray_cluster, tmp_path, loras, monkeypatch):
+    """The first run learns from 1 s priors; a later run into the same output root (more
+    jobs) starts from what the first one measured: its scheduler's first plan is made from
+    measured seconds."""
+    import farm.dispatcher as dispatcher
+
+    seen = []
+    real = dispatcher.costs_from_rows
+
+    def watch(rows, jobs, **kw):
+        seen.append(real(rows, jobs, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(dispatcher, "costs_from_rows", watch)
+    m = load_manifest(write_manifest(tmp_path / "m.yaml", loras, [[("a", 1.0)], [("b", 1.0)]]))
+    assert runner.run_manifest(m, workers=2, progress=False).ok == 4
+    assert seen == [None], "nothing measured yet: the 1 s priors"
+    first = [r for r in read_results(m.output) if r.status == "ok"]
+    more = load_manifest(write_manifest(tmp_path / "m.yaml", loras, [[("a", 1.0)], [("b", 1.0)]],
+                                        prompts=("a bird", "a fish")))
+    s = runner.run_manifest(more, workers=2, progress=False)
+    assert (s.ok, s.skipped) == (4, 0)
+    p = seen[-1]
+    # an EWMA of the first run's measurements (same image size): within their range, not the 1 s prior
+    composes = [r.compose_s for r in first if r.compose_s > 0]
+    renders = [r.render_s for r in first if r.render_s > 0]
+    assert composes and min(composes) - 1e-9 <= p.compose_s <= max(composes) + 1e-9
+    assert min(renders) - 1e-9 <= p.render_s <= max(renders) + 1e-9
+    assert p.render_s < 1.0 and p.compose_s < 1.0, "the tiny model renders 64 px in well under a second"

@@ -204,3 +204,36 @@ def test_plan_weighs_jobs_by_their_work():
     weighed = simulate(AffinityScheduler(), work, farm)
     counted = simulate(AffinityScheduler(weigh_jobs=False), work, farm)
     assert weighed.makespan <= 1.15 * bound < counted.makespan
+
+
+def test_cost_priors_come_from_an_earlier_runs_rows():
+    """A run into an output root that already holds results starts from what they measured:
+    compose and fetch seconds as measured, render seconds scaled from the old jobs' steps x
+    pixels to this run's mean job; failed rows and unmeasured fields teach nothing."""
+    from types import SimpleNamespace as Job
+
+    from farm.dispatcher import Dispatcher, costs_from_rows
+    from jobs.results import ResultRow
+
+    def row(i, status="ok", **kw):
+        base = dict(job_id=f"old{i}", status=status, steps=4, width=512, height=512, finished_at=1000.0 + i)
+        return ResultRow.from_dict({**base, **kw})
+
+    assert costs_from_rows([], [Job(job_id="n", steps=4, width=512, height=512)]) is None
+    assert costs_from_rows([row(0, compose_s=3.0, render_s=2.0, status="failed")], [Job(job_id="n", steps=4, width=512,
+                                                                                          height=512)]) is None
+    # 512^2 x 4 steps rendered in 2 s (one switch of 6 s among them, no fetch); this run's
+    # mean job is 1024^2 x 8 steps, 8x the work: 16 s per job
+    old = [row(i, render_s=2.0, compose_s=6.0 if i == 3 else 0.0) for i in range(10)]
+    old.append(row(99, status="failed", render_s=500.0, compose_s=500.0))
+    new = [Job(job_id="a", steps=8, width=1024, height=1024), Job(job_id="b", steps=8, width=1024, height=1024)]
+    p = costs_from_rows(old, new)
+    assert [p.compose_s, p.render_s, p.fetch_s] == pytest.approx([6.0, 16.0, 1.0])
+    assert p.measured == frozenset(), "priors: the workers' first measurements replace them"
+    view = Dispatcher({"w0": None, "w1": None}, AffinityScheduler(), "unused", priors=p)._views()
+    assert {(v.compose_cost_s, v.render_cost_s, v.fetch_cost_s) for v in view} == {(p.compose_s, p.render_s, 1.0)}
+    # the newest rows count most, as in the dispatcher's EWMA, and only the ``recent`` newest
+    drift = [row(i, render_s=1.0 if i < 50 else 3.0) for i in range(60)]
+    same = [Job(job_id="s", steps=4, width=512, height=512)]
+    assert 2.9 < costs_from_rows(drift, same).render_s < 3.0
+    assert costs_from_rows(drift, same, recent=10).render_s == pytest.approx(3.0)
