@@ -172,15 +172,50 @@ def recompositions_needed(jobs: Sequence[QueuedJob], farm: FarmModel, makespan: 
     The same argument as the LP in :func:`lower_bounds`: composition c (n_c jobs) spread
     over y_c workers leaves one of them n_c / y_c jobs after its compose, so finishing by T
     needs y_c >= R n_c / (T - F - C), and each of those workers composes c at least once:
-    sum_c max(1, ceil(R n_c / (T - F - C))). With T = the makespan target this tells
-    whether the makespan and recomposition targets can be met together at all.
+    sum_c max(1, ceil(R n_c / (T - F - C))). Where jobs arrive over time, also D plus the
+    compositions it must compose both before and after an arrival (``_composed_twice``).
+    With T = the makespan target this tells whether the makespan and recomposition
+    targets can be met together at all.
     """
     R, C, F = farm.render_s, farm.compose_s, farm.fetch
     room = makespan - F - C
     if room <= 0:
         return math.inf
     sizes = _work_per_composition(jobs).values()
-    return float(sum(max(1, math.ceil(R * n / room - 1e-9)) for n in sizes))
+    split = float(sum(max(1, math.ceil(R * n / room - 1e-9)) for n in sizes))
+    return max(split, len(sizes) + _composed_twice(jobs, farm, makespan))
+
+
+def _composed_twice(jobs: Sequence[QueuedJob], farm: FarmModel, makespan: float) -> float:
+    """Arrivals: compositions any schedule ending by T composes on both sides of some arrival
+    time a (so at least twice), the largest count over the arrival times.
+
+    At a, the K workers hold (or are composing) at most K compositions. A composition c
+    with jobs arriving at or after a that nobody holds at a is composed after a; if any of
+    its jobs also started before a, it was composed before a too. The others' earlier
+    work p_c waits until after a, and after a the farm must fit
+    R (work arriving >= a) + R (waiting p_c) + C (D(>=a) - K) <= K (T - a).
+    Holding the K largest p_c across a, and composing the next largest twice, is the
+    fewest compositions composed twice that lets it fit (inf when nothing does)."""
+    K, R, C = farm.workers, farm.render_s, farm.compose_s
+    times = sorted({j.enqueued_at for j in jobs})
+    most = 0.0
+    for a in times[1:]:
+        later = {j.composition for j in jobs if j.enqueued_at >= a}
+        room = K * (makespan - a) - R * sum(j.work for j in jobs if j.enqueued_at >= a) - C * max(0, len(later) - K)
+        if room < 0:
+            return math.inf
+        early: Counter[str] = Counter()
+        for j in jobs:
+            if j.enqueued_at < a and j.composition in later:
+                early[j.composition] += j.work
+        waiting = sorted(early.values(), reverse=True)[K:]  # the K largest are held across a
+        left, twice = R * sum(waiting), 0
+        while left > room + 1e-9:
+            left -= R * waiting[twice]
+            twice += 1
+        most = max(most, float(twice))
+    return most
 
 
 def _work_per_composition(jobs: Sequence[QueuedJob]) -> dict[str, float]:

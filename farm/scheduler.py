@@ -41,7 +41,7 @@ import heapq
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Container, Iterable, Sequence
+from typing import Any, Container, Iterable, Sequence
 
 from farm import plan as batch_plan
 
@@ -599,15 +599,16 @@ class AffinityScheduler(Policy):
             if self.queue.count(key):
                 wants.append(self._want(key, holders, rate))
         for entry in self.queue.largest(held, sum(s.spare for s in free)):
-            wants.append((entry[0], -(self.queue.work(entry[-1]) * rate + compose), entry[-1]))
+            wants.append((entry[0], self._rank(entry[-1], self.queue.work(entry[-1]) * rate + compose), entry[-1]))
         heapq.heapify(wants)
         while wants and free:
-            neg_prio, neg_clear, key = heapq.heappop(wants)
+            neg_prio, _, key = heapq.heappop(wants)
             best = self._cheapest(free, key, -neg_prio)
             if best is None:
                 continue
             slot, cost = best
-            if holders[key] > 0 and -neg_clear <= cost + self._horizon(-neg_prio, len(slots), held, rate, compose):
+            if holders[key] > 0 and (self.queue.work(key) * rate / holders[key]
+                                     <= cost + self._horizon(-neg_prio, len(slots), held, rate, compose)):
                 continue  # its holders clear it soon enough: another compose would be waste
             for _ in range(min(slot.spare, self.queue.count(key))):
                 self._give(self.queue.pop(key), slot, out, holders)
@@ -617,8 +618,13 @@ class AffinityScheduler(Policy):
             if self.queue.count(key):
                 heapq.heappush(wants, self._want(key, holders, rate))
 
-    def _want(self, key: str, holders: Counter, rate: float) -> tuple[float, float, str]:
-        return (-self.queue.top_priority(key), -self.queue.work(key) * rate / holders[key], key)
+    def _want(self, key: str, holders: Counter, rate: float) -> tuple[float, Any, str]:
+        return (-self.queue.top_priority(key), self._rank(key, self.queue.work(key) * rate / holders[key]), key)
+
+    def _rank(self, key: str, clear_s: float) -> Any:
+        """Within a priority level, the greedy rules serve compositions in this order (lowest
+        first): the longest time to clear (per holder, with a compose for one nobody holds)."""
+        return -clear_s
 
     def _cheapest(self, free: list[_Slot], key: str, priority: float) -> tuple[_Slot, float] | None:
         loras = self.queue.loras(key)
