@@ -145,7 +145,7 @@ class Dense:
 
     def lowrank(self, X, Y, px, py, rank: int) -> list[dict]:
         """Runtime low-rank branch. Ours: ``ComposedModel(lora_mode="lowrank")``; PEFT (unfused)
-        ``set_adapters``. Two rows: *new composition* (Y never held before: plan, cast and
+        ``set_adapters``. Two rows: *new composition* (Y never held before: plan in the module's dtype and
         check the branch tensors, swap them in) and *warm switch* (X <-> Y, both held: ours
         swaps prepared tensors; PEFT's call is the same either way)."""
         n, reps = len(X), self.repeats

@@ -58,8 +58,8 @@ def per_mode(result: dict) -> str:
 def new_composition_note(result: dict) -> str:
     """The first switch to a composition (not a target row): where it stands, from the data."""
     parts = []
-    for mode, why in (("lowrank", "PEFT's `set_adapters` does no tensor work; ours plans, casts and checks the "
-                                  "factors once per composition"),
+    for mode, why in (("lowrank", "PEFT's `set_adapters` does no tensor work; ours writes the scaled factors "
+                                  "into new tensors in the module's dtype and checks them, once per composition"),
                       ("svdq", "the plan builds fp32 block-diagonal up factors for the fused qkv, and the packed "
                                "branch is written whole, base tiles included")):
         rows = [r for r in result["scenarios"].values() if r["mode"] == mode and r["scenario"] == "new composition"]
@@ -138,7 +138,8 @@ def section(result: dict) -> str:
         "`unfuse_lora` + `set_adapters` + `fuse_lora`) -> base (*restore*: ours `ComposedModel.reset`, a copy "
         "from the kept originals; PEFT `unfuse_lora`, timed inside its warm switch). X = 1 or 3 LoRAs at "
         "strengths 0.8/0.6/0.5, Y = 1 or 3 others at 0.7/0.9/0.4. Low-rank: *new composition* = the first switch "
-        "to Y (plan, cast and check the branch tensors, swap them onto the hooks already in place); *warm switch* "
+        "to Y (plan the branch tensors straight in the module's dtype, check them, swap them onto the hooks "
+        "already in place); *warm switch* "
         "= X <-> Y once both are held (ours keeps prepared branch tensors per composition, up to "
         "`branch_cache_mb`, and swaps them; PEFT's `set_adapters` does the same work either way). SVDQ: the same "
         "two rows (ours keeps the packed branches of held compositions within the same budget; the seed "

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter, Source, load_adapter, state_dict_id
-from .compose import ModuleUpdate, plan
+from .compose import ModuleUpdate, Where, plan
 from .errors import NonFiniteError
 from .model_index import ModelIndex
 from .safetensors_io import file_sha256
@@ -68,7 +68,7 @@ def apply(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     index = index or ModelIndex(module)
     pairs = [(load_adapter(src, allow_pickle=allow_pickle, storage_options=storage_options), float(s)) for src, s in items]
-    updates = plan(pairs, index)  # all binding errors before anything is touched
+    updates = plan(pairs, index, branch_targets(index, mode))  # all binding errors before anything is touched
     return apply_updates(index, updates, mode, keep_originals_on=keep_originals_on, budget=budget)
 
 
@@ -128,6 +128,17 @@ def _path(kind: str, mode: str) -> str:
     if kind in ("svdq", "fp8"):  # svdq concatenates; fp8 always merges into the master, then quantizes
         return kind
     return "dense" if kind == "linear" and mode == "merge" else "lowrank"  # lowrank mode, or AWQ's side path
+
+
+def branch_targets(index: ModelIndex, mode: str) -> Where:
+    """For ``plan``: the dtype and device of each module ``mode`` gives a runtime branch, so
+    its factors are built there (no fp32 copy to cast); None for the others (fp32)."""
+    def where(name: str) -> tuple[torch.dtype, torch.device] | None:
+        if _path(index.kinds[name], mode) != "lowrank":
+            return None
+        return lowrank.module_dtype_device(index.modules[name])
+
+    return where
 
 
 def prepare(index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str) -> dict[str, ModuleUpdate]:

@@ -10,7 +10,7 @@ does not depend on the caller's list order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -23,7 +23,8 @@ from .resolve import Placement, Unresolved, resolve
 
 @dataclass(frozen=True, eq=False)
 class ModuleUpdate:
-    """The whole composition for one module: ΔW = B @ A, scale already in B (fp32)."""
+    """The whole composition for one module: ΔW = B @ A, scale already in B (fp32, or the
+    dtype and device ``plan``'s ``where`` asked for)."""
 
     module: str
     kind: str
@@ -41,9 +42,17 @@ def ordered(pairs: Sequence[tuple[Adapter, float]]) -> list[tuple[Adapter, float
     return sorted(((a, float(s)) for a, s in pairs if float(s) != 0.0), key=lambda p: (p[0].content_id, p[1]))
 
 
-def plan(pairs: Sequence[tuple[Adapter, float]], index: ModelIndex) -> dict[str, ModuleUpdate]:
-    """Bind every layer of every adapter to the model; every problem reported at once."""
-    terms: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+Where = Callable[[str], "tuple[torch.dtype, torch.device] | None"]
+
+
+def plan(pairs: Sequence[tuple[Adapter, float]], index: ModelIndex, where: Where | None = None) -> dict[str, ModuleUpdate]:
+    """Bind every layer of every adapter to the model; every problem reported at once.
+
+    Each module's A (stacked) and B (side by side, scaled) are fp32 on the factors' device,
+    or built straight in the dtype and device ``where(module)`` names (a runtime branch's:
+    no fp32 copy to cast afterwards); either way B's values are the fp32 products
+    strength x scale x B, rounded once."""
+    terms: dict[str, list[_Term]] = {}
     missing: list[str] = []
     for adapter, strength in ordered(pairs):
         for target, layer in adapter.layers.items():
@@ -59,28 +68,48 @@ def plan(pairs: Sequence[tuple[Adapter, float]], index: ModelIndex) -> dict[str,
                 if len(parts) > 1 and all(p.cols is None for p in ps):
                     # one file layer on several row ranges of one fused module (a BFL qkv onto
                     # nunchaku's to_qkv): the same A, so one term of rank r, not r per range
-                    parts = [(parts[0][0], torch.stack([b for _, b in parts]).sum(0))]
+                    parts = [_Term(parts[0].a, torch.stack([t.scaled() for t in parts]).sum(0), 1.0)]
                 terms.setdefault(module, []).extend(parts)
     if missing:
         shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
         raise TargetNotFoundError(f"{len(missing)} LoRA target(s) match no module of the model: {shown}")
-    return {
-        name: ModuleUpdate(name, index.kinds[name], torch.cat([a for a, _ in ts], 0), _cat_columns([b for _, b in ts]))
-        for name, ts in terms.items()
-    }
+    return {name: _stack(name, index.kinds[name], ts, where(name) if where else None) for name, ts in terms.items()}
 
 
-def _cat_columns(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(parts, 1)`` for tall, narrow factors, by slice copies: measured 6x faster
-    on CPU for (12288, 64) x 3, where cat along dim 1 takes a slow generic path."""
-    if len(parts) == 1:
-        return parts[0]
-    out = parts[0].new_empty(parts[0].shape[0], sum(p.shape[1] for p in parts))
-    col = 0
-    for p in parts:
-        out[:, col : col + p.shape[1]].copy_(p)
-        col += p.shape[1]
-    return out
+@dataclass(frozen=True, eq=False)
+class _Term:
+    """One file layer's part of a module: ΔW += scale x b @ a (b unscaled, any float dtype;
+    scale 1.0 where b is already the scaled fp32 product)."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scale: float
+
+    def scaled(self) -> torch.Tensor:
+        """scale x b as a new fp32 tensor."""
+        return self.b.to(torch.float32, copy=True).mul_(self.scale)
+
+
+def _stack(name: str, kind: str, terms: list[_Term], to: tuple[torch.dtype, torch.device] | None) -> ModuleUpdate:
+    """A stacked along the rank, B's scaled terms side by side (by slice writes: ``torch.cat``
+    along dim 1 takes a slow generic path on CPU for tall, narrow factors)."""
+    dtype, device = to if to is not None else (torch.float32, terms[0].b.device)
+    rank = sum(t.a.shape[0] for t in terms)
+    A = torch.empty(rank, terms[0].a.shape[1], dtype=dtype, device=device)
+    B = torch.empty(terms[0].b.shape[0], rank, dtype=dtype, device=device)
+    at = 0
+    for t in terms:
+        r = t.a.shape[0]
+        A[at : at + r].copy_(t.a)  # exact, or one rounding to the target dtype
+        out = B[:, at : at + r]
+        if t.b.dtype == dtype and t.b.device == out.device:
+            torch.mul(t.b, t.scale, out=out)  # computed in fp32, rounded once (as ``scaled()`` then a cast)
+        elif dtype == torch.float32 and t.b.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            out.copy_(t.b).mul_(t.scale)  # an exact widening, then the fp32 product
+        else:
+            out.copy_(t.scaled())
+        at += r
+    return ModuleUpdate(name, kind, A, B)
 
 
 def _by_module(places: list[Placement]) -> dict[str, list[Placement]]:
@@ -98,14 +127,21 @@ def _check_coverage(places: list[Placement], out_rows: int, source: str, target:
         )
 
 
-def _term(p: Placement, A: torch.Tensor, B: torch.Tensor, scale: float, index: ModelIndex, source: str, target: str):
-    a = (A[:, p.cols] if p.cols is not None else A).float()
+def _term(p: Placement, A: torch.Tensor, B: torch.Tensor, scale: float, index: ModelIndex, source: str,
+          target: str) -> _Term:
+    a = A[:, p.cols] if p.cols is not None else A
     src = B[p.rows] if p.rows is not None else B
     n_in, n_out = index.in_features(p.module), index.out_features(p.module)
     if a.shape[1] != n_in:
         raise ShapeMismatchError(
             f"LoRA down has {a.shape[1]} inputs but module {p.module!r} takes {n_in}", source=source, key=target
         )
+    if p.offset is None and src.shape[0] != n_out:
+        raise ShapeMismatchError(
+            f"LoRA up has {src.shape[0]} outputs but module {p.module!r} gives {n_out}", source=source, key=target
+        )
+    if p.offset is None and not p.swap_halves and not index.interleaved(p.module):
+        return _Term(a, src, scale)  # scaled as it is stacked, in the dtype the module wants
     if p.offset is not None and not p.swap_halves:  # scaled straight into its rows of the fused module
         b = src.new_zeros(n_out, src.shape[1], dtype=torch.float32)
         b[p.offset : p.offset + src.shape[0]].copy_(src).mul_(scale)
@@ -118,10 +154,6 @@ def _term(p: Placement, A: torch.Tensor, B: torch.Tensor, scale: float, index: M
             full = b.new_zeros(n_out, b.shape[1])
             full[p.offset : p.offset + b.shape[0]] = b
             b = full
-    if b.shape[0] != n_out:
-        raise ShapeMismatchError(
-            f"LoRA up has {b.shape[0]} outputs but module {p.module!r} gives {n_out}", source=source, key=target
-        )
     if index.interleaved(p.module):
         b = reorder_modulation_rows(b)
-    return a.contiguous(), b.contiguous()
+    return _Term(a, b, 1.0)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from lora_core import BASE_KEY, Adapter, ModelIndex, key_of_ids, plan, prepare, switch
+from lora_core import BASE_KEY, Adapter, ModelIndex, branch_targets, key_of_ids, plan, prepare, switch
 from lora_core.api import Handle, prepared_bytes
 from lora_core.targets.lowrank import BranchClock
 
@@ -155,7 +155,7 @@ class ComposedModel:
         if hit is not None:
             self._prepared.move_to_end((mode, key))
             return hit[0]
-        updates = prepare(self.index, plan(pairs, self.index), mode)
+        updates = prepare(self.index, plan(pairs, self.index, branch_targets(self.index, mode)), mode)
         nbytes = prepared_bytes(updates)
         if 0 < nbytes <= self.branch_cache_bytes:
             self._prepared[(mode, key)] = (updates, nbytes)

@@ -295,3 +295,49 @@ def test_two_applies_stack_on_svdq_like_on_dense(tmp_path):
     assert torch.equal(mod(x).double(), only_x)
     hx.restore()
     assert_same(model, snap)
+
+
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("model_name", ["qwen bf16", "qwen fp16", "flux split fp16", "nunchaku"])
+def test_branch_factors_planned_in_the_module_dtype_equal_fp32_then_cast(qwen, model_name, lora_dtype):
+    """``plan(..., branch_targets(index, "lowrank"))`` builds runtime-branch factors straight in
+    the module's dtype: bit for bit what the fp32 plan gives cast afterwards, for plain
+    layers, a fused qkv file split over q/k/v, a file's columns split over two modules, the
+    AWQ modulation rows reordered, and several adapters at several strengths; SVDQ and
+    merged modules stay fp32."""
+    import copy
+
+    from lora_core.adapter import load_adapter
+
+    if model_name.startswith("qwen"):
+        model = copy.deepcopy(qwen).to(torch.bfloat16 if "bf16" in model_name else torch.float16)
+        inner = model.transformer_blocks[0].attn.to_q.out_features
+        shapes = T.linear_shapes(model, ("transformer_blocks.0.attn.to_out", "img_mlp", "img_mod"))
+        extra = {"transformer_blocks.0.attn.to_qkv": (inner, 3 * inner)}  # fused file onto split q, k, v
+    elif model_name.startswith("flux"):
+        model = flux_like(split=True).to(torch.float16)
+        shapes = {"double_blocks.0.img_attn.qkv": (32, 96), "single_blocks.0.linear2": (96, 32)}  # proj_out by columns
+        extra = {}
+    else:
+        model = T.nunchaku_qwen_standin(DIM, MLP)  # AWQ modulation: a branch; SVDQ: fp32 plan
+        shapes = {"transformer_blocks.0.img_mod.1": (DIM, 6 * DIM), "transformer_blocks.0.attn.to_q": (DIM, DIM),
+                  "transformer_blocks.0.attn.to_k": (DIM, DIM), "transformer_blocks.0.attn.to_v": (DIM, DIM)}
+        extra = {}
+    pairs = []
+    for seed, strength in ((1, 0.8), (2, -0.55), (3, 1.7)):
+        layers = T.random_layers({**shapes, **extra}, rank=3 + seed, seed=seed, alpha=2.5 * seed, scale=0.3)
+        sd = {k: v.to(lora_dtype) for k, v in T.peft_state_dict(layers, prefix="").items()}
+        pairs.append((load_adapter(sd), strength))
+    index = ModelIndex(model)
+    where = lora_core.branch_targets(index, "lowrank")
+    got, ref = lora_core.plan(pairs, index, where), lora_core.plan(pairs, index)
+    assert got.keys() == ref.keys() and len(got) >= 2
+    branches = 0
+    for name, u in got.items():
+        to = where(name)
+        dtype, device = to if to is not None else (torch.float32, torch.device("cpu"))
+        for mine, theirs in ((u.A, ref[name].A), (u.B, ref[name].B)):
+            assert mine.dtype == dtype and mine.device == device, name
+            assert torch.equal(mine, theirs.to(dtype)), name
+        branches += to is not None and dtype != torch.float32
+    assert branches >= 1

@@ -72,7 +72,7 @@ def test_lowrank_switch_back_reuses_prepared_branches(backend, adapters, monkeyp
 
     calls = []
     real_plan = W.plan
-    monkeypatch.setattr(W, "plan", lambda pairs, index: calls.append(1) or real_plan(pairs, index))
+    monkeypatch.setattr(W, "plan", lambda *a, **kw: calls.append(1) or real_plan(*a, **kw))
     m = ComposedModel(backend, lora_mode="lowrank")
     a = render(m, [(adapters["a"], 1.0)])
     c = render(m, [(adapters["c"], 0.6)])
