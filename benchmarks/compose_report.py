@@ -60,8 +60,8 @@ def new_composition_note(result: dict) -> str:
     parts = []
     for mode, why in (("lowrank", "PEFT's `set_adapters` does no tensor work; ours writes the scaled factors "
                                   "into new tensors in the module's dtype and checks them, once per composition"),
-                      ("svdq", "the plan builds fp32 block-diagonal up factors for the fused qkv, and the packed "
-                               "branch is written whole, base tiles included")):
+                      ("svdq", "the plan builds block-diagonal up factors for the fused qkv, and the packed branch "
+                               "is a new tensor, base tiles included")):
         rows = [r for r in result["scenarios"].values() if r["mode"] == mode and r["scenario"] == "new composition"]
         if rows:
             peer = [r["ours_over_peer"] for r in rows]
@@ -70,8 +70,20 @@ def new_composition_note(result: dict) -> str:
                          f"the floor ({why})")
     if not parts:
         return ""
+    steady = [r for r in result["scenarios"].values() if "steady_allocator" in r and r["scenario"] == "new composition"]
+    again = ""
+    if steady:
+        ratios = [r["steady_allocator"]["ours_s"] / r["steady_allocator"]["peer_s"] for r in steady]
+        ms = ", ".join(f"r{r['rank']}x{r['loras']} {_ms(r['steady_allocator']['ours_s'] / r['blocks'])} vs "
+                       f"{_ms(r['steady_allocator']['peer_s'] / r['blocks'])}" for r in steady)
+        again = (" Much of the svdq new-composition time on this CPU is the kernel handing out fresh zeroed pages: "
+                 "ours keeps the branches it built (the cache), so its next ones are new memory, which glibc's "
+                 "adaptive thresholds often take from and give back to the kernel. Measured again at the end of "
+                 "the same run with those thresholds fixed (`compose_setup.steady_allocator`: freed memory is "
+                 "reused, as a GPU's caching allocator does), ours/peer is "
+                 f"{min(ratios):.2f}-{max(ratios):.2f} (ms/block, ours vs seed loader: {ms}).")
     return ("*New composition* rows (the first switch to a composition; not in the targets, which are about the "
-            "warm switch): " + "; ".join(parts) + ".")
+            "warm switch): " + "; ".join(parts) + "." + again)
 
 
 def floor_table(result: dict) -> str:

@@ -43,6 +43,23 @@ def repeat(fn: Callable[[], object], n: int, before: Callable[[], object] | None
     return out
 
 
+def steady_allocator() -> bool:
+    """Fix glibc malloc's thresholds (``mallopt``; glibc only, False elsewhere): blocks up
+    to 32 MiB come from the heap and freed memory is kept for reuse, instead of being
+    returned to the kernel and faulted in (zeroed) again on the next allocation. That is
+    what a GPU's caching allocator does; the default, adaptive thresholds make a CPU
+    figure for code that allocates fresh tensors depend on what was freed before. Not
+    undone: call it last."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+
+
 def med(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 

@@ -13,6 +13,7 @@ _WHERE = {
     "Adapter": "adapter", "LoraLayer": "adapter", "load_adapter": "adapter",
     "BASE_KEY": "api", "Handle": "api", "apply": "api", "apply_updates": "api", "composition_key": "api",
     "content_id": "api", "key_of_ids": "api", "prepare": "api", "switch": "api", "branch_targets": "api",
+    "still_fits": "api",
     "ModuleUpdate": "compose", "plan": "compose", "ModelIndex": "model_index",
 }
 _MODULES = ("errors", "nunchaku")

@@ -131,10 +131,15 @@ def _path(kind: str, mode: str) -> str:
 
 
 def branch_targets(index: ModelIndex, mode: str) -> Where:
-    """For ``plan``: the dtype and device of each module ``mode`` gives a runtime branch, so
-    its factors are built there (no fp32 copy to cast); None for the others (fp32)."""
+    """For ``plan``: the dtype and device of each module ``mode`` gives a runtime branch or
+    an SVDQ low-rank branch, so its factors are built there (no fp32 copy to cast); None
+    for the others (fp32: a dense merge multiplies in fp32)."""
     def where(name: str) -> tuple[torch.dtype, torch.device] | None:
-        if _path(index.kinds[name], mode) != "lowrank":
+        path = _path(index.kinds[name], mode)
+        if path == "svdq":
+            down = svdq.base_of(index.modules[name])[0]
+            return down.dtype, down.device
+        if path != "lowrank":
             return None
         return lowrank.module_dtype_device(index.modules[name])
 
@@ -145,7 +150,11 @@ def prepare(index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str) -
     """Updates made ready to land: runtime branches cast to their module's dtype and device,
     SVDQ branches packed against the module's base; all checked finite. A caller that
     keeps them (per composition) switches back to that composition by swapping tensors
-    only. Raises before anything is touched, whatever the model holds now."""
+    only. Raises before anything is touched, whatever the model holds now.
+
+    An SVDQ update keeps only its packed branch (its factors are dropped: the branch holds
+    the same values, and kept both would double what a cache of them holds). It lands on
+    the base it was packed against, which ``switch`` restores first; see ``still_fits``."""
     out = {}
     for name, u in updates.items():
         path = _path(index.kinds[name], mode)
@@ -153,7 +162,7 @@ def prepare(index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str) -
             a, b = _checked_branch_tensors(u, *lowrank.module_dtype_device(index.modules[name]))
             u = dataclasses.replace(u, A=a, B=b, ready=True)
         elif path == "svdq" and u.packed is None:
-            u = dataclasses.replace(u, packed=svdq.pack_update(index.modules[name], u))
+            u = dataclasses.replace(u, A=None, B=None, packed=svdq.pack_update(index.modules[name], u))
         out[name] = u
     return out
 
@@ -167,6 +176,12 @@ def prepared_bytes(updates: Mapping[str, ModuleUpdate]) -> int:
         if u.packed is not None:
             n += u.packed.nbytes
     return n
+
+
+def still_fits(index: ModelIndex, updates: Mapping[str, ModuleUpdate]) -> bool:
+    """False when a prepared SVDQ branch was packed against a base that has changed since
+    (its parameters replaced or edited in place): plan and prepare it again."""
+    return all(u.packed.fits(*svdq.base_of(index.modules[n])[:2]) for n, u in updates.items() if u.packed is not None)
 
 
 def _checked_branch_tensors(update: ModuleUpdate, dtype: torch.dtype, device: torch.device):

@@ -28,13 +28,15 @@ class ModuleUpdate:
 
     module: str
     kind: str
-    A: torch.Tensor  # (R, in)
-    B: torch.Tensor  # (out, R)
+    A: torch.Tensor | None  # (R, in); None once an SVDQ update is packed (``api.prepare``)
+    B: torch.Tensor | None  # (out, R); likewise
     ready: bool = False  # for a runtime branch: already in the module's dtype/device and checked finite
     packed: Any = None  # for an SVDQ layer: its packed branch, built by ``api.prepare`` (targets.svdq.Packed)
 
     @property
     def rank(self) -> int:
+        if self.A is None:
+            raise ValueError(f"the update for {self.module!r} keeps only its packed branch; plan it again")
         return int(self.A.shape[0])
 
 

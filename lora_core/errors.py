@@ -57,6 +57,10 @@ class NonFiniteError(LoraError):
     """NaN or Inf in a LoRA tensor or in a merged result."""
 
 
+class StaleBranchError(LoraError):
+    """A prepared SVDQ branch offered to a module whose base changed since it was packed."""
+
+
 class TargetNotFoundError(LoraError):
     """A LoRA names a module the model does not have."""
 

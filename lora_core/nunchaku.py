@@ -67,11 +67,17 @@ def _tile_view(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return flat.view(wide).view(-1, TILE * TILE // 2), True
 
 
-def pack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
+def pack_lowrank(w: torch.Tensor, down: bool, after: torch.Tensor | None = None) -> torch.Tensor:
     """Logical low-rank factor -> nunchaku's packed storage.
 
     ``down``: ``w`` is (rank, in) and the result (in_pad, rank_pad).
     ``up``:   ``w`` is (out, rank) and the result (out_pad, rank_pad).
+
+    ``after``: a packed (P, r1) factor, r1 a multiple of 16, whose logical factor ``w``
+    is appended to along the rank axis; the result is packed (P, r1 + rank_pad). In both
+    layouts a 16-row block of P holds its rank tiles (256 values each) one after the
+    other, so ``after``'s tiles are copied as they are and ``w``'s are gathered straight
+    into their places (no repack of ``after``, no packed copy of ``w`` to append).
     """
     if w.dim() != 2:
         raise ValueError(f"pack_lowrank expects a 2-D tensor, got shape {tuple(w.shape)}")
@@ -82,9 +88,21 @@ def pack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
     # down stores k-tiles outermost; up stores n-tiles outermost
     tiles = (t.permute(2, 0, 1, 3) if down else t.permute(0, 2, 1, 3)).contiguous().view(w.dtype)
     x, pairs = _tile_view(tiles)
+    p, r = (cols, rows) if down else (rows, cols)  # packed (P, rank)
+    r1 = 0
+    if after is not None:
+        if after.dim() != 2 or after.shape[0] != p or after.shape[1] % TILE or after.dtype != w.dtype:
+            raise ValueError(f"cannot append a factor packing to {(p, r)} {w.dtype} to packed "
+                             f"{tuple(after.shape)} {after.dtype}")
+        r1 = after.shape[1]
+    e = x.shape[1]
+    out = x.new_empty(p // TILE, (r1 + r) // TILE, e)
+    if r1:
+        out[:, : r1 // TILE].copy_(_tile_view(after.contiguous())[0].view(p // TILE, r1 // TILE, e))
     idx = _inner_index(pairs, False, x.device)
-    flat = torch.gather(x, 1, idx.expand(x.shape[0], -1)).view(-1).view(w.dtype)
-    return flat.view(cols, rows) if down else flat.view(rows, cols)
+    lora = x.view(p // TILE, r // TILE, e)
+    torch.gather(lora, 2, idx.expand(lora.shape), out=out[:, r1 // TILE :])
+    return out.view(-1).view(w.dtype).view(p, r1 + r)
 
 
 def unpack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
@@ -107,21 +125,6 @@ def unpack_lowrank(w: torch.Tensor, down: bool) -> torch.Tensor:
     t = tiles.view(_UNIT).view(t1, t2, TILE, w.element_size())  # (T1, T2, a, b)
     m = t.permute(1, 2, 0, 3) if down else t.permute(0, 2, 1, 3)  # -> (nt, a, kt, b)
     return m.contiguous().view(w.dtype).view(rows, cols)
-
-
-def append_packed(packed: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-    """Packed (P, r1) and packed (P, r2), both with ranks that are multiples of 16, ->
-    the packed (P, r1 + r2) of their logical factors concatenated along the rank axis.
-
-    In both layouts a 16-row block of P holds its rank tiles (256 values each) one after
-    the other, so concatenating along rank is a copy of whole tiles, never a repack."""
-    if packed.shape[0] != extra.shape[0] or packed.shape[1] % TILE or extra.shape[1] % TILE:
-        raise ValueError(f"cannot append packed {tuple(extra.shape)} to packed {tuple(packed.shape)}")
-    p, r1, r2 = packed.shape[0] // TILE, packed.shape[1] // TILE, extra.shape[1] // TILE
-    out = packed.new_empty(p, r1 + r2, TILE * TILE)  # slice copies: cat along dim 1 is slow on CPU
-    out[:, :r1].copy_(packed.reshape(p, r1, TILE * TILE))
-    out[:, r1:].copy_(extra.reshape(p, r2, TILE * TILE))
-    return out.view(packed.shape[0], packed.shape[1] + extra.shape[1])
 
 
 def reorder_modulation_rows(b: torch.Tensor, splits: int = 6) -> torch.Tensor:

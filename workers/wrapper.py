@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from lora_core import BASE_KEY, Adapter, ModelIndex, branch_targets, key_of_ids, plan, prepare, switch
+from lora_core import BASE_KEY, Adapter, ModelIndex, branch_targets, key_of_ids, plan, prepare, still_fits, switch
 from lora_core.api import Handle, prepared_bytes
 from lora_core.targets.lowrank import BranchClock
 
@@ -152,9 +152,10 @@ class ComposedModel:
 
     def _planned(self, key: str, pairs: list[tuple[Adapter, float]], mode: str) -> dict:
         hit = self._prepared.get((mode, key))
-        if hit is not None:
+        if hit is not None and still_fits(self.index, hit[0]):
             self._prepared.move_to_end((mode, key))
             return hit[0]
+        self._prepared.pop((mode, key), None)  # an SVDQ base changed under it: pack again
         updates = prepare(self.index, plan(pairs, self.index, branch_targets(self.index, mode)), mode)
         nbytes = prepared_bytes(updates)
         if 0 < nbytes <= self.branch_cache_bytes:

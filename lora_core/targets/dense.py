@@ -28,14 +28,20 @@ def chunk_rows(device: torch.device, in_features: int) -> int:
     return max(1, CHUNK_ELEMS.get(device.type, CHUNK_ELEMS["cuda"]) // max(1, in_features))
 
 
+# dtypes whose own sum is a fast vectorized pass on CPU; asking for an fp32 result from
+# bf16 / fp16 is ~7-14x slower there (measured on 14 MB: bf16 8.3 ms vs 0.59 ms)
+_OWN_SUM = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """True when no element is NaN or Inf.
 
-    One fp32-accumulated sum is a single pass with no temporary: any NaN or Inf makes it
-    non-finite. Only a sum that overflows from huge finite values needs the exact
+    One sum is a single pass with no temporary: any NaN or Inf makes it non-finite. Only a
+    sum that overflows from large finite values (easily in fp16) needs the exact
     elementwise check (profiled: ``isfinite(t).all()`` was ~30% of a warm dense switch).
     """
-    if torch.isfinite(t.sum(dtype=torch.float32)):
+    total = t.sum() if t.dtype in _OWN_SUM else t.sum(dtype=torch.float32)
+    if torch.isfinite(total):
         return True
     return bool(torch.isfinite(t).all())
 

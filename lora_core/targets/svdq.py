@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..compose import ModuleUpdate
-from ..errors import NonFiniteError
-from ..nunchaku import append_packed, pack_lowrank, pad_to, round_up, unpack_lowrank
+from ..errors import NonFiniteError, StaleBranchError
+from ..nunchaku import pack_lowrank, pad_to, round_up, unpack_lowrank
 from .dense import all_finite
 from .ledger import Ledger
 
@@ -68,7 +68,7 @@ def concat_branch(on: tuple[torch.Tensor, torch.Tensor, int], update: ModuleUpda
     packed branch ``on`` = (proj_down, proj_up, rank); nothing is touched.
 
     When that rank is a multiple of 16 (nunchaku's checkpoints: 32, 128) only the LoRA is
-    packed, and its tiles are appended to the packed tiles (``append_packed``).
+    packed, its tiles written after the packed tiles (``pack_lowrank(..., after=)``).
     """
     base_down, base_up, rank = on
     dtype = base_down.dtype
@@ -77,8 +77,8 @@ def concat_branch(on: tuple[torch.Tensor, torch.Tensor, int], update: ModuleUpda
         r = round_up(update.rank)
         a = update.A.to(device=base_down.device, dtype=dtype)
         b = update.B.to(device=base_up.device, dtype=dtype)
-        down = append_packed(base_down.data, pack_lowrank(pad_to(a, r, in_pad), down=True))
-        up = append_packed(base_up.data, pack_lowrank(pad_to(b, out_pad, r), down=False))
+        down = pack_lowrank(pad_to(a, r, in_pad), down=True, after=base_down.data)
+        up = pack_lowrank(pad_to(b, out_pad, r), down=False, after=base_up.data)
         return down, up, rank + r
     down0 = _base(base_down, True, rank)  # (rank, in_pad)
     up0 = _base(base_up, False, rank)  # (out_pad, rank)
@@ -112,6 +112,9 @@ def apply_svdq(module: nn.Module, update: ModuleUpdate, ledger: Ledger) -> None:
     held = (module.proj_down, module.proj_up, int(module.rank))
     packed = update.packed
     if not (isinstance(packed, Packed) and packed.fits(held[0], held[1])):
+        if update.A is None:
+            raise StaleBranchError(f"the prepared branch for {update.module!r} was packed against another base "
+                                   "than the module holds now; plan and prepare it again")
         packed = pack_update(module, update, on=held)
     had_base = "_lora_farm_base" in module.__dict__
     module.__dict__.setdefault("_lora_farm_base", held)

@@ -174,8 +174,13 @@ def test_all_finite_agrees_with_isfinite():
     t = torch.randn(64, 64)
     assert all_finite(t)
     assert all_finite(torch.full((8,), 3e38)), "a sum that overflows from finite values is still finite"
+    assert all_finite(torch.full((8,), 3e38).bfloat16())
+    assert all_finite(torch.full((8,), 6e4).half()), "fp16 sums overflow at 65504"
     for bad in (float("nan"), float("inf"), float("-inf")):
         u = t.clone()
         u[3, 7] = bad
-        assert not all_finite(u)
-        assert not all_finite(u.to(torch.bfloat16))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            assert not all_finite(u.to(dtype)), (bad, dtype)
+    both = t.clone()
+    both[0, 0], both[1, 1] = float("inf"), float("-inf")
+    assert not all_finite(both) and not all_finite(both.bfloat16())

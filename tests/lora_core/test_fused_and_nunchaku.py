@@ -247,25 +247,39 @@ def test_bfl_fused_qkv_onto_a_fused_svdq_module_costs_rank_r_not_3r():
     assert_same(model, snap)
 
 
-def test_svdq_prepared_branch_is_rebuilt_when_the_base_changed():
-    """A packed branch prepared against a base that was later edited in place (new weights
-    loaded into the same parameters) or replaced is not reused: the LoRA lands on the new base."""
+def test_svdq_prepared_branch_is_refused_when_the_base_changed():
+    """A prepared update keeps only its packed branch (no factors beside it). Offered to a
+    module whose base was edited in place since (new weights loaded into the same
+    parameters), it is refused with a clear error and the model is left as it was;
+    ``still_fits`` says so beforehand, and preparing again lands the LoRA on the new base.
+    ``apply`` (plan, then land) always builds on what the module holds."""
     model = T.nunchaku_qwen_standin(DIM, MLP)
     index = ModelIndex(model)
     ad = lora_core.load_adapter(T.peft_state_dict(qkv_layers("transformer_blocks.0.attn", 4, 8, 4.0)))
     stale = lora_core.prepare(index, lora_core.plan([(ad, 0.7)], index), "merge")
+    assert all(u.A is None and u.B is None and u.packed is not None for u in stale.values())
+    assert lora_core.still_fits(index, stale)
     mod = model.transformer_blocks[0].attn.to_qkv
     with torch.no_grad():
         mod.proj_down.mul_(0.5)  # in place: same Parameter, new version
-    h = lora_core.switch(index, None, stale, "merge")
+    assert not lora_core.still_fits(index, stale)
+    before = snapshot(model)
+    with pytest.raises(lora_core.errors.StaleBranchError, match="to_qkv.*prepare it again"):
+        lora_core.switch(index, None, stale, "merge")
+    assert_same(model, before)
+    assert "_lora_farm_base" not in mod.__dict__
+    again = lora_core.prepare(index, lora_core.plan([(ad, 0.7)], index), "merge")
+    h = lora_core.switch(index, None, again, "merge")
     got = snapshot(model)
     h.restore()
     fresh = lora_core.apply(model, [(ad, 0.7)])
     for k, v in snapshot(model).items():
         assert torch.equal(v, got[k]), k
     fresh.restore()
+    assert_same(model, before)
     mod.proj_down = nn.Parameter(mod.proj_down.detach() * 2, requires_grad=False)  # replaced while at base
     new_base = mod.proj_down
+    assert not lora_core.still_fits(index, again)
     h = lora_core.apply(model, [(ad, 0.7)])
     composed = lora_core.nunchaku.unpack_lowrank(mod.proj_down.data, down=True)
     assert torch.equal(composed[:32], lora_core.nunchaku.unpack_lowrank(new_base.data, down=True)[:32])
@@ -303,7 +317,8 @@ def test_branch_factors_planned_in_the_module_dtype_equal_fp32_then_cast(qwen, m
     """``plan(..., branch_targets(index, "lowrank"))`` builds runtime-branch factors straight in
     the module's dtype: bit for bit what the fp32 plan gives cast afterwards, for plain
     layers, a fused qkv file split over q/k/v, a file's columns split over two modules, the
-    AWQ modulation rows reordered, and several adapters at several strengths; SVDQ and
+    AWQ modulation rows reordered, and several adapters at several strengths. SVDQ
+    factors are built in their packed branch's dtype too (they are cast to it to be packed);
     merged modules stay fp32."""
     import copy
 
@@ -341,3 +356,6 @@ def test_branch_factors_planned_in_the_module_dtype_equal_fp32_then_cast(qwen, m
             assert torch.equal(mine, theirs.to(dtype)), name
         branches += to is not None and dtype != torch.float32
     assert branches >= 1
+    if model_name == "nunchaku":
+        assert where("transformer_blocks.0.attn.to_qkv") == (torch.bfloat16, torch.device("cpu"))
+        assert where("transformer_blocks.0.img_mod.1") == (torch.bfloat16, torch.device("cpu"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_core.nunchaku import append_packed, pack_lowrank, reorder_modulation_rows, unpack_lowrank
+from lora_core.nunchaku import pack_lowrank, reorder_modulation_rows, unpack_lowrank
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures", "nunchaku_lowrank_reference.safetensors")
 
@@ -78,12 +78,30 @@ def test_pack_is_the_same_permutation_for_every_element_width(dtype, down):
 
 
 @pytest.mark.parametrize("down", [True, False])
-def test_append_packed_equals_packing_the_concatenation(down):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_packing_after_a_packed_factor_equals_packing_the_concatenation(down, dtype):
     g = torch.Generator().manual_seed(5)
-    base, lora = torch.randn(32, 48, generator=g), torch.randn(16, 48, generator=g)
+    # a base of rank 32 and LoRAs of rank 16 and 5 (padded to 16), 40 inputs (padded to 48)
+    base, lora, odd = (torch.randn(r, 40, generator=g).to(dtype) for r in (32, 16, 5))
     if down:  # logical (rank, in): concatenate along rows
-        whole, parts = torch.cat([base, lora], 0), (base, lora)
+        whole = torch.cat([base, lora, pad(odd, 16, 40)], 0)
+        parts = (base, lora, odd)
     else:  # logical (out, rank): concatenate along columns
-        whole, parts = torch.cat([base.T, lora.T], 1), (base.T, lora.T)
-    got = append_packed(pack_lowrank(parts[0], down=down), pack_lowrank(parts[1], down=down))
+        whole = torch.cat([base.T, lora.T, pad(odd, 16, 40).T], 1)
+        parts = (base.T, lora.T, odd.T)
+    got = pack_lowrank(parts[1], down=down, after=pack_lowrank(parts[0], down=down))
+    got = pack_lowrank(pad(parts[2], *((16, 40) if down else (40, 16))), down=down, after=got)
+    assert got.shape == (48, 64)
     assert torch.equal(got, pack_lowrank(whole, down=down))
+    assert torch.equal(unpack_lowrank(got, down=down)[:64, :40] if down else unpack_lowrank(got, down=down)[:40, :64],
+                       whole)
+    with pytest.raises(ValueError, match="cannot append"):
+        pack_lowrank(parts[1], down=down, after=pack_lowrank(parts[0], down=down).to(torch.float16))
+    with pytest.raises(ValueError, match="cannot append"):
+        pack_lowrank(parts[1], down=down, after=torch.zeros(32, 16, dtype=dtype))
+
+
+def pad(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    out = x.new_zeros(rows, cols)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out

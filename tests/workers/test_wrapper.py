@@ -175,3 +175,65 @@ def test_device_move_recomposes_from_the_base(backend, adapters, mode):
         backend.device = saved
         m.reset()
     assert not any(mod._forward_hooks for mod in backend.transformer.modules())
+
+
+class _SvdqBackend:
+    """What ComposedModel needs from a backend, around nunchaku SVDQ stand-in layers."""
+
+    def __init__(self, transformer):
+        self.transformer, self.device = transformer, torch.device("cpu")
+
+    def reset_step_cache(self) -> None:
+        pass
+
+
+def _svdq_state(model) -> dict:
+    return {n: (m.proj_down.detach().clone(), m.proj_up.detach().clone(), int(m.rank))
+            for n, m in model.named_modules() if hasattr(m, "proj_down")}
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2] for x, y in zip(a.values(), b.values()))
+
+
+def test_svdq_prepared_branches_are_kept_alone_and_repacked_when_the_base_changes():
+    """The cache of prepared SVDQ compositions holds their packed branches and nothing else
+    (its byte count is what it holds), a switch back swaps them in, and after the base is
+    edited in place a switch back packs against the new base instead of landing a stale branch."""
+    model = T.nunchaku_qwen_standin(64, 128)
+    comps = {f"transformer_blocks.0.attn.{c}": (64, 64) for c in ("to_q", "to_k", "to_v")}
+    comps["transformer_blocks.0.img_mlp.net.0.proj"] = (64, 128)
+    x = load_adapter(T.peft_state_dict(T.random_layers(comps, rank=4, seed=1, alpha=4.0)))
+    y = load_adapter(T.peft_state_dict(T.random_layers(comps, rank=8, seed=2, alpha=4.0)))
+    m = ComposedModel(_SvdqBackend(model), lora_mode="merge")
+    for pairs in ([(x, 0.8)], [(y, 0.5)]):
+        m.want(pairs)
+        m.ensure()
+    at_y = _svdq_state(model)
+    for updates, nbytes in m._prepared.values():
+        assert all(u.A is None and u.B is None for u in updates.values()), "no factors kept beside the packed branch"
+        assert nbytes == sum(t.numel() * t.element_size() for u in updates.values() for t in (u.packed.down, u.packed.up))
+    m.want([(x, 0.8)])
+    m.ensure()
+    at_x = _svdq_state(model)
+    m.reset()
+    qkv = model.transformer_blocks[0].attn.to_qkv
+    with torch.no_grad():
+        qkv.proj_up.mul_(2.0)  # new weights loaded into the same parameter
+    m.want([(y, 0.5)])
+    m.ensure()
+    got = _svdq_state(model)
+    m.reset()
+    fresh = ComposedModel(_SvdqBackend(model), lora_mode="merge")
+    fresh.want([(y, 0.5)])
+    fresh.ensure()
+    assert _same_state(got, _svdq_state(model)), "Y on the edited base, as a fresh model composes it"
+    assert not _same_state(got, at_y)
+    fresh.reset()
+    with torch.no_grad():
+        qkv.proj_up.mul_(0.5)  # back to the original values (a new version again)
+    m.want([(x, 0.8)])
+    m.ensure()
+    assert _same_state(_svdq_state(model), at_x)
+    m.reset()
