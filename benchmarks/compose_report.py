@@ -76,12 +76,13 @@ def new_composition_note(result: dict) -> str:
         ratios = [r["steady_allocator"]["ours_s"] / r["steady_allocator"]["peer_s"] for r in steady]
         ms = ", ".join(f"r{r['rank']}x{r['loras']} {_ms(r['steady_allocator']['ours_s'] / r['blocks'])} vs "
                        f"{_ms(r['steady_allocator']['peer_s'] / r['blocks'])}" for r in steady)
-        again = (" Much of the svdq new-composition time on this CPU is the kernel handing out fresh zeroed pages: "
-                 "ours keeps the branches it built (the cache), so its next ones are new memory, which glibc's "
-                 "adaptive thresholds often take from and give back to the kernel. Measured again at the end of "
-                 "the same run with those thresholds fixed (`compose_setup.steady_allocator`: freed memory is "
-                 "reused, as a GPU's caching allocator does), ours/peer is "
-                 f"{min(ratios):.2f}-{max(ratios):.2f} (ms/block, ours vs seed loader: {ms}).")
+        own = [r["steady_allocator"]["ours_s"] / r["ours_s"] for r in steady]
+        again = (" The svdq rows were measured again at the end of the same run with glibc's malloc thresholds "
+                 "fixed (`compose_setup.steady_allocator`: freed memory is reused instead of going back to the "
+                 "kernel and being faulted in, zeroed, on the next allocation, as a GPU's caching allocator "
+                 "does), to see how much of a new composition is fresh pages (ours keeps the branches it built, "
+                 f"so its next ones are new memory): ours/peer {min(ratios):.2f}-{max(ratios):.2f}, ours "
+                 f"{min(own):.2f}-{max(own):.2f}x its default-allocator time (ms/block, ours vs seed loader: {ms}).")
     return ("*New composition* rows (the first switch to a composition; not in the targets, which are about the "
             "warm switch): " + "; ".join(parts) + "." + again)
 
