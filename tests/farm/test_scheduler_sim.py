@@ -168,6 +168,26 @@ def test_recompositions_needed_with_arrivals():
             assert r.recompositions >= recompositions_needed(w, f, r.makespan), (seed, r)
 
 
+def test_told_deferring_holds_back_a_composition_more_jobs_will_come_for():
+    """One worker, R = C = 1, no fetch: x gets a job at t=0 and two at t=10; y, ten jobs at
+    t=5. Told arrivals alone compose x at 0 (nothing else is queued), y at 5, then x again:
+    3 (x 0-2, y 5-16, x 16-19). Holding x back (one job of work, within the budget)
+    composes each once and ends one render later (y 5-16, x 16-20). With no budget, it is the told-arrivals schedule. (The greedy
+    rules only: a first batch is planned, and the plan holds nothing back.)"""
+    jobs = [QueuedJob("x0", "x", ("x",), 0, 0.0)]
+    jobs += [QueuedJob(f"y{i}", "y", ("y",), 0, 5.0) for i in range(10)]
+    jobs += [QueuedJob(f"x{i}", "x", ("x",), 0, 10.0) for i in (1, 2)]
+    farm = FarmModel(1, compose_s=1.0, render_s=1.0, fetch_s=0.0, load_s=0.0)
+    told = simulate(bench.ToldArrivals(jobs, plan=False), jobs, farm)
+    held = simulate(bench.ToldArrivalsDeferring(jobs, budget_s=5.0, plan=False), jobs, farm)
+    none = simulate(bench.ToldArrivalsDeferring(jobs, budget_s=0.0, plan=False), jobs, farm)
+    assert told.recompositions == 3 and none.recompositions == 3
+    assert held.recompositions == 2
+    assert (told.makespan, none.makespan, held.makespan) == (19.0, 19.0, 20.0)
+    best = bench.told_deferring(jobs, farm, makespan_target=20.0, plan=False)
+    assert (best["recompositions"], best["makespan"], best["budget_renders"]) == (2, 20.0, 5.0)
+
+
 def test_cost_estimate_learns_like_the_dispatcher():
     from farm.dispatcher import WorkerBook
     from farm.scheduler import CostEstimate
