@@ -60,7 +60,7 @@ NOTES = """Where the targets are not met, and why:
   into per-worker runs of one composition (best or worst fit), splitting a composition
   only where it fits nowhere whole; of the ends within 5% of the earliest it finds, the
   packing with the fewest recompositions; a worker that runs out early re-plans the rest
-  toward the same end. The greedy rules alone (last column) meet batch/20 in 25 of 36,
+  toward the same end. The greedy rules alone (column *without the plan*) meet batch/20 in 25 of 36,
   with the plan 31 (`--sweep --no-write --seed 1`: 25 -> 30; `--seed 2`: 23 -> 33, every
   configuration where both targets are reachable; with learned costs 24 -> 29 and
   24 -> 30); batch/100 stays 36/36; bursty is unchanged (arrivals while a plan runs are
@@ -83,7 +83,7 @@ NOTES = """Where the targets are not met, and why:
   compose on both sides of some arrival time (`sim._composed_twice`: at most K are held
   across it, and the farm after it must fit the later jobs, the earlier ones left
   waiting, and a compose per composition): up to 1.24x D here, so this bound does not
-  rule the target out. The last column's bracket is ours told which compositions have
+  rule the target out. The bracket in the *mean recomp./LB* column is ours told which compositions have
   received their last job (`ToldArrivals`, knowledge of the future no farm has: those go
   first in the greedy rules): it barely helps (2.00 -> 1.97x D on seed 0, session 4),
   so the gap is not for want of that knowledge alone. Knowing the future *and* holding
@@ -121,14 +121,14 @@ NOTES = """Where the targets are not met, and why:
 * **Mixed job sizes** (fifth workload: each composition's jobs are 512, 1024 or 1536
   pixels square, `work` 0.25 / 1 / 2.25): the plan weighs a job by its work (the
   dispatcher: steps x pixels against the run's mean job, and render seconds per unit).
-  28 of 36 met, 29 reachable; counting every job as one (`weigh_jobs=False`, last
+  28 of 36 met, 29 reachable; counting every job as one (`weigh_jobs=False`, its
   column) 23, with makespans to ~1.2x; the greedy rules alone 22. The greedy rules also
   rank and replicate by work now (kept for consistent units: render estimates are per
   unit of work). Against commit 1a7ac6a, where they counted jobs, in the same
   simulator: batch/20 mixed without the plan 21 -> 22; bursty with mixed sizes (the
   last row) makespan target 31 -> 30 of 36, recompositions 1.87 -> 1.81 x D on average.
-* The next-to-last column is the same run without the plan (`AffinityScheduler(plan=False)`,
-  the greedy rules alone, the policy before session 3)."""
+* The column *without the plan* is the same run with `AffinityScheduler(plan=False)`
+  (the greedy rules alone, the policy before session 3)."""
 
 
 class _EveryComposition(JobQueue):
@@ -169,7 +169,7 @@ class ToldArrivalsDeferring(ToldArrivals):
     worker); it is composed once its last job has arrived, or once it no longer fits the
     budget. What schedules that knowing the future allows look like."""
 
-    BUDGETS = (5.0, 20.0, 50.0, 100.0, 200.0)  # x render seconds; ``run_one`` keeps the best
+    BUDGETS = (5.0, 20.0, 50.0, 100.0, 200.0)  # x render seconds; ``told_deferring`` keeps the best
 
     def __init__(self, jobs: list, budget_s: float, **kw: Any) -> None:
         super().__init__(jobs, **kw)
