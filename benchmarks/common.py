@@ -24,9 +24,15 @@ def machine(packages: Iterable[str] = ()) -> str:
             f"Python {platform.python_version()}{versions}")
 
 
+#: Opens a section's hand-written notes: what a benchmark's numbers mean, kept in RESULTS.md (never in
+#: code, where prose drifts from the figures) and carried over when the benchmark rewrites its section.
+NOTES = "<!-- notes: written by hand, kept when the benchmark re-runs -->"
+
+
 def write_section(text: str, path: str = RESULTS) -> None:
     """Replace the section ``text`` opens (its first line, ``## Title``) in RESULTS.md, or
-    append it; every other section stays as it was. Written atomically."""
+    append it; every other section stays as it was, and so do the section's own notes (from
+    its ``NOTES`` line to its end). Written atomically."""
     heading = text.splitlines()[0].strip()
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
     start = old.find(heading + "\n")
@@ -34,7 +40,10 @@ def write_section(text: str, path: str = RESULTS) -> None:
         new = old.rstrip("\n") + "\n\n" + text
     else:
         nxt = old.find("\n## ", start + len(heading))
-        new = old[:start] + text.rstrip("\n") + "\n" + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
+        section = old[start:nxt if nxt >= 0 else len(old)]
+        notes = section[section.find(NOTES):].strip("\n") if NOTES in section else ""
+        body = text.rstrip("\n") + ("\n\n" + notes if notes and NOTES not in text else "")
+        new = old[:start] + body + "\n" + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(new.rstrip("\n") + "\n")

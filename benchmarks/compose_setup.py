@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from lora_core import testing as T
+from testsupport import lora as T
 
 # The attention and MLP linears (and modulation) of every block, as real Qwen-Image LoRAs cover.
 TARGETS = (

@@ -20,7 +20,7 @@ from torch import nn
 from lora_core import Adapter, ModelIndex, plan
 from lora_core.compose import ModuleUpdate
 from lora_core.nunchaku import pack_lowrank, round_up, unpack_lowrank
-from lora_core.testing import nunchaku_qwen_standin
+from testsupport.lora import nunchaku_qwen_standin
 from workers.wrapper import ComposedModel
 
 from .compose_setup import STRENGTHS_X, STRENGTHS_Y, ByteCopy, med, repeat, timed
@@ -40,7 +40,7 @@ class Backend:
 
 
 def build_tree(blocks: int, dim: int = 3072, mlp: int = 12288) -> nn.Module:
-    """nunchaku Qwen-Image's SVDQ layers with their names (``lora_core.testing``'s stand-in
+    """nunchaku Qwen-Image's SVDQ layers with their names (``testsupport.lora``'s stand-in
     at real width): fused to_qkv / add_qkv_proj (3072 -> 9216), to_out.0 / to_add_out
     (3072 -> 3072), MLP (3072 -> 12288 -> 3072); rank 32, bf16; no modulation layers.
 

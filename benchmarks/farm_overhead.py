@@ -98,9 +98,8 @@ def make_jobs(n: int, compositions: Sequence[tuple] = (), prefix: str = "j") -> 
 
 def write_loras(directory: str, n: int, *, dim: int = 32, layers: int = 2, seed: int = 0) -> list[str]:
     """``n`` real PEFT LoRA files for the sleep backend's modules, each on a different subset."""
-    from lora_core import testing as T
-
-    from workers.backends.sleep import BLOCK_LINEARS, sleep_transformer_shapes
+    from testsupport import lora as T
+    from testsupport.sleep import BLOCK_LINEARS, sleep_transformer_shapes
 
     os.makedirs(directory, exist_ok=True)
     paths = []
@@ -117,8 +116,12 @@ def start_workers(k: int, model: dict, cache_dir: str, max_batch: int = 4, cls: 
     import ray
 
     from farm.cluster import make_workers
+    from jobs.options import FarmOptions
+    from testsupport.sleep import make_sleep_backend
 
-    opts = dict(lora_mode="auto", max_batch=max_batch, cache_dir=cache_dir)
+    # the actors are other processes: they get the sleep backend's factory, not a registration
+    opts = dict(options=FarmOptions(lora_mode="auto", max_batch=max_batch), cache_dir=cache_dir,
+                backend_factory=make_sleep_backend)
     if cls is None:
         handles = make_workers(k, model, worker_options=opts, num_gpus=1.0)
     else:
@@ -138,7 +141,7 @@ def farm_run(handles: list, jobs: list, out: str, *, dispatcher_cls=None, progre
     """One Dispatcher run as ``farm.runner.run_manifest`` drives it; seconds of the loop and of the tail."""
     from farm.dispatcher import Dispatcher
     from farm.runner import _Buffered, _Progress
-    from farm.scheduler import AffinityScheduler
+    from farm.scheduler.affinity import AffinityScheduler
     from jobs.results import ResultsWriter
 
     cls = dispatcher_cls or Dispatcher
@@ -165,9 +168,10 @@ def farm_run(handles: list, jobs: list, out: str, *, dispatcher_cls=None, progre
 
 def worker_local_ms(jobs: list, chunk: int, model: dict, cache_dir: str) -> float:
     """ms per job of ``RenderWorker.render`` in this process (no Ray), in chunks of ``chunk``."""
+    from testsupport.sleep import make_sleep_backend
     from workers.worker import RenderWorker
 
-    w = RenderWorker(model, "local", cache_dir=cache_dir, num_threads=1)
+    w = RenderWorker(model, "local", cache_dir=cache_dir, num_threads=1, backend_factory=make_sleep_backend)
     out = tempfile.mkdtemp(prefix="farm-local-")
     try:
         w.render(make_jobs(1, prefix="warm"), out)
@@ -181,9 +185,10 @@ def worker_local_ms(jobs: list, chunk: int, model: dict, cache_dir: str) -> floa
 
 def worker_profile(jobs: list, chunk: int, model: dict, cache_dir: str, n: int = 8) -> list[dict]:
     """cProfile of ``RenderWorker.render`` in this process: where the actor side spends its time."""
+    from testsupport.sleep import make_sleep_backend
     from workers.worker import RenderWorker
 
-    w = RenderWorker(model, "local", cache_dir=cache_dir, num_threads=1)
+    w = RenderWorker(model, "local", cache_dir=cache_dir, num_threads=1, backend_factory=make_sleep_backend)
     out = tempfile.mkdtemp(prefix="farm-local-")
     try:
         w.render(make_jobs(1, prefix="warm"), out)
@@ -413,9 +418,9 @@ def run(n: int, k: int, *, repeat: int = 3, compositions: int = 0, progress: boo
                 "driver_cpu_s": round(pstats.Stats(prof).total_tt, 4),  # type: ignore[attr-defined]
                 "cumulative_s": cumulative(prof, [
                     "dispatcher.py:_send", "dispatcher.py:_collect", "dispatcher.py:_views", "dispatcher.py:_prefetch",
-                    "scheduler.py:assign", "scheduler.py:prefetch", "dispatcher.py:_record", "runner.py:__call__",
+                    "affinity.py:assign", "affinity.py:prefetch", "dispatcher.py:_record", "runner.py:__call__",
                     "worker.py:wait", "worker.py:get", "actor.py:_remote", "dispatcher.py:_queued",
-                    "results.py:from_job", "results.py:append"]),
+                    "results.py:recorded", "results.py:append"]),
                 "top_tottime": top_functions(prof),
             }
             out["worker_ms_per_job"] = round(worker_local_ms(make_jobs(n, comps), 2, model, os.path.join(tmp, "lcache")), 3)
@@ -450,7 +455,7 @@ def results_section(runs: list[dict], command: str) -> str:
     proto = [r for r in runs if "prototypes" in r]
     if proto:
         ks = " | ".join(f"K={r['workers']}" for r in proto)
-        lines += ["", f"Prototypes of the fixes suggested below ({proto[0]['jobs']} jobs, same runs; subclasses in this "
+        lines += ["", f"Prototypes of the fixes suggested in the notes below ({proto[0]['jobs']} jobs, same runs; subclasses in this "
                       "file, nothing in `farm/` or `workers/` changed), overhead ms/job (farm jobs/s):", "",
                   f"| variant | {ks} |", "|---|" + "---:|" * len(proto),
                   "| as shipped | " + " | ".join(f"{r['overhead_ms_per_job']:.2f} ({r['farm_jobs_per_s']:.0f})"
@@ -479,8 +484,8 @@ def results_section(runs: list[dict], command: str) -> str:
             row("&nbsp; `_send` (views, `assign`, `prefetch`, submit)", cum("dispatcher.py:_send")),
             row("&nbsp; &nbsp; Ray actor call submit (pickles the `Job` list)", cum("actor.py:_remote")),
             row("&nbsp; &nbsp; `policy.assign` + `policy.prefetch`",
-                lambda r: cum("scheduler.py:assign")(r) + cum("scheduler.py:prefetch")(r)),
-            row("&nbsp; `_record` (`ResultRow.from_job`, buffered Parquet parts)", cum("dispatcher.py:_record")),
+                lambda r: cum("affinity.py:assign")(r) + cum("affinity.py:prefetch")(r)),
+            row("&nbsp; `_record` (`ResultRow.recorded`, buffered Parquet parts)", cum("dispatcher.py:_record")),
             row("&nbsp; &nbsp; `ResultsWriter.append` (`rows_to_table`, part file + fsync)", cum("results.py:append")),
             row("actor side: `RenderWorker.render` per job", lambda r: r["worker_ms_per_job"] * r["jobs"] / 1e3),
             row("&nbsp; `os.fsync` (one per PNG)", lambda r: sum(
@@ -521,37 +526,8 @@ def findings(runs: list[dict]) -> str:
             parts.append(f"K = {r['workers']}: driver blocked in `ray.wait` {100 * wait:.0f}% of its loop, "
                          f"actor side {r['worker_ms_per_job']:.2f} ms/job of which fsync {fs:.2f}")
         head += " Profile (" + "; ".join(parts) + ")."
-    return head + "\n\n" + FINDINGS
+    return head
 
-
-FINDINGS = """\
-1. **The actor side: one `os.fsync` per PNG.** `workers/worker.py` `RenderWorker._write` ->
-   `jobs/results.py` `write_image_atomic` -> `_write_local` fsyncs every image before its rename. On this VM's
-   disk one fsync took 0.2 to 2.5 ms across our runs (it depends on other disk traffic; ~2 ms in most), plus
-   ~0.3 ms to create the file, against microseconds for the no-op render: the largest single per-job cost
-   whenever the disk is busy. Fix (as durable as today): in `RenderWorker.render`, stage the call's PNGs as
-   temp files, fsync them together from a small thread pool (one journal commit covers several), then rename
-   them all before returning the rows (`GroupSyncWorker`). Dropping the image fsync (`NoSyncWorker`) is the floor, but a power cut could
-   then leave an empty `<id>.png` beside an `ok` row that `completed_jobs` would skip; if that is preferred,
-   `existing_images` should also require size > 0.
-2. **Each worker has one call in flight.** Capacity 2 with jobs of one composition makes one 2-job call per
-   worker, so the worker idles through the driver's whole turnaround (`ray.get`, rows, `assign`, submit) after
-   every call, and at K = 1 nothing else hides it. Fix in `farm/dispatcher.py`: keep two calls in flight per
-   worker -- `Dispatcher._send` chunking at `min(max_batch, max(1, capacity // 2))`, with `farm.runner`'s
-   capacity >= 2 x the render batch so GPU batching survives ("pipelined" rows). It compounds with the grouped
-   fsync: each call's fsync then overlaps the other call's turnaround. Note that a larger capacity also lets
-   the policy commit more jobs per worker ahead of time.
-3. **Driver CPU** (~0.6-1 ms/job busy under the profiler, overlapping the workers when K > 1): Ray's actor call submit
-   (pickling the `Job` dataclasses), `ResultRow.from_job`, and `jobs/results.py` `rows_to_table`'s
-   `dataclasses.asdict` (a recursive deep copy per row; `{f.name: getattr(r, f.name) for f in fields(ResultRow)}`
-   is enough). It bounds a farm of no-op workers at roughly 1000-1500 jobs/s whatever K is; harmless at real
-   render times. Taking every ready ref per `ray.wait` (`FastDispatcher`) only matters once completions pile
-   up (many workers); at K <= 3 they rarely coincide.
-
-When this was written, three full runs of this command on this machine gave 2.13, 1.86 and 1.00 ms/job at
-K = 1 and 0.9-1.5 ms/job at K = 2-3: the as-shipped farm sits at the 2 ms target with one worker and
-under it with more; fixes 1 + 2 together were the best durable variant in 8 of the 9 (run, K) cases and
-within 0.03 ms/job of it in the ninth."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,7 @@ One run prints one JSON object: per policy (``affinity``, ``fifo``, ``least_load
 ``serve_multiplex``, and ``affinity_greedy``: ours without the batch plan, an ablation) its
 ``makespan``, ``recompositions`` and ``p95_wait`` (seconds from arrival to the job's start
 on its worker), plus the workload's ``lower_bound_makespan``
-and ``lower_bound_recompositions`` (see ``benchmarks.sim.lower_bounds``).
+and ``lower_bound_recompositions`` (see ``farm.scheduler.sim_bounds.lower_bounds``).
 
 ``--sweep`` runs alpha 0.6/0.9/1.2 x compose/render 1/5/20 x workers 2/4/8/16 on the
 workloads in ``SCENARIOS`` (batch with 100 compositions, batch with 20, bursty with 100;
@@ -32,9 +32,12 @@ import time
 from collections import Counter
 from typing import Any
 
-from benchmarks.sim import FarmModel, lower_bounds, make_workload, recompositions_needed, simulate
-from farm.policies import POLICIES, make
-from farm.scheduler import AffinityScheduler, JobQueue, WorkerView
+from farm.scheduler.affinity import AffinityScheduler
+from farm.scheduler.baselines import POLICIES, make
+from farm.scheduler.queue import JobQueue
+from farm.scheduler.sim import FarmModel, make_workload, simulate
+from farm.scheduler.sim_bounds import lower_bounds, recompositions_needed
+from farm.scheduler.types import WorkerView
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
@@ -50,87 +53,6 @@ SCENARIOS = {  # name -> (compositions, arrival, prior: None = the policy sees t
     "bursty, 100 compositions, mixed job sizes": (100, "bursty", None, True),
 }
 TARGETS = {"makespan": 1.15, "recompositions": 1.25, "speedup": 1.2}
-NOTES = """Where the targets are not met, and why:
-
-* **Speed-up** over the best baseline is met everywhere (>= 1.7x; ~ (R + C + fetch) / R when
-  the baselines recompose on nearly every job, which they do: they are composition-blind,
-  and Ray Serve's multiplexed routing only prefers a replica holding the model on a
-  request's first attempt, so under a backlog it routes like power-of-two-choices).
-* **Batch workloads are planned** (`farm/plan.py`, session 3): the queue is packed once
-  into per-worker runs of one composition (best or worst fit), splitting a composition
-  only where it fits nowhere whole; of the ends within 5% of the earliest it finds, the
-  packing with the fewest recompositions; a worker that runs out early re-plans the rest
-  toward the same end. The greedy rules alone (column *without the plan*) meet batch/20 in 25 of 36,
-  with the plan 31 (`--sweep --no-write --seed 1`: 25 -> 30; `--seed 2`: 23 -> 33, every
-  configuration where both targets are reachable; with learned costs 24 -> 29 and
-  24 -> 30); batch/100 stays 36/36; bursty is unchanged (arrivals while a plan runs are
-  served by the greedy rules: re-planning every burst was tried and recomposed more, up
-  to 3.2x D vs 2.4x).
-* **Batch, 20 compositions, many workers:** reaching the makespan bound *requires*
-  splitting hot compositions over several workers; the bound's own LP needs the
-  compositions shown in [brackets]. *Reachable together* counts the configurations
-  where no argument we have rules out meeting both targets:
-  `benchmarks.sim.recompositions_needed` at T = 1.15 x the makespan bound (the {braces}
-  below) is within 1.25 x D. Of the 5 misses, 4 are not reachable in that sense; the
-  fifth (alpha 0.9, C/R 5, 16 workers) needs 25 = 1.25 x D only if the schedule ends at
-  exactly 1.15 x the bound (its 147-job composition fits one worker whole only then);
-  the plan ends at 1.063x with 26.
-* **Bursty arrivals:** the only recomposition bound valid for every schedule is D (compose
-  each composition once, after its last job arrived, however late that ends), and we
-  found no policy near it: a composition that comes back in a later burst after its
-  holders moved on must be composed again (about 2x D here). *Reachable together* now
-  also counts, for a schedule that ends at the makespan target, the compositions it must
-  compose on both sides of some arrival time (`sim._composed_twice`: at most K are held
-  across it, and the farm after it must fit the later jobs, the earlier ones left
-  waiting, and a compose per composition): up to 1.24x D here, so this bound does not
-  rule the target out. The bracket in the *mean recomp./LB* column is ours told which compositions have
-  received their last job (`ToldArrivals`, knowledge of the future no farm has: those go
-  first in the greedy rules): it barely helps (2.00 -> 1.97x D on seed 0, session 4),
-  so the gap is not for want of that knowledge alone. Knowing the future *and* holding
-  back narrows it: the last column is `ToldArrivalsDeferring`, also told every arrival,
-  which leaves a composition nobody holds queued while more of its jobs will come
-  (smallest first, within a budget of queued work per worker; per configuration the best
-  of 5 to 200 renders' worth within the makespan target): a witness that schedules
-  meeting both targets exist in the configurations it counts. In session 5 it was
-  within the makespan target in 31 (mixed sizes: 32) of 36, with its jobs' p95 wait a
-  median 1.3x ours: jobs wait for their composition's last burst. An online version of the same rule (hold back a
-  composition whose newest job arrived within the median gap between arrivals seen) was
-  tried on 18 bursty configurations (session 5, budgets 5-50 renders, that gap x0.5 and
-  x1): at most 0.1x D fewer, usually none: without knowing which compositions come back,
-  holding back mostly delays. Also tried in session 4, not kept:
-  serving compositions oldest job first (2.15x D, makespan target 23/36 instead of 29),
-  or by the share of their arrived work still queued (2.20x, 24/36); halving or
-  doubling the replication horizon (2.00x, 29/36 either way). The makespan gap (up to
-  ~1.25x, at high compose/render) is mostly those extra compositions (at compose/render
-  20 each costs 20 renders) and that the bound charges the last burst's compositions
-  only beyond the K a farm could already hold.
-* **Cost estimates:** the first three workloads show the policy the true costs. The real
-  dispatcher starts from 1 s priors and learns them (`farm.scheduler.CostEstimate`: the
-  first measurement replaces the prior, then an EWMA); the plan is remade when the mean
-  estimate moves by 1.5x. The fourth workload simulates that (`FarmModel.prior_s`): 30
-  of 36 met (the greedy rules alone: 24); when the EWMA started from the prior instead
-  (measurements averaged into the 1 s), 28. The misses are at 16 workers, where the
-  first plan is made before anything was measured and splits hot compositions as if a
-  compose cost the prior. Tried and not kept: a first plan that splits nothing until the
-  costs are measured (30 / 27 / 29 met on seeds 0 / 1 / 2, vs 30 / 29 / 30 without),
-  and a pessimistic compose prior of 3 / 10 / 30 s (30 / 29 / 27, makespans to 1.30x;
-  both with the older EWMA). Since session 4 a run into an output root that holds
-  earlier results starts from the seconds they measured (`farm.dispatcher.costs_from_rows`),
-  so only a farm's first run there plans from the priors; the later ones are the second
-  workload's case (true costs from the start).
-* **Mixed job sizes** (fifth workload: each composition's jobs are 512, 1024 or 1536
-  pixels square, `work` 0.25 / 1 / 2.25): the plan weighs a job by its work (the
-  dispatcher: steps x pixels against the run's mean job, and render seconds per unit).
-  28 of 36 met, 29 reachable; counting every job as one (`weigh_jobs=False`, its
-  column) 23, with makespans to ~1.2x; the greedy rules alone 22. The greedy rules also
-  rank and replicate by work now (kept for consistent units: render estimates are per
-  unit of work). Against commit 1a7ac6a, where they counted jobs, in the same
-  simulator: batch/20 mixed without the plan 21 -> 22; bursty with mixed sizes (the
-  last row) makespan target 31 -> 30 of 36, recompositions 1.87 -> 1.81 x D on average.
-* The column *without the plan* is the same run with `AffinityScheduler(plan=False)`
-  (the greedy rules alone, the policy before session 3)."""
-
-
 class _EveryComposition(JobQueue):
     def largest(self, exclude, limit):
         return super().largest(exclude, self.compositions())
@@ -210,7 +132,7 @@ def run_one(jobs: int, compositions: int, workers: int, alpha: float, compose: f
     span = 0.8 * (jobs * render + compositions * compose) / workers  # bursts keep the farm ~80% busy
     work = make_workload(jobs, compositions, alpha, seed, arrival=arrival, span_s=span, mixed_sizes=mixed)
     out: dict[str, Any] = {name: simulate(make(name), work, farm).as_dict() for name in POLICIES}
-    out["affinity_greedy"] = simulate(AffinityScheduler(plan=False), work, farm).as_dict()  # ablation: no plan
+    out["affinity_greedy"] = simulate(AffinityScheduler(batch_plan=False), work, farm).as_dict()  # ablation: no plan
     if arrival == "bursty":  # ablation: told which compositions' jobs have all arrived
         out["affinity_told_arrivals"] = simulate(ToldArrivals(work), work, farm).as_dict()
     bounds = lower_bounds(work, farm)
@@ -221,7 +143,7 @@ def run_one(jobs: int, compositions: int, workers: int, alpha: float, compose: f
     out["lower_bound_makespan"] = round(bounds["makespan"], 3)
     out["lower_bound_recompositions"] = bounds["recompositions"]
     out["lp_compositions"] = round(bounds["lp_compositions"], 1)
-    # compositions any schedule needs to finish within the makespan target (see sim.recompositions_needed)
+    # compositions any schedule needs to finish within the makespan target (see sim_bounds.recompositions_needed)
     out["recompositions_needed_at_makespan_target"] = recompositions_needed(
         work, farm, TARGETS["makespan"] * bounds["makespan"])
     out["params"] = {
@@ -364,14 +286,14 @@ def report(rows: list[dict[str, Any]], costs: list[dict[str, float]], command: s
         f"Workload: {p0['jobs']} jobs, render {p0['render_cost']:g} s, remote fetch {p0['fetch_cost']:g} s and "
         f"disk load {p0['load_cost']:g} s per adapter, 1-3 adapters per composition, capacity "
         f"{p0['capacity']} per worker, 4 workers per node, seed {p0['seed']}. Simulated by "
-        "`benchmarks/sim.py` driving the real policy objects; bounds from `benchmarks.sim.lower_bounds`. "
+        "`farm/scheduler/sim.py` driving the real policy objects; bounds from `farm.scheduler.sim_bounds.lower_bounds`. "
         "Plot: `benchmarks/scheduler_sweep.png`. Targets: affinity makespan <= "
         f"{TARGETS['makespan']}x its lower bound, recompositions <= {TARGETS['recompositions']}x theirs, "
         f">= {TARGETS['speedup']}x faster than the best baseline.", "",
         "| workload | configs | all 3 targets met | makespan / recomp. / speedup target met | "
         "makespan + recomp. targets reachable together | missed where reachable | "
         "worst makespan/LB | worst recomp./LB | speedup min / median | "
-        "makespan + recomp. met without the plan (`plan=False`) | ... without job weights (`weigh_jobs=False`) | "
+        "makespan + recomp. met without the plan (`batch_plan=False`) | ... without job weights (`weigh_jobs=False`) | "
         "mean recomp./LB [told which compositions' jobs have all arrived] | "
         "makespan + recomp. met by a schedule told every arrival that holds compositions back [its mean recomp./LB] |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -411,7 +333,7 @@ def report(rows: list[dict[str, Any]], costs: list[dict[str, float]], command: s
                                                    else f" [{m['told_mean_recomp_x_lb']}]") + " | "
                      + ("- |" if m["met_told_deferring"] is None
                         else f"{m['met_told_deferring']} [{m['told_deferring_mean_recomp_x_lb']}] |"))
-    lines += ["", NOTES, "", "Cost of one `AffinityScheduler.assign` (16 workers, capacity 2): the first call plans the "
+    lines += ["", "Cost of one `AffinityScheduler.assign` (16 workers, capacity 2): the first call plans the "
               "10,000 queued jobs as a batch; then one job finishes and one arrives per call (arrivals while a "
               "plan runs: the greedy rules), queue held at 10,000 jobs:", "",
               "| compositions queued | first call (plans the batch), ms | us per assigned job after | "

@@ -62,7 +62,7 @@ def _best(fn, repeats: int = 3):
 
 def fp8() -> dict:
     from lora_core import load_adapter
-    from lora_core import testing as T
+    from testsupport import lora as T
     from workers.backends import make_backend
     from workers.backends.base import RenderRequest
     from workers.wrapper import ComposedModel

@@ -2,11 +2,11 @@
 
 ``python -m benchmarks.sim_validate --jobs 40 --compositions 6 --workers 3 --render-s 0.2 --compose-s 0.6 --json``
 
-The workload is ``benchmarks.sim.make_workload`` (Zipf(alpha) popularity over
+The workload is ``farm.scheduler.sim.make_workload`` (Zipf(alpha) popularity over
 compositions of 1-3 adapters from a shared pool), played twice with a fresh
 ``AffinityScheduler`` each time:
 
-* **simulated**: ``benchmarks.sim.simulate`` with ``FarmModel(workers, compose_s=C,
+* **simulated**: ``farm.scheduler.sim.simulate`` with ``FarmModel(workers, compose_s=C,
   render_s=R, fetch_s, load_s)``, where fetch/load are this machine's measured cost of a
   cold ``LoraStore.fetch`` of one pool file and of loading it (milliseconds);
 * **real**: the same jobs in the same order through ``farm.dispatcher.Dispatcher`` and K
@@ -35,7 +35,7 @@ import time
 from typing import Any, Sequence
 
 from benchmarks.farm_overhead import machine, replace_section, write_loras
-from benchmarks.sim import FarmModel, make_workload, simulate
+from farm.scheduler.sim import FarmModel, make_workload, simulate
 
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 TOLERANCE = 0.10
@@ -57,7 +57,7 @@ def build_workload(n_jobs: int, n_compositions: int, alpha: float, seed: int, lo
         loras = tuple(LoraRef(real_of[u], strength) for u in q.loras)
         jobs.append(Job(q.job_id, f"prompt {i}", i, loras, 2, 64, 64, 1.0))
     comps_sim = {q.composition for q in queued}
-    comps_real = {j.composition for j in jobs}
+    comps_real = {j.routing_key for j in jobs}
     if len(comps_sim) != len(comps_real):
         raise AssertionError("the sim -> real mapping merged compositions")
     return queued, jobs, real_of
@@ -66,7 +66,7 @@ def build_workload(n_jobs: int, n_compositions: int, alpha: float, seed: int, lo
 def measure_fetch_load(path: str, cache_dir: str) -> tuple[float, float]:
     """Seconds of a cold ``LoraStore.fetch`` of ``path`` and of loading the adapter from it."""
     from lora_core.adapter import load_adapter_file
-    from lora_core.store import LoraStore
+    from storage.store import LoraStore
 
     store = LoraStore(cache_dir)
     t0 = time.perf_counter()
@@ -99,13 +99,16 @@ def real_run(jobs: Sequence[Any], workers: int, render_s: float, compose_s: floa
 
     from farm.cluster import make_workers
     from farm.dispatcher import Dispatcher
-    from farm.scheduler import AffinityScheduler
+    from farm.scheduler.affinity import AffinityScheduler
     from jobs.manifest import Job, LoraRef
+    from jobs.options import FarmOptions
     from lora_core import BASE_KEY
+    from testsupport.sleep import make_sleep_backend
 
     model = {"backend": "sleep", "render_s": render_s, "compose_s": compose_s}
     cache = os.path.join(tmp, "cache")
-    handles = make_workers(workers, model, worker_options=dict(lora_mode="auto", max_batch=4, cache_dir=cache),
+    handles = make_workers(workers, model, worker_options=dict(options=FarmOptions(lora_mode="auto", max_batch=4), cache_dir=cache,
+                                                               backend_factory=make_sleep_backend),
                            num_gpus=1.0)
     try:
         # warm-up, untimed: build the backend, the store and the model index, then back to the base model
@@ -113,7 +116,7 @@ def real_run(jobs: Sequence[Any], workers: int, render_s: float, compose_s: floa
         warm = [Job(f"warm{i}", "w", 0, (LoraRef(warm_lora, 1.0),), 2, 64, 64, 1.0) for i in range(workers)]
         base = [Job(f"base{i}", "w", 0, (), 2, 64, 64, 1.0) for i in range(workers)]
         rows = ray.get([h.render.remote([w, b], warm_out) for h, w, b in zip(handles, warm, base)])
-        if not all(r["status"] == "ok" for rs in rows for r in rs):
+        if not all(r.status == "ok" for rs in rows for r in rs):
             raise RuntimeError(f"warm-up failed: {rows}")
         states = ray.get([h.state.remote() for h in handles])
         if any(s["composition"] != BASE_KEY for s in states):
@@ -150,7 +153,8 @@ def validate(n_jobs: int = 40, n_compositions: int = 6, workers: int = 3, render
         queued, jobs, real_of = build_workload(n_jobs, n_compositions, alpha, seed, os.path.join(tmp, "loras"))
         warm_lora = write_loras(os.path.join(tmp, "warm-lora"), 1, seed=10_000 + seed)[0]
         fetch_s, load_s = measure_fetch_load(next(iter(real_of.values())), os.path.join(tmp, "probe-cache"))
-        from farm.scheduler import AffinityScheduler, CostEstimate
+        from farm.scheduler.affinity import AffinityScheduler
+        from farm.scheduler.costs import CostEstimate
 
         # the policy learns its costs as the real dispatcher does, from the same priors
         farm = FarmModel(workers, compose_s=compose_s, render_s=render_s, fetch_s=fetch_s, load_s=load_s, capacity=2,
@@ -180,11 +184,11 @@ def results_section(runs: list[dict], command: str) -> str:
     lines = [
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
-        "Workload: `benchmarks.sim.make_workload` (Zipf popularity, 1-3 adapters per composition from a shared "
+        "Workload: `farm.scheduler.sim.make_workload` (Zipf popularity, 1-3 adapters per composition from a shared "
         "pool), all jobs at t=0, `AffinityScheduler`, capacity 2. Real: `Dispatcher` + fresh `RayRenderWorker` "
         "actors with the sleep backend (real PEFT safetensors files fetched, bound and merged; a switch sleeps C, "
         "a render sleeps R per image), timed from `Dispatcher.run` start to return after warm-up. "
-        "Sim: `benchmarks.sim.simulate` with the same R and C and the measured fetch/load of one pool file; "
+        "Sim: `farm.scheduler.sim.simulate` with the same R and C and the measured fetch/load of one pool file; "
         "its policy learns the costs from the dispatcher's 1 s priors (`FarmModel.prior_s`), as the real one does. "
         "Error = (sim - real) / real; target |error| <= 10%.",
         "",

@@ -77,7 +77,7 @@ def timed(fn: Callable[[], Any]) -> float:
 
 def child_fetch(cache_dir: str, url: str, endpoint: str, barrier: Any, queue: Any) -> None:
     """One of N processes: its own store on the shared cache dir, all asking at once."""
-    from lora_core.store import LoraStore
+    from storage.store import LoraStore
 
     store = LoraStore(cache_dir, storage_options=s3_options(endpoint))
     barrier.wait(timeout=120)
@@ -88,7 +88,7 @@ def child_fetch(cache_dir: str, url: str, endpoint: str, barrier: Any, queue: An
 
 def bench_cold(endpoint: str, url: str, nbytes: int, reps: int, workdir: str) -> dict[str, Any]:
     """Cold store fetch vs s3fs cat and get_file, interleaved so drift hits all alike."""
-    from lora_core.store import LoraStore
+    from storage.store import LoraStore
 
     times: dict[str, list[float]] = {"s3fs_cat": [], "s3fs_get_file": [], "store_cold_fetch": []}
     fs = fresh_s3fs(endpoint)
@@ -114,7 +114,7 @@ def _rate(seconds: list[float], nbytes: int) -> dict[str, float]:
 
 
 def bench_cached(endpoint: str, url: str, digest: str, workdir: str, n: int = 50) -> dict[str, Any]:
-    from lora_core.store import LoraStore
+    from storage.store import LoraStore
 
     store = LoraStore(os.path.join(workdir, "warm"), storage_options=s3_options(endpoint))
     store.fetch(url)

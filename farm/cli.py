@@ -10,6 +10,8 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
+    from jobs.options import LORA_MODES
+
     p = argparse.ArgumentParser(prog="farm", description="A Ray render farm for diffusion models with many LoRAs.")
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run a manifest on an embedded local Ray cluster or --address")
@@ -17,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output root (fsspec URL or dir); default: the manifest's `output`")
     run.add_argument("--workers", type=int, help="workers (default: GPUs found, else 1 with a logical GPU)")
     run.add_argument("--address", help="join an existing Ray cluster (e.g. auto or 127.0.0.1:6379)")
-    run.add_argument("--lora-mode", choices=["merge", "lowrank", "auto"])
+    run.add_argument("--lora-mode", choices=LORA_MODES)
     run.add_argument("--max-batch", type=int)
     run.add_argument("--no-progress", action="store_true")
     val = sub.add_parser("validate", help="check a manifest; exit 2 listing every problem")
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         m = _load(args.manifest)
         if m is None:
             return 2
-        print(f"{args.manifest}: ok, {len(m.jobs)} job(s), {len({j.composition for j in m.jobs})} composition(s)")
+        print(f"{args.manifest}: ok, {len(m.jobs)} job(s), {len({j.routing_key for j in m.jobs})} composition(s)")
         return 0
     if args.cmd == "run":
         m = _load(args.manifest)

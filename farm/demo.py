@@ -23,7 +23,7 @@ def write_demo_loras(directory: str = os.path.join(EXAMPLES, "loras")) -> dict[s
     import torch
     from diffusers import QwenImageTransformer2DModel
 
-    from lora_core import testing as T
+    from lora_core import synthetic as S
     from workers.backends.tiny import TINY_TRANSFORMER_CONFIG
 
     os.makedirs(directory, exist_ok=True)
@@ -35,9 +35,9 @@ def write_demo_loras(directory: str = os.path.join(EXAMPLES, "loras")) -> dict[s
         paths[name] = path
         if os.path.exists(path):
             continue
-        layers = T.random_layers(T.linear_shapes(model, include), rank=rank, seed=seed, scale=scale)
-        sd = T.peft_state_dict(layers) if scheme == "peft" else T.kohya_state_dict(layers, prefix="lora_unet_")
-        T.write_safetensors(path + ".tmp", sd, metadata={"lora_farm_demo": name})
+        layers = S.random_layers(S.linear_shapes(model, include), rank=rank, seed=seed, scale=scale)
+        sd = S.peft_state_dict(layers) if scheme == "peft" else S.kohya_state_dict(layers, prefix="lora_unet_")
+        S.write_safetensors(path + ".tmp", sd, metadata={"lora_farm_demo": name})
         os.replace(path + ".tmp", path)
     return paths
 

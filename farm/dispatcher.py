@@ -1,11 +1,12 @@
-"""Drives a scheduling policy over Ray actor handles.
+"""Drives a scheduling policy over worker handles through a transport.
 
-A ``ray.wait`` loop: the policy (pure, ``farm/scheduler.py``) decides who renders what;
-this module sends the work, keeps a few jobs in flight per worker so none idles between
-jobs, turns finished calls into result rows (appended durably as they arrive), retries
-transient failures and jobs lost with a dead actor elsewhere up to a limit, never
-retries permanent ones (a bad LoRA), and on Ctrl-C stops sending, cancels what is in
-flight and keeps every finished result.
+A wait loop: the policy (pure, ``farm/scheduler``) decides who renders what; the
+transport (``farm/transport.py``: Ray's by default, ``farm/ray_transport.py``) carries
+the calls and keeps the clock. This module sends the work, keeps a few jobs in flight
+per worker so none idles between jobs, turns finished calls into result rows (appended
+durably as they arrive), retries transient failures and jobs lost with a dead worker
+elsewhere up to a limit, never retries permanent ones (a bad LoRA), and on Ctrl-C stops
+sending, cancels what is in flight and keeps every finished result.
 """
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-
 from jobs.results import ResultRow
 
-from .scheduler import CostEstimate, QueuedJob, WorkerView
+from .scheduler.costs import CostEstimate, job_work
+from .scheduler.types import QueuedJob, WorkerView
+from .transport import Ref, Transport, TransportError, WorkerLost
 
 
 @dataclass
@@ -37,45 +37,13 @@ class WorkerBook(CostEstimate):
     last_key: str | None = None
     switches: int = 0
 
-    def learn(self, row: dict, work: float = 1.0) -> None:
+    def learn(self, row: ResultRow, work: float = 1.0) -> None:
         """One result row; ``work``: its job's render cost relative to the run's mean job."""
-        self.observe(compose_s=row.get("compose_s") or 0.0, render_s=(row.get("render_s") or 0.0) / work,
-                     fetch_s=row.get("fetch_s") or 0.0)
-        key = row.get("composition_key")
+        self.observe(compose_s=row.compose_s, render_s=row.render_s / work, fetch_s=row.fetch_s)
+        key = row.composition_key
         if key and key != self.last_key:
             self.switches += 1
             self.last_key = key
-
-
-def _pixel_steps(job: Any) -> float:
-    return float(job.steps * job.width * job.height)
-
-
-def job_work(jobs: Sequence[Any]) -> dict[str, float]:
-    """Each job's render cost relative to the mean job of ``jobs``: steps x pixels, the
-    transformer's work (attention's quadratic term ignored)."""
-    raw = {j.job_id: _pixel_steps(j) for j in jobs}
-    mean = sum(raw.values()) / len(raw) if raw else 1.0
-    return {jid: (w / mean if mean > 0 else 1.0) for jid, w in raw.items()}
-
-
-def costs_from_rows(rows: Sequence[Any], jobs: Sequence[Any], recent: int = 256) -> CostEstimate | None:
-    """Cost priors for a run of ``jobs`` from an earlier run's result rows (its ``results.parquet``
-    in the same output root), so the first plan is made from measured seconds, not 1 s
-    guesses: the ``recent`` newest ``ok`` rows learned in order as the dispatcher learns them
-    (``WorkerBook.learn``), render seconds per unit of this run's mean job. None when no row
-    measured anything. The workers still replace each prior with their first measurement."""
-    sizes = [_pixel_steps(j) for j in jobs]
-    mean = sum(sizes) / len(sizes) if sizes else 0.0
-    ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: r.finished_at)[-recent:]
-    est = CostEstimate()
-    for r in ok:
-        size = _pixel_steps(r)
-        est.observe(compose_s=r.compose_s, fetch_s=r.fetch_s,
-                    render_s=r.render_s * mean / size if size > 0 and mean > 0 else 0.0)
-    if not est.measured:
-        return None
-    return CostEstimate(compose_s=est.compose_s, render_s=est.render_s, fetch_s=est.fetch_s)
 
 
 @dataclass
@@ -107,6 +75,7 @@ class Dispatcher:
         node_of: dict[str, str] | None = None,
         max_batch: int = 4,
         priors: CostEstimate | None = None,
+        transport: Transport | None = None,
     ):
         p = priors or CostEstimate()  # each worker's estimates start here (``costs_from_rows``)
         self.books = {wid: WorkerBook(wid, h, node_id=(node_of or {}).get(wid, ""), compose_s=p.compose_s,
@@ -119,14 +88,34 @@ class Dispatcher:
         self.max_batch = max_batch
         self.on_rows = on_rows or (lambda rows: None)
         self.progress = progress
-        self.pending: dict[Any, tuple[str, list[str]]] = {}
+        self._transport = transport  # None: Ray's, made on first use (importing this module imports no ray)
+        self.pending: dict[Ref, tuple[str, list[str]]] = {}  # call -> (worker id, its job ids)
         self.attempts: dict[str, int] = defaultdict(int)
         self.jobs: dict[str, Any] = {}
         self.work: dict[str, float] = {}  # job id -> render cost relative to the run's mean job
         self.prefetched: set[tuple[str, str]] = set()
         self.stats = RunStats()
 
-    # ---- views for the policy ------------------------------------------------------------
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            from .ray_transport import RayTransport
+
+            self._transport = RayTransport()
+        return self._transport
+
+    # ---- read-only views: for the policy, progress callbacks and tests --------------------
+    def workers(self) -> list[WorkerView]:
+        """A snapshot of every worker as the policy sees it (composition, adapters, in flight, alive)."""
+        return self._views()
+
+    def in_flight(self) -> dict[str, tuple[str, ...]]:
+        """A snapshot: worker id -> the job ids it has in flight (workers with none left out)."""
+        held: dict[str, list[str]] = defaultdict(list)
+        for wid, ids in self.pending.values():
+            held[wid].extend(ids)
+        return {wid: tuple(ids) for wid, ids in held.items()}
+
     def _views(self) -> list[WorkerView]:
         disk: dict[str, set[str]] = defaultdict(set)
         for b in self.books.values():
@@ -145,12 +134,12 @@ class Dispatcher:
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self, jobs: Sequence[Any]) -> RunStats:
-        now = time.monotonic()
+        now = self.transport.now()
         self.stats.total = len(jobs)
         for j in jobs:
             self.jobs[j.job_id] = j
         self.work.update(job_work(jobs))
-        self.policy.submit([QueuedJob(j.job_id, j.composition, tuple(r.uri for r in j.loras), j.priority, now,
+        self.policy.submit([QueuedJob(j.job_id, j.routing_key, tuple(r.uri for r in j.loras), j.priority, now,
                                       self.work[j.job_id]) for j in jobs])
         try:
             while self.pending or self._queued():
@@ -161,7 +150,7 @@ class Dispatcher:
         except KeyboardInterrupt:
             self.stats.interrupted = True
             for ref in list(self.pending):
-                ray.cancel(ref, force=False)
+                self.transport.cancel(ref)
             self.pending.clear()
         return self.stats
 
@@ -171,14 +160,14 @@ class Dispatcher:
     def _send(self) -> None:
         views = self._views()
         per_worker: dict[str, list[str]] = defaultdict(list)
-        for job_id, wid in self.policy.assign(views, time.monotonic()):
+        for job_id, wid in self.policy.assign(views, self.transport.now()):
             per_worker[wid].append(job_id)
         for wid, ids in per_worker.items():
             book = self.books[wid]
             # one call per composition keeps the worker's batching; the order is the policy's
             by_comp: dict[str, list[str]] = defaultdict(list)
             for jid in ids:
-                by_comp[self.jobs[jid].composition].append(jid)
+                by_comp[self.jobs[jid].routing_key].append(jid)
             # at least two calls in flight per worker where capacity allows, so the worker
             # starts the next call while the driver handles the previous one's result
             step = min(self.max_batch, max(1, self.capacity // 2))
@@ -187,7 +176,8 @@ class Dispatcher:
                     chunk = group[i : i + step]
                     for jid in chunk:
                         self.attempts[jid] += 1
-                    ref = book.handle.render.remote([self.jobs[j] for j in chunk], self.output_root, self.storage_options)
+                    ref = self.transport.submit(book.handle, "render", [self.jobs[j] for j in chunk], self.output_root,
+                                                self.storage_options)
                     self.pending[ref] = (wid, chunk)
                     book.inflight += len(chunk)
                 book.composition = comp
@@ -201,58 +191,52 @@ class Dispatcher:
             self.prefetched.update((wid, u) for u in fresh)
             refs = [r for j in self.jobs.values() for r in j.loras if r.uri in fresh]
             unique = list({r.uri: r for r in refs}.values())
-            self.books[wid].handle.prefetch.remote(unique)  # best effort; errors surface at render
+            self.transport.submit(self.books[wid].handle, "prefetch", unique)  # best effort; errors surface at render
 
     def _collect(self) -> None:
         if not self.pending:
             return
-        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
+        ready, _ = self.transport.wait(list(self.pending), num_returns=1, timeout=0.5)
         for ref in ready:
             self._collect_one(ref)
 
-    def _collect_one(self, ref) -> None:
+    def _collect_one(self, ref: Ref) -> None:
         wid, ids = self.pending.pop(ref)
         book = self.books[wid]
         book.inflight -= len(ids)
         try:
-            rows = ray.get(ref)
+            rows = self.transport.get(ref)
             book.deaths_in_a_row = 0
-        except (RayActorError, RayTaskError, GetTimeoutError, RayError) as e:
+        except TransportError as e:
             self._lost(book, ids, e)
             return
         for row in rows:
-            book.learn(row, self.work.get(row["job_id"], 1.0))
-            if row["status"] == "ok":
-                book.adapters.update(r.uri for r in self.jobs[row["job_id"]].loras)
+            book.learn(row, self.work.get(row.job_id, 1.0))
+            if row.status == "ok":
+                book.adapters.update(r.uri for r in self.jobs[row.job_id].loras)
             self._finish(row)
 
-    def _lost(self, book: WorkerBook, ids: list[str], e: BaseException) -> None:
-        """An actor died (or its call broke) with these jobs in hand: retry them elsewhere."""
-        if isinstance(e, RayActorError):
+    def _lost(self, book: WorkerBook, ids: list[str], e: TransportError) -> None:
+        """A worker died (or its call broke) with these jobs in hand: retry them elsewhere."""
+        if isinstance(e, WorkerLost):
             book.deaths_in_a_row += 1
             book.composition, book.adapters = None, set()  # a restarted actor comes back empty
             book.alive = book.deaths_in_a_row < 3
         for jid in ids:
-            row = dict(job_id=jid, status="failed", worker_id=book.worker_id, error=f"{type(e).__name__}: {e}"[:2000],
-                       transient=True, fetch_s=0.0, compose_s=0.0, render_s=0.0, output_uri="", composition_key="")
-            self._finish(row)
+            self._finish(ResultRow.failed(self.jobs[jid], str(e)[:2000], worker_id=book.worker_id, transient=True))
 
-    def _finish(self, row: dict) -> None:
-        jid = row["job_id"]
-        if row["status"] != "ok" and row.get("transient") and self.attempts[jid] <= self.retries:
+    def _finish(self, row: ResultRow) -> None:
+        jid = row.job_id
+        if row.status != "ok" and row.transient and self.attempts[jid] <= self.retries:
             self.stats.retried += 1
             self.policy.done(jid, requeue=True)
             return
         self.policy.done(jid)
         self._record(row)
 
-    def _record(self, row: dict) -> None:
-        jid = row["job_id"]
-        job = self.jobs[jid]
-        values = {k: row.get(k) for k in ("output_uri", "composition_key", "worker_id", "fetch_s", "compose_s", "render_s",
-                                          "error", "lora_mode")}
-        result = ResultRow.from_job(job, row["status"], attempts=self.attempts[jid], **values)
-        if row["status"] == "ok":
+    def _record(self, row: ResultRow) -> None:
+        result = row.recorded(self.attempts[row.job_id])
+        if row.status == "ok":
             self.stats.ok += 1
         else:
             self.stats.failed += 1
@@ -262,4 +246,4 @@ class Dispatcher:
 
     def _fail_queued(self, reason: str) -> None:
         for jid in self.policy.cancel(list(self.jobs)):  # only still-queued ids come back
-            self._record(dict(job_id=jid, status="failed", error=reason))
+            self._record(ResultRow.failed(self.jobs[jid], reason))

@@ -6,7 +6,8 @@ import json
 import posixpath
 from collections import OrderedDict
 
-from jobs.results import read_results, write_bytes_atomic
+from jobs.results import read_results
+from storage.output import write_bytes_atomic
 
 
 def _rel(output_root: str, uri: str) -> str:

@@ -84,8 +84,9 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
                  lora_mode: str | None = None, max_batch: int | None = None, progress: bool = True,
                  capacity: int = 2) -> RunSummary:
     from .cluster import connect, make_workers
-    from .dispatcher import Dispatcher, costs_from_rows
-    from .scheduler import AffinityScheduler
+    from .dispatcher import Dispatcher
+    from .scheduler.affinity import AffinityScheduler
+    from .scheduler.costs import costs_from_rows
 
     output = out or m.output
     opts = m.storage_options
@@ -102,11 +103,8 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
                  len(earlier), output, priors.compose_s, priors.render_s, priors.fetch_s)
     cluster = connect(address, workers)
     n = workers or max(1, int(cluster.gpus))
-    max_batch = max_batch or int(m.options.get("max_batch", 4))
-    worker_opts = dict(lora_mode=lora_mode or m.options.get("lora_mode", "auto"), max_batch=max_batch, storage_options=opts,
-                       fp8=bool(m.options.get("fp8", False)), memory_reserve_gb=m.options.get("memory_reserve_gb"),
-                       merge_strategy=m.options.get("merge_strategy", "keep_until_full"),
-                       branch_cache_mb=m.options.get("branch_cache_mb", 1024))
+    options = m.options.override(lora_mode=lora_mode or None, max_batch=max_batch or None)  # flags win when given
+    worker_opts = dict(options=options, storage_options=opts)
     writer = ResultsWriter(output, opts)
     buffered = _Buffered(writer)
     bar = _Progress(len(todo), progress)
@@ -118,8 +116,8 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
         named = {f"w{i}": h for i, h in enumerate(handles)}
         node_of = dict(zip(named, ray.get([h.node.remote() for h in handles])))  # for node-disk affinity
         d = Dispatcher(named, AffinityScheduler(), output, storage_options=opts, node_of=node_of,
-                       retries=int(m.options.get("retries", 2)), capacity=capacity, on_rows=buffered,
-                       progress=bar, max_batch=max_batch, priors=priors)
+                       retries=options.retries, capacity=capacity, on_rows=buffered,
+                       progress=bar, max_batch=options.max_batch, priors=priors)
         stats = d.run(todo)
     finally:
         bar.close()

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from .manifest import (
-    Job, LoraRef, Manifest, ManifestError, composition_of, content_id, load_manifest, validate_manifest,
+    Job, LoraRef, Manifest, ManifestError, job_content_id, load_manifest, routing_key_of, validate_manifest,
 )
+from .options import FarmOptions
 from .results import (
     ResultRow, ResultsWriter, completed_jobs, image_uri, read_results, read_results_table, write_image_atomic,
 )
 
 __all__ = [
-    "Job", "LoraRef", "Manifest", "ManifestError", "composition_of", "content_id", "load_manifest",
-    "validate_manifest", "ResultRow", "ResultsWriter", "completed_jobs", "image_uri", "read_results",
+    "Job", "LoraRef", "Manifest", "ManifestError", "routing_key_of", "job_content_id", "load_manifest",
+    "validate_manifest", "FarmOptions", "ResultRow", "ResultsWriter", "completed_jobs", "image_uri", "read_results",
     "read_results_table", "write_image_atomic",
 ]

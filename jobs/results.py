@@ -14,6 +14,7 @@ any) plus whole parts, and ``read_results`` merges both.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -27,9 +28,10 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lora_core.store_output import ensure_under, write_bytes_atomic  # torch-free: lora_core imports lazily
+from storage.output import ensure_under, write_bytes_atomic
 
-from .manifest import Job, filesystem
+from .manifest import Job
+from .sources import filesystem
 from .validate import ID_RE, is_url
 
 log = logging.getLogger("jobs.results")
@@ -43,7 +45,8 @@ _PART_RE = re.compile(r"(\d+)\.parquet\Z")
 
 @dataclass
 class ResultRow:
-    """One job's outcome; the columns of ``results.parquet``, in order."""
+    """One job's outcome, worker to dispatcher to ``results.parquet``: the columns (``COLUMNS``), in order,
+    plus the wire-only ``transient``."""
 
     job_id: str
     status: str                      # "ok" | "failed"
@@ -65,6 +68,9 @@ class ResultRow:
     steps: int = 0
     guidance: float = 0.0
     finished_at: float = field(default_factory=time.time)  # unix seconds
+    # not a column: whether a retry may succeed (out of memory, a lost actor); the worker
+    # tells the dispatcher, results.parquet does not keep it
+    transient: bool = field(default=False, metadata={"column": False})
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -94,16 +100,40 @@ class ResultRow:
         any worker composed it still lands in a gallery group.
         """
         row = job.to_row()
-        row["composition_key"] = row.pop("composition")
+        row["composition_key"] = job.routing_key
         row.update(values)
         row["status"] = status
         return cls.from_dict(row)
 
+    @classmethod
+    def ok(cls, job: Job, *, output_uri: str, composition_key: str, worker_id: str, fetch_s: float,
+           compose_s: float, render_s: float, lora_mode: str) -> "ResultRow":
+        """A rendered job: its image at ``output_uri``, composed as ``composition_key`` (a content hash)."""
+        return cls.from_job(job, "ok", output_uri=output_uri, composition_key=composition_key, worker_id=worker_id,
+                            fetch_s=fetch_s, compose_s=compose_s, render_s=render_s, lora_mode=lora_mode)
+
+    @classmethod
+    def failed(cls, job: Job, error: str, *, worker_id: str = "", transient: bool = False,
+               fetch_s: float = 0.0, compose_s: float = 0.0) -> "ResultRow":
+        """A job that failed with ``error``; ``transient``: a retry elsewhere may succeed.
+
+        Nothing was composed for it, so its ``composition_key`` is empty (not the routing key).
+        """
+        return cls.from_job(job, "failed", error=error, worker_id=worker_id, transient=transient,
+                            fetch_s=fetch_s, compose_s=compose_s, composition_key="")
+
+    def recorded(self, attempts: int) -> "ResultRow":
+        """This row as the dispatcher records it: after ``attempts`` sends, finished now."""
+        return dataclasses.replace(self, attempts=attempts, finished_at=time.time())
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # flat: no deep copy (hot path)
+        """The ``results.parquet`` columns (``COLUMNS``), by name."""
+        return {name: getattr(self, name) for name in COLUMNS}  # flat: no deep copy (hot path)
 
 
 def _coerce(value: Any, kind: str) -> Any:
+    if kind == "bool":
+        return bool(value)
     if kind == "str":
         if isinstance(value, str):
             return value
@@ -113,7 +143,9 @@ def _coerce(value: Any, kind: str) -> Any:
 
 # annotations are strings under "from __future__ import annotations"
 _ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
-SCHEMA = pa.schema([pa.field(f.name, _ARROW[f.type]) for f in fields(ResultRow)])
+#: The columns of ``results.parquet``, in order (``ResultRow``'s fields less the wire-only ones).
+COLUMNS = tuple(f.name for f in fields(ResultRow) if f.metadata.get("column", True))
+SCHEMA = pa.schema([pa.field(f.name, _ARROW[f.type]) for f in fields(ResultRow) if f.name in COLUMNS])
 
 
 def rows_to_table(rows: Iterable[ResultRow | Mapping[str, Any]]) -> pa.Table:
@@ -270,6 +302,6 @@ def completed_jobs(output_root: str, storage_options: Mapping | None = None,
 
 
 __all__ = [
-    "ResultRow", "ResultsWriter", "SCHEMA", "rows_to_table", "image_uri", "write_image_atomic",
-    "write_bytes_atomic", "read_results", "read_results_table", "completed_jobs", "existing_images",
+    "ResultRow", "ResultsWriter", "COLUMNS", "SCHEMA", "rows_to_table", "image_uri", "write_image_atomic",
+    "read_results", "read_results_table", "completed_jobs", "existing_images",
 ]

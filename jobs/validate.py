@@ -3,16 +3,20 @@
 Each ``check_*`` takes ``(value, path, problems)`` and returns the normalized value, or
 ``BAD`` after recording why it is wrong, so one pass over a manifest reports everything
 a user has to fix (``jobs[3].loras[0].strength: not a number``) instead of the first
-error only. Nothing here builds dataclasses or does I/O; ``manifest.py`` does that.
+error only. Nothing here does I/O or builds a job; ``manifest.py`` does that. Farm options
+are checked against what ``FarmOptions`` (``options.py``) declares for each.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
 import posixpath
 import re
 from typing import Any, Callable, Iterable, Mapping
+
+from .options import BACKENDS, FarmOptions, option_fields
 
 #: User-chosen job ids become file names (``images/<id>.png``): no ``/``, no ``..``.
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -287,19 +291,8 @@ def check_job(raw: Any, path: str, problems: Problems, defaults: Mapping, base_d
 
 
 # ---- top-level sections ----------------------------------------------------------------
-BACKENDS = ("tiny", "diffusers", "nunchaku")
 MODEL_FIELDS = ("backend", "path", "dtype", "args")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-LORA_MODES = ("merge", "lowrank", "auto")
-#: Farm options and their defaults; ``Manifest.options`` always holds every key.
-OPTION_DEFAULTS: dict[str, Any] = {
-    "lora_mode": "auto", "max_batch": 4, "retries": 2,
-    "fp8": False,                 # weight-only fp8 after merge (fuse, then quantize)
-    "memory_reserve_gb": None,    # keep this much free on the device while merging
-    "merge_strategy": "keep_until_full",
-    "branch_cache_mb": 1024,      # device memory for prepared branches of recent compositions
-}
-MERGE_STRATEGIES = ("keep_until_full", "rotate")
 
 
 def check_model(value: Any, path: str, problems: Problems, base_dir: str | None) -> dict:
@@ -324,25 +317,34 @@ def check_model(value: Any, path: str, problems: Problems, base_dir: str | None)
     return model
 
 
-def check_options(value: Any, path: str, problems: Problems) -> dict:
-    options = dict(OPTION_DEFAULTS)
+def check_option(value: Any, spec: dataclasses.Field, path: str, problems: Problems) -> Any:
+    """One farm option, checked against what its ``FarmOptions`` field declares: its type,
+    ``choices`` and lower bound ``lo``."""
+    # annotations are strings there ("from __future__ import annotations"): "float | None" -> "float"
+    kind, choices, lo = str(spec.type).split(" |")[0], spec.metadata["choices"], spec.metadata["lo"]
+    if kind == "str":
+        return check_str(value, path, problems, choices=choices)
+    if kind == "bool":
+        return check_bool(value, path, problems)
+    if kind == "int":
+        return check_int(value, path, problems, lo)
+    return check_number(value, path, problems, lo)
+
+
+def check_options(value: Any, path: str, problems: Problems) -> FarmOptions:
+    """The manifest's ``options`` as ``FarmOptions``: the defaults, overridden by every valid value."""
     raw = check_mapping(value, path, problems)
     if raw is BAD:
-        return options
-    check_fields(raw, OPTION_DEFAULTS, path, problems)
-    checks = {
-        "lora_mode": lambda v, p: check_str(v, p, problems, choices=LORA_MODES),
-        "max_batch": lambda v, p: check_int(v, p, problems, 1),
-        "retries": lambda v, p: check_int(v, p, problems, 0),
-        "fp8": lambda v, p: check_bool(v, p, problems),
-        "memory_reserve_gb": lambda v, p: check_number(v, p, problems, 0.0),
-        "merge_strategy": lambda v, p: check_str(v, p, problems, choices=MERGE_STRATEGIES),
-        "branch_cache_mb": lambda v, p: check_number(v, p, problems, 0.0),
-    }
-    for name, check in checks.items():
-        if raw.get(name) is not None:
-            options[name] = check(raw[name], at(path, name))
-    return options
+        return FarmOptions()
+    specs = option_fields()
+    check_fields(raw, [f.name for f in specs], path, problems)
+    given = {}
+    for spec in specs:
+        if raw.get(spec.name) is not None:
+            checked = check_option(raw[spec.name], spec, at(path, spec.name), problems)
+            if checked is not BAD:
+                given[spec.name] = checked
+    return FarmOptions(**given)
 
 
 def known_protocol(protocol: str) -> bool:

@@ -1,8 +1,9 @@
-"""lora_core: pure LoRA logic (no Ray). Load, compose, apply with exact restore.
+"""lora_core: pure LoRA logic (no Ray, no fsspec). Load, compose, apply with exact restore.
 
-The names below are imported on first use (PEP 562), so that light users of the package
-(``lora_core.store_io`` / ``store_output`` from ``jobs/``, which ``farm validate`` needs)
-do not pay for importing torch.
+Remote files reach it through a fetcher (``load_adapter(url, fetch=store)``); without one,
+``storage``'s default store is imported on first use. The names below are imported on
+first use too (PEP 562), so that light users of the package (``lora_core.modes`` from
+``jobs/``, which ``farm validate`` needs) do not pay for importing torch.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "Adapter": "adapter", "LoraLayer": "adapter", "load_adapter": "adapter",
+    "Adapter": "adapter", "Fetcher": "adapter", "LoraLayer": "adapter", "load_adapter": "adapter",
     "BASE_KEY": "api", "Handle": "api", "apply": "api", "apply_updates": "api", "composition_key": "api",
     "content_id": "api", "key_of_ids": "api", "prepare": "api", "switch": "api", "branch_targets": "api",
     "still_fits": "api",

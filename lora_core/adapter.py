@@ -10,7 +10,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping, Union
+from typing import Callable, Mapping, Protocol, Union
 
 import torch
 
@@ -60,19 +60,61 @@ class Adapter:
 Source = Union[str, os.PathLike, Mapping[str, torch.Tensor], Adapter]
 
 
-def load_adapter(source: Source, *, allow_pickle: bool = False, storage_options: dict | None = None) -> Adapter:
-    """A path, an fsspec URL, a state dict or an Adapter -> a checked Adapter."""
+class Fetched(Protocol):
+    """What a store's ``fetch`` returns: a local file and its sha256 (``storage.store.FetchResult``)."""
+
+    path: str
+    sha256: str
+
+
+class Store(Protocol):
+    """Anything with ``fetch(uri)``, such as ``storage.store.LoraStore``."""
+
+    def fetch(self, uri: str) -> Fetched: ...
+
+
+#: How a remote LoRA reaches local disk: a store (its sha256 is then reused, not recomputed)
+#: or a plain callable ``uri -> local path``.
+Fetcher = Union[Store, Callable[[str], str]]
+
+
+def is_remote(path: str) -> bool:
+    """A URL for a fetcher (``s3://``, ``https://``, ...); plain paths and ``file://`` are local."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_file(path: str, fetch: Fetcher | None = None, storage_options: dict | None = None) -> tuple[str, str | None]:
+    """``(local path, sha256 if the fetcher knew it)`` for a path or URL.
+
+    Only URLs are fetched. Without ``fetch`` they go through the process-wide
+    ``storage.store.default_store(storage_options)``, imported here on first use so that
+    ``import lora_core`` does not import fsspec.
+    """
+    if not is_remote(path):
+        return path.removeprefix("file://"), None
+    if fetch is None:
+        from storage.store import default_store
+
+        fetch = default_store(storage_options)
+    if callable(getattr(fetch, "fetch", None)):
+        fetched = fetch.fetch(path)
+        return fetched.path, fetched.sha256
+    return os.fspath(fetch(path)), None
+
+
+def load_adapter(
+    source: Source, *, allow_pickle: bool = False, storage_options: dict | None = None, fetch: Fetcher | None = None
+) -> Adapter:
+    """A path, an fsspec URL, a state dict or an Adapter -> a checked Adapter.
+
+    A URL is fetched by ``fetch`` (a store or ``uri -> local path``); without one, by the
+    default store for ``storage_options``.
+    """
     if isinstance(source, Adapter):
         return source
     if isinstance(source, Mapping):
         return adapter_from_state_dict(dict(source), source="<state dict>", content_id=state_dict_id(source))
-    path = os.fspath(source)
-    if "://" in path and not path.startswith("file://"):
-        from .store import default_store
-
-        path = default_store(storage_options).fetch(path).path
-    elif path.startswith("file://"):
-        path = path[len("file://"):]
+    path, _ = local_file(os.fspath(source), fetch, storage_options)
     return load_adapter_file(path, allow_pickle=allow_pickle)
 
 

@@ -9,15 +9,15 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .adapter import Adapter, Source, load_adapter, state_dict_id
+from .adapter import Adapter, Fetcher, Source, load_adapter, local_file, state_dict_id
 from .compose import ModuleUpdate, Where, plan
 from .errors import NonFiniteError
 from .model_index import ModelIndex
+from .modes import APPLY_MODES as MODES
 from .safetensors_io import file_sha256
 from .targets import dense, fp8, lowrank, svdq
 from .targets.ledger import Ledger
 
-MODES = ("merge", "lowrank")
 BASE_KEY = "base"
 
 
@@ -62,12 +62,16 @@ def apply(
     storage_options: dict | None = None,
     keep_originals_on: torch.device | str | None = None,
     budget=None,
+    fetch: Fetcher | None = None,
 ) -> Handle:
-    """Compose ``items`` onto ``module``. On any error the model is left exactly as it was."""
+    """Compose ``items`` onto ``module``. On any error the model is left exactly as it was.
+
+    URL sources are fetched by ``fetch`` (see ``load_adapter``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     index = index or ModelIndex(module)
-    pairs = [(load_adapter(src, allow_pickle=allow_pickle, storage_options=storage_options), float(s)) for src, s in items]
+    pairs = [(load_adapter(src, allow_pickle=allow_pickle, storage_options=storage_options, fetch=fetch), float(s))
+             for src, s in items]
     updates = plan(pairs, index, branch_targets(index, mode))  # all binding errors before anything is touched
     return apply_updates(index, updates, mode, keep_originals_on=keep_originals_on, budget=budget)
 
@@ -212,18 +216,16 @@ def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, handle: Handl
         handle.branches[name] = lowrank.attach(m, name, a, b, handle._ledger)
 
 
-def content_id(source: Source, storage_options: dict | None = None) -> str:
-    """The content id of a source without loading tensors where avoidable (file bytes)."""
+def content_id(source: Source, storage_options: dict | None = None, fetch: Fetcher | None = None) -> str:
+    """The content id of a source without loading tensors where avoidable (file bytes).
+
+    A URL is fetched by ``fetch`` (see ``load_adapter``); a store's sha256 is used as is."""
     if isinstance(source, Adapter):
         return source.content_id
     if isinstance(source, Mapping):
         return state_dict_id(source)
-    path = os.fspath(source)
-    if "://" in path and not path.startswith("file://"):
-        from .store import default_store
-
-        return default_store(storage_options).fetch(path).sha256
-    return file_sha256(path[len("file://"):] if path.startswith("file://") else path)
+    path, sha256 = local_file(os.fspath(source), fetch, storage_options)
+    return sha256 or file_sha256(path)
 
 
 def key_of_ids(pairs: Iterable[tuple[str, float]]) -> str:
@@ -234,5 +236,9 @@ def key_of_ids(pairs: Iterable[tuple[str, float]]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def composition_key(items: Sequence[tuple[Source, float]], storage_options: dict | None = None) -> str:
-    return key_of_ids((content_id(src, storage_options), s) for src, s in items)
+def composition_key(
+    items: Sequence[tuple[Source, float]], storage_options: dict | None = None, fetch: Fetcher | None = None
+) -> str:
+    """The content key of a composition: the same LoRAs at the same strengths, whatever their
+    order or where they are stored, give the same key (``BASE_KEY`` for none)."""
+    return key_of_ids((content_id(src, storage_options, fetch), s) for src, s in items)

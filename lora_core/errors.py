@@ -1,27 +1,21 @@
-"""The error hierarchy of lora_core: one base class, each error names what is wrong.
+"""The errors of reading and applying a LoRA; each names what is wrong.
 
-Every error carries the file (``source``) and, where one applies, the tensor ``key`` so a
-render-farm user can see which LoRA in which job is at fault without reading a traceback.
+They share one base, ``LoraError``, with the errors of fetching a file: both live in
+``storage.errors`` (the lowest package) and are re-exported here, so ``lora_core.errors``
+names the whole hierarchy. Every error carries the file (``source``) and, where one
+applies, the tensor ``key``.
 """
 from __future__ import annotations
 
+from storage.errors import (  # re-exported: one hierarchy, rooted below lora_core
+    ChecksumMismatch, FetchError, LoraError, PermanentFetchError, TruncatedTransferError,
+)
 
-class LoraError(Exception):
-    """Base class of every error lora_core raises on bad input."""
-
-    #: False for errors that a retry cannot fix (a bad file); True for transient I/O.
-    transient: bool = False
-
-    def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
-        self.source = source
-        self.key = key
-        where = []
-        if source:
-            where.append(f"file {source!r}")
-        if key:
-            where.append(f"key {key!r}")
-        full = f"{message} ({', '.join(where)})" if where else message
-        super().__init__(full)
+__all__ = [
+    "LoraError", "FetchError", "PermanentFetchError", "ChecksumMismatch", "TruncatedTransferError",
+    "CorruptFileError", "UnsafeFormatError", "UnsupportedFormatError", "UnknownKeysError", "AmbiguousFormatError",
+    "ShapeMismatchError", "NonFiniteError", "StaleBranchError", "TargetNotFoundError",
+]
 
 
 class CorruptFileError(LoraError):
@@ -63,25 +57,3 @@ class StaleBranchError(LoraError):
 
 class TargetNotFoundError(LoraError):
     """A LoRA names a module the model does not have."""
-
-
-class FetchError(LoraError):
-    """Fetching a LoRA file from storage failed."""
-
-    transient = True
-
-
-class PermanentFetchError(FetchError):
-    """404, access denied, a bad URL: retrying cannot help."""
-
-    transient = False
-
-
-class ChecksumMismatch(FetchError):
-    """The bytes fetched do not match the sha256 the manifest gave."""
-
-    transient = False
-
-
-class TruncatedTransferError(FetchError):
-    """Fewer bytes arrived than the server announced."""

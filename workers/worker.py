@@ -4,27 +4,30 @@ It owns one backend (built lazily, so under Ray it is created after CUDA_VISIBLE
 is set), one ComposedModel, a node-local LoRA file store and a byte-budget LRU of loaded
 adapters. ``render(jobs)`` groups jobs by composition and size, fetches, composes only on
 change, renders in batches of up to ``max_batch``, writes PNGs atomically and returns one
-result row per job: a bad LoRA fails its own jobs, never the worker.
+``ResultRow`` per job: a bad LoRA fails its own jobs, never the worker. What it renders
+with (``lora_mode``, ``max_batch``, fp8, ...) is the manifest's ``jobs.options.FarmOptions``.
 """
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
 import time
 import traceback
 import uuid
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from jobs.manifest import Job
+from jobs.options import FarmOptions
+from jobs.results import ResultRow, image_uri, write_image_atomic
 from lora_core import Adapter
 from lora_core.adapter import load_adapter_file
-from lora_core.cache import AdapterCache
+from lora_core.adapter_cache import AdapterCache
 from lora_core.errors import LoraError
-from lora_core.store import default_cache_dir
+from storage.store import default_cache_dir
 
 from .automode import Ewma
 from .wrapper import ComposedModel
@@ -38,8 +41,7 @@ class RenderWorker:
         model: dict | None = None,
         worker_id: str | None = None,
         *,
-        lora_mode: str = "auto",
-        max_batch: int = 4,
+        options: FarmOptions | None = None,
         cache_dir: str | None = None,
         cache_budget_bytes: int | None = None,
         adapter_cache_bytes: int = DEFAULT_ADAPTER_CACHE,
@@ -47,21 +49,17 @@ class RenderWorker:
         device: str | None = None,
         num_threads: int | None = None,
         allow_pickle: bool = False,
-        fp8: bool = False,
-        memory_reserve_gb: float | None = None,
-        merge_strategy: str = "keep_until_full",
-        branch_cache_mb: float = 1024,
+        backend_factory: Callable[..., Any] | None = None,  # instead of the registry's (see workers.backends.registry)
     ):
         self.model_spec = dict(model or {"backend": "tiny"})
+        self.backend_factory = backend_factory
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.lora_mode = lora_mode
-        self.max_batch = max(1, int(max_batch))
+        self.options = options or FarmOptions()  # lora_mode, max_batch and the model options (fp8, ...)
+        self.max_batch = max(1, int(self.options.max_batch))
         self.storage_options = storage_options or {}
         self.device = device
         self.num_threads = num_threads
         self.allow_pickle = allow_pickle
-        self.model_options = dict(fp8=fp8, memory_reserve_gb=memory_reserve_gb, merge_strategy=merge_strategy,
-                                  branch_cache_mb=branch_cache_mb)
         self.cache_dir = cache_dir or default_cache_dir()
         self._cache_budget = cache_budget_bytes
         self._store = None
@@ -76,7 +74,7 @@ class RenderWorker:
     @property
     def store(self):
         if self._store is None:
-            from lora_core.store import LoraStore
+            from storage.store import LoraStore
 
             kw = {"storage_options": self.storage_options}
             if self._cache_budget:
@@ -92,8 +90,8 @@ class RenderWorker:
             if self.num_threads:
                 torch.set_num_threads(self.num_threads)
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self._model = ComposedModel(make_backend(self.model_spec, device=device), lora_mode=self.lora_mode,
-                                        **self.model_options)
+            backend = make_backend(self.model_spec, device=device, factory=self.backend_factory)
+            self._model = ComposedModel(backend, **self.options.model_options())
         return self._model
 
     def _load_by_sha(self, sha: str) -> Adapter:
@@ -121,23 +119,24 @@ class RenderWorker:
                 pass
         return n
 
-    def render(self, jobs: Sequence[Any], output_root: str, storage_options: dict | None = None) -> list[dict]:
+    def render(self, jobs: Sequence[Job], output_root: str, storage_options: dict | None = None) -> list[ResultRow]:
+        """One result row per job, in groups of one composition and size (a failure fails its group only)."""
         opts = storage_options if storage_options is not None else self.storage_options
-        rows: list[dict] = []
+        rows: list[ResultRow] = []
         for group in self._groups(jobs):
             rows.extend(self._render_group(group, output_root, opts))
         return rows
 
-    def _groups(self, jobs: Sequence[Any]) -> list[list[Any]]:
-        buckets: OrderedDict[tuple, list[Any]] = OrderedDict()
+    def _groups(self, jobs: Sequence[Job]) -> list[list[Job]]:
+        buckets: OrderedDict[tuple, list[Job]] = OrderedDict()
         for j in jobs:
-            buckets.setdefault((j.composition, j.steps, j.width, j.height, j.guidance, j.negative_prompt), []).append(j)
+            buckets.setdefault((j.routing_key, j.steps, j.width, j.height, j.guidance, j.negative_prompt), []).append(j)
         out = []
         for group in buckets.values():
             out.extend(group[i : i + self.max_batch] for i in range(0, len(group), self.max_batch))
         return out
 
-    def _render_group(self, group: list[Any], output_root: str, opts: dict) -> list[dict]:
+    def _render_group(self, group: list[Job], output_root: str, opts: dict) -> list[ResultRow]:
         fetch_s = compose_s = 0.0
         try:
             pairs, fetch_s = self.fetch_adapters(group[0].loras)
@@ -154,23 +153,20 @@ class RenderWorker:
         except Exception as e:  # noqa: BLE001 - every failure becomes a result row
             rows = [_failed(j, self.worker_id, e, fetch_s, compose_s) for j in group]
         for r in rows:
-            if r["status"] == "ok":
+            if r.status == "ok":
                 self.jobs_done += 1
             else:
                 self.jobs_failed += 1
         return rows
 
-    def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> dict:
-        from jobs.results import image_uri, write_image_atomic
-
+    def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> ResultRow:
         uri = image_uri(output_root, job.job_id)
         write_image_atomic(uri, png_bytes(image), opts)
         return self._ok_row(job, uri, key, fetch_s, compose_s, render_s)
 
-    def _ok_row(self, job, uri: str, key: str, fetch_s: float, compose_s: float, render_s: float) -> dict:
-        return dict(job_id=job.job_id, status="ok", output_uri=uri, composition_key=key, worker_id=self.worker_id,
-                    attempts=1, fetch_s=fetch_s, compose_s=compose_s, render_s=render_s, error="", transient=False,
-                    lora_mode=self.model.held_mode)
+    def _ok_row(self, job: Job, uri: str, key: str, fetch_s: float, compose_s: float, render_s: float) -> ResultRow:
+        return ResultRow.ok(job, output_uri=uri, composition_key=key, worker_id=self.worker_id, fetch_s=fetch_s,
+                            compose_s=compose_s, render_s=render_s, lora_mode=self.model.held_mode)
 
     def state(self) -> dict:
         m = self._model
@@ -189,7 +185,7 @@ class RenderWorker:
             "free_memory": free,
             "compose_s": m.stats.mean_s if m else 0.0,
             "switches": m.stats.switches if m else 0,
-            "lora_mode": (m.auto.as_dict() if m.auto is not None else {"mode": m.lora_mode}) if m else {"mode": self.lora_mode},
+            "lora_mode": (m.auto.as_dict() if m.auto is not None else {"mode": m.lora_mode}) if m else {"mode": self.options.lora_mode},
             "render_s": self.render_s_per_image.value or 0.0,
             "jobs_done": self.jobs_done,
             "jobs_failed": self.jobs_failed,
@@ -209,18 +205,14 @@ def _request(job):
                          width=job.width, height=job.height, guidance=job.guidance)
 
 
-def _failed(job, worker_id: str, e: BaseException, fetch_s: float, compose_s: float) -> dict:
+def _failed(job: Job, worker_id: str, e: BaseException, fetch_s: float, compose_s: float) -> ResultRow:
     transient = bool(getattr(e, "transient", False)) or _is_oom(e)
     msg = f"{type(e).__name__}: {e}"
     if not isinstance(e, LoraError) and not transient:
         msg += " | " + traceback.format_exc(limit=3).strip().splitlines()[-1]
-    return dict(job_id=job.job_id, status="failed", output_uri="", composition_key="", worker_id=worker_id,
-                attempts=1, fetch_s=fetch_s, compose_s=compose_s, render_s=0.0, error=msg, transient=transient)
+    return ResultRow.failed(job, msg, worker_id=worker_id, transient=transient, fetch_s=fetch_s, compose_s=compose_s)
 
 
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
-
-def job_loras_json(job) -> str:
-    return json.dumps([{"uri": r.uri, "strength": r.strength, "sha256": r.sha256} for r in job.loras])

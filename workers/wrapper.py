@@ -15,13 +15,12 @@ from typing import Sequence
 
 import torch
 
+from jobs.options import LORA_MODES, FarmOptions
 from lora_core import BASE_KEY, Adapter, ModelIndex, branch_targets, key_of_ids, plan, prepare, still_fits, switch
 from lora_core.api import Handle, prepared_bytes
 from lora_core.targets.lowrank import BranchClock
 
 from .automode import AutoMode
-
-LORA_MODES = ("merge", "lowrank", "auto")
 
 
 @dataclass
@@ -43,9 +42,12 @@ class SwitchStats:
 
 
 class ComposedModel:
-    def __init__(self, backend, lora_mode: str = "auto", keep_originals_on: str | None = None, fp8: bool = False,
-                 memory_reserve_gb: float | None = None, merge_strategy: str = "keep_until_full",
-                 branch_cache_mb: float = 1024):
+    """``backend`` holding one composition at a time. The keyword options are the model-side
+    farm options (``FarmOptions.model_options()``), with the same defaults."""
+
+    def __init__(self, backend, lora_mode: str = FarmOptions.lora_mode, keep_originals_on: str | None = None,
+                 fp8: bool = FarmOptions.fp8, memory_reserve_gb: float | None = FarmOptions.memory_reserve_gb,
+                 merge_strategy: str = FarmOptions.merge_strategy, branch_cache_mb: float = FarmOptions.branch_cache_mb):
         if lora_mode not in LORA_MODES:
             raise ValueError(f"lora_mode must be one of {LORA_MODES}, got {lora_mode!r}")
         self.backend = backend

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-STRATEGIES = ("keep_until_full", "rotate")
+from ..modes import MERGE_STRATEGIES as STRATEGIES
 
 
 @dataclass(frozen=True)

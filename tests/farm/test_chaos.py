@@ -9,24 +9,26 @@ from farm.cluster import make_workers
 from farm.dispatcher import Dispatcher
 from farm.scheduler import AffinityScheduler
 from jobs.manifest import validate_manifest
+from jobs.options import FarmOptions
 
 
 def test_killed_worker_jobs_complete_exactly_once(ray_cluster, tmp_path):
     out = str(tmp_path / "out")
     m = validate_manifest({"model": {"backend": "tiny"}, "defaults": {"steps": 2, "width": 64, "height": 64},
                            "output": out, "jobs": [{"prompt": f"p{i}", "seed": i} for i in range(10)]})
-    handles = make_workers(2, m.model, worker_options={"max_batch": 1})
+    handles = make_workers(2, m.model, worker_options={"options": FarmOptions(max_batch=1)})
+    named = {"w0": handles[0], "w1": handles[1]}
     rows, killed = [], []
 
     def chaos(d):
         if d.stats.ok >= 2 and not killed:
-            # kill the worker that has work in flight: its process dies mid-render
-            victim = next(wid for wid, ids in d.pending.values())
-            ray.kill(d.books[victim].handle, no_restart=False)
+            # kill a worker that has work in flight: its process dies mid-render
+            victim = next(iter(d.in_flight()))
+            ray.kill(named[victim], no_restart=False)
             killed.append(victim)
 
-    d = Dispatcher({"w0": handles[0], "w1": handles[1]}, AffinityScheduler(), out, retries=3, capacity=2,
-                   on_rows=rows.extend, progress=chaos, max_batch=1)
+    d = Dispatcher(named, AffinityScheduler(), out, retries=3, capacity=2, on_rows=rows.extend, progress=chaos,
+                   max_batch=1)
     stats = d.run(m.jobs)
     assert killed, "the chaos hook never fired"
     ids = [r.job_id for r in rows]

@@ -10,9 +10,9 @@ import ray
 from farm.dispatcher import Dispatcher
 from farm.scheduler import AffinityScheduler
 from jobs.manifest import validate_manifest
-from lora_core import testing as T
+from testsupport import lora as T
 from tests.farm.test_run import tiny_shapes
-from tests.lora_core.servers import FaultyHTTPServer
+from tests.storage.servers import FaultyHTTPServer
 from workers.actor import remote_worker
 
 

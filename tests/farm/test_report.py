@@ -13,7 +13,7 @@ import pytest
 
 from farm.cli import main as farm_main
 from jobs.manifest import validate_manifest
-from jobs.results import ResultRow, ResultsWriter
+from jobs.results import ResultsWriter
 from workers.worker import RenderWorker
 
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -31,11 +31,9 @@ def rendered(tmp_path_factory):
                            "output": out, "jobs": [{"prompt": "a <b>bold</b> cat", "seed": 1}, {"prompt": "dog", "seed": 2},
                                                    {"prompt": "bad", "loras": [{"uri": junk}]}]})
     w = RenderWorker(m.model, worker_id="w0", cache_dir=os.path.join(out, ".cache"))
-    rows = w.render(list(m.jobs), out)
-    by_id = {j.job_id: j for j in m.jobs}
+    rows = w.render(list(m.jobs), out)  # ResultRows, as the dispatcher records them
     writer = ResultsWriter(out)
-    writer.append([ResultRow.from_job(by_id[r["job_id"]], r["status"], **{k: r[k] for k in (
-        "output_uri", "composition_key", "worker_id", "fetch_s", "compose_s", "render_s", "error")}) for r in rows])
+    writer.append(rows)
     writer.finalize()
     return out
 

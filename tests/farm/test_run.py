@@ -11,7 +11,7 @@ from farm import runner
 from farm.cli import main as farm_main
 from jobs.manifest import load_manifest
 from jobs.results import read_results
-from lora_core import testing as T
+from testsupport import lora as T
 
 MODEL_SHAPES = None
 
@@ -123,16 +123,16 @@ def test_a_run_into_an_output_root_starts_from_its_measured_costs(ray_cluster, t
     """The first run learns from 1 s priors; a later run into the same output root (more
     jobs) starts from what the first one measured: its scheduler's first plan is made from
     measured seconds."""
-    import farm.dispatcher as dispatcher
+    import farm.scheduler.costs as costs
 
     seen = []
-    real = dispatcher.costs_from_rows
+    real = costs.costs_from_rows
 
     def watch(rows, jobs, **kw):
         seen.append(real(rows, jobs, **kw))
         return seen[-1]
 
-    monkeypatch.setattr(dispatcher, "costs_from_rows", watch)
+    monkeypatch.setattr(costs, "costs_from_rows", watch)
     m = load_manifest(write_manifest(tmp_path / "m.yaml", loras, [[("a", 1.0)], [("b", 1.0)]]))
     assert runner.run_manifest(m, workers=2, progress=False).ok == 4
     assert seen == [None], "nothing measured yet: the 1 s priors"

@@ -11,14 +11,15 @@ from benchmarks.sim_validate import build_workload, validate  # noqa: E402
 
 def test_workload_maps_one_to_one(tmp_path):
     """Same jobs, same order; each simulated composition is one real routing key of real files."""
+    import testsupport.sleep  # noqa: F401  (registers the "sleep" backend)
     from lora_core import load_adapter
     from workers.backends import make_backend
     from workers.wrapper import ComposedModel
 
     queued, jobs, real_of = build_workload(30, 6, 1.0, 3, str(tmp_path))
     assert [q.job_id for q in queued] == [j.job_id for j in jobs]
-    pairs = {(q.composition, j.composition) for q, j in zip(queued, jobs)}
-    assert len(pairs) == len({q.composition for q in queued}) == len({j.composition for j in jobs})
+    pairs = {(q.composition, j.routing_key) for q, j in zip(queued, jobs)}
+    assert len(pairs) == len({q.composition for q in queued}) == len({j.routing_key for j in jobs})
     assert all(len(j.loras) == len(q.loras) and 1 <= len(j.loras) <= 3 for q, j in zip(queued, jobs))
     m = ComposedModel(make_backend({"backend": "sleep"}, device="cpu"))
     for path in real_of.values():  # every pool file binds to the sleep backend's modules

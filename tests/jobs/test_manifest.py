@@ -7,7 +7,8 @@ import pickle
 import pytest
 
 from jobs import Job, LoraRef, ManifestError, validate_manifest
-from jobs.manifest import content_id
+from jobs.manifest import job_content_id
+from jobs.options import LORA_MODES, FarmOptions
 from jobs.validate import RENDER_DEFAULTS
 
 SHA = "ab" * 32
@@ -130,8 +131,9 @@ def test_defaults_apply_and_jobs_override_them():
     a, b = m.jobs
     assert (a.steps, a.width, a.height, a.negative_prompt) == (8, 512, RENDER_DEFAULTS["height"], "blurry")
     assert (b.steps, b.height, b.guidance) == (2, 64, 3.0) and isinstance(b.guidance, float)
-    assert m.options == {"lora_mode": "auto", "max_batch": 4, "retries": 2, "fp8": False,
-                         "memory_reserve_gb": None, "merge_strategy": "keep_until_full", "branch_cache_mb": 1024}
+    assert m.options == FarmOptions()
+    assert m.options.as_dict() == {"lora_mode": "auto", "max_batch": 4, "retries": 2, "fp8": False,
+                                   "memory_reserve_gb": None, "merge_strategy": "keep_until_full", "branch_cache_mb": 1024}
     assert m.model == {"backend": "tiny"}
 
 
@@ -156,19 +158,19 @@ def test_derived_id_includes_the_model():
     other = validate_manifest({**data, "model": {"backend": "diffusers", "path": "/models/x"}}).jobs[0].job_id
     assert tiny != other
     fields = {**RENDER_DEFAULTS, "prompt": "cat", "loras": []}
-    assert content_id(fields, {"backend": "tiny"}) == tiny
+    assert job_content_id(fields, {"backend": "tiny"}) == tiny
 
 
-def test_composition_is_order_insensitive_and_rounded():
+def test_routing_key_is_order_insensitive_and_rounded():
     def job(*loras: LoraRef) -> Job:
         return Job("j", "p", 0, tuple(loras), 4, 64, 64, 1.0)
 
     a, b = LoraRef("s3://x/a", 0.8), LoraRef("s3://x/b", 1.0, SHA)
-    assert job(a, b).composition == job(b, a).composition != ""
-    assert job(a, b).composition == job(LoraRef("s3://x/a", 0.8000000001), b).composition
-    assert job(a, b).composition != job(LoraRef("s3://x/a", 0.81), b).composition
-    assert job(a).composition != job(LoraRef("s3://x/a", 0.8, SHA)).composition
-    assert job().composition == ""
+    assert job(a, b).routing_key == job(b, a).routing_key != ""
+    assert job(a, b).routing_key == job(LoraRef("s3://x/a", 0.8000000001), b).routing_key
+    assert job(a, b).routing_key != job(LoraRef("s3://x/a", 0.81), b).routing_key
+    assert job(a).routing_key != job(LoraRef("s3://x/a", 0.8, SHA)).routing_key
+    assert job().routing_key == ""
 
 
 def test_relative_paths_resolve_against_the_manifest_dir(tmp_path):
@@ -236,4 +238,23 @@ def test_model_options_validated():
     assert "options.fp8" in text and "options.memory_reserve_gb" in text and "options.merge_strategy" in text
     assert "options.branch_cache_mb" in text
     m = validate_manifest({"jobs": [{"prompt": "x"}], "options": {"fp8": True, "memory_reserve_gb": 2, "merge_strategy": "rotate"}})
-    assert (m.options["fp8"], m.options["memory_reserve_gb"], m.options["merge_strategy"]) == (True, 2.0, "rotate")
+    assert (m.options.fp8, m.options.memory_reserve_gb, m.options.merge_strategy) == (True, 2.0, "rotate")
+
+
+def test_farm_options_declare_defaults_and_choices_once():
+    from lora_core.modes import APPLY_MODES
+
+    assert LORA_MODES == (*APPLY_MODES, "auto")
+    m = validate_manifest({"jobs": [{"prompt": "x"}], "options": {"max_batch": 2, "lora_mode": "merge"}})
+    assert m.options == FarmOptions(max_batch=2, lora_mode="merge")
+    assert pickle.loads(pickle.dumps(m.options)) == m.options  # crosses to Ray actors
+    assert m.options.override(max_batch=None, lora_mode="lowrank") == FarmOptions(max_batch=2, lora_mode="lowrank")
+    assert m.options.model_options() == {"lora_mode": "merge", "fp8": False, "memory_reserve_gb": None,
+                                         "merge_strategy": "keep_until_full", "branch_cache_mb": 1024}
+    with pytest.raises(ManifestError) as e:
+        validate_manifest({"jobs": [{"prompt": "x"}], "options": {"lora_mode": "fast", "max_batch": 0, "retry": 1}})
+    assert e.value.problems == [
+        "options: unknown field 'retry' (did you mean 'retries'?)",
+        "options.lora_mode: must be one of merge, lowrank, auto (got str 'fast')",
+        "options.max_batch: must be >= 1 (got int 0)",
+    ]

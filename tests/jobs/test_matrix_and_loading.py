@@ -33,10 +33,10 @@ def test_matrix_expands_prompts_by_seeds_by_lora_sets():
     jobs = validate_manifest({"matrix": MATRIX}).jobs
     assert len(jobs) == 3 * 2 * 3
     assert len({j.job_id for j in jobs}) == 18
-    assert {(j.prompt, j.seed, j.composition) for j in jobs} == {
-        (p, s, c) for p in MATRIX["prompts"] for s in (1, 2) for c in {j.composition for j in jobs}
+    assert {(j.prompt, j.seed, j.routing_key) for j in jobs} == {
+        (p, s, c) for p in MATRIX["prompts"] for s in (1, 2) for c in {j.routing_key for j in jobs}
     }
-    assert len({j.composition for j in jobs}) == 3 and "" in {j.composition for j in jobs}
+    assert len({j.routing_key for j in jobs}) == 3 and "" in {j.routing_key for j in jobs}
 
 
 def test_matrix_ids_with_prefix_and_overrides():
@@ -188,6 +188,6 @@ def test_examples_validate(name):
 
 def test_matrix_example_expands_as_documented():
     m = load_manifest(os.path.join(EXAMPLES, "matrix.yaml"))
-    assert len(m.jobs) == 3 * 4 * 2 and len({j.composition for j in m.jobs}) == 4
+    assert len(m.jobs) == 3 * 4 * 2 and len({j.routing_key for j in m.jobs}) == 4
     assert m.jobs[0].job_id == "sweep-p0-l0-s1"
     assert m.jobs[2].loras[0].uri == os.path.join(os.path.abspath(EXAMPLES), "loras", "style.safetensors")

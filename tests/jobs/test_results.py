@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import uuid
 
 import fsspec
@@ -10,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import ResultRow, ResultsWriter, completed_jobs, image_uri, read_results, validate_manifest
-from jobs.results import SCHEMA, read_results_table, write_bytes_atomic, write_image_atomic
+from jobs.results import SCHEMA, read_results_table, rows_to_table, write_image_atomic
+from storage.output import write_bytes_atomic
 
 DESIGN_COLUMNS = ["job_id", "status", "output_uri", "composition_key", "worker_id", "attempts",
                   "fetch_s", "compose_s", "render_s", "error"]
@@ -118,13 +120,31 @@ def test_rows_from_jobs_and_worker_dicts():
                                      "loras": [{"uri": "s3://b/a", "strength": 0.5}]}]})
     job = m.jobs[0]
     row = ResultRow.from_job(job, "failed", error="boom", attempts=3)
-    assert (row.prompt, row.seed, row.width, row.composition_key) == ("cat", 5, 64, job.composition)
+    assert (row.prompt, row.seed, row.width, row.composition_key) == ("cat", 5, 64, job.routing_key)
     assert json.loads(row.loras) == [{"uri": "s3://b/a", "strength": 0.5}]
     worker = {"job_id": "j", "status": "ok", "attempts": 1.0, "fetch_s": 1, "transient": False, "error": None}
     got = ResultRow.from_dict(worker)
     assert got.attempts == 1 and isinstance(got.fetch_s, float) and got.error == ""
     with pytest.raises(ValueError):
         ResultRow(job_id="j", status="done")
+
+
+def test_row_constructors_for_worker_and_dispatcher():
+    from jobs.results import COLUMNS
+
+    job = validate_manifest({"jobs": [{"id": "j", "prompt": "cat", "loras": ["s3://b/a"]}]}).jobs[0]
+    ok = ResultRow.ok(job, output_uri="out/images/j.png", composition_key="abc", worker_id="w0", fetch_s=0.1,
+                      compose_s=0.2, render_s=0.3, lora_mode="merge")
+    assert (ok.status, ok.prompt, ok.composition_key, ok.lora_mode, ok.attempts, ok.transient) == (
+        "ok", "cat", "abc", "merge", 1, False)
+    bad = ResultRow.failed(job, "OutOfMemoryError: boom", worker_id="w1", transient=True, fetch_s=0.5)
+    assert (bad.status, bad.error, bad.composition_key, bad.transient, bad.fetch_s) == (
+        "failed", "OutOfMemoryError: boom", "", True, 0.5)
+    later = bad.recorded(3)
+    assert later.attempts == 3 and later.finished_at >= bad.finished_at and later.error == bad.error
+    # transient travels to the dispatcher but is not a results column
+    assert "transient" not in COLUMNS and "transient" not in rows_to_table([bad]).column_names
+    assert pickle.loads(pickle.dumps(ok)) == ok
 
 
 def test_results_on_s3(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 import lora_core
 from lora_core import errors as E
-from lora_core import testing as T
+from testsupport import lora as T
 
 from .conftest import assert_same, snapshot
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lora_core
-from lora_core import testing as T
+from testsupport import lora as T
 from lora_core.model_index import ModelIndex
 from lora_core.nunchaku import reorder_modulation_rows
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora_core
-from lora_core import testing as T
+from testsupport import lora as T
 
 from .conftest import assert_same, snapshot
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_core import load_adapter
-from lora_core import testing as T
+from testsupport import lora as T
 from workers.automode import AutoMode, choose
 from workers.wrapper import ComposedModel
 
@@ -102,18 +102,19 @@ def test_auto_on_the_tiny_model_measures_chooses_and_renders_like_the_mode_it_ch
 
 def test_worker_rows_say_which_mode_rendered(tmp_path):
     from jobs.manifest import validate_manifest
+    from jobs.options import FarmOptions
     from workers.worker import RenderWorker
 
     lora = T.random_layers({"transformer_blocks.0.attn.to_q": (128, 128)}, rank=2, seed=1)
     p = T.write_safetensors(tmp_path / "l.safetensors", T.peft_state_dict(lora))
     man = validate_manifest({"model": {"backend": "tiny"}, "defaults": {"steps": 2, "width": 64, "height": 64},
                          "output": str(tmp_path / "out"), "jobs": [{"prompt": "x", "loras": [{"uri": p, "strength": 0.5}]}]})
-    w = RenderWorker(lora_mode="lowrank", cache_dir=str(tmp_path / "cache"), num_threads=1)
+    w = RenderWorker(options=FarmOptions(lora_mode="lowrank"), cache_dir=str(tmp_path / "cache"), num_threads=1)
     rows = w.render(man.jobs, str(tmp_path / "out"))
-    assert rows[0]["status"] == "ok", rows[0]["error"]
-    assert rows[0]["lora_mode"] == "lowrank"
+    assert rows[0].status == "ok", rows[0].error
+    assert rows[0].lora_mode == "lowrank"
     assert w.state()["lora_mode"]["mode"] == "lowrank"
     auto = RenderWorker(cache_dir=str(tmp_path / "cache"), num_threads=1)  # lora_mode auto by default
     rows = auto.render(man.jobs, str(tmp_path / "out2"))
     st = auto.state()["lora_mode"]
-    assert rows[0]["lora_mode"] == st["mode"] == "merge" and st["render_s_per_image"] > 0, st
+    assert rows[0].lora_mode == st["mode"] == "merge" and st["render_s_per_image"] > 0, st

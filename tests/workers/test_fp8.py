@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from lora_core import load_adapter
-from lora_core import testing as T
+from testsupport import lora as T
 from lora_core.targets.fp8 import FP8Linear, quantize
 from workers.backends import make_backend
 from workers.backends.base import RenderRequest

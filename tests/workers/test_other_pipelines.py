@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lora_core import load_adapter
-from lora_core import testing as T
+from testsupport import lora as T
 from workers.backends import make_backend
 from workers.backends.base import RenderRequest
 from workers.backends.tiny import _init_weights, _train_tokenizer

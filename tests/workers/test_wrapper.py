@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_core import load_adapter
-from lora_core import testing as T
+from testsupport import lora as T
 from lora_core.errors import LoraError
 from workers.backends import make_backend
 from workers.backends.base import RenderRequest

@@ -1,4 +1,4 @@
-"""What every render backend offers, and the one function that builds one from a spec.
+"""What every render backend offers, and the helpers each uses to read its spec.
 
 A backend owns one diffusion pipeline. ``transformer`` is the module LoRA target names are
 relative to (diffusers names such as ``transformer_blocks.0.attn.to_q``), so lora_core can
@@ -18,6 +18,9 @@ Every backend also takes ``dtype``, ``step_cache`` (keyword arguments of
 :class:`workers.stepcache.StepCache`) and ``rope`` (``{"factor": 2.0,
 "timestep_threshold": 0.9}``, see :mod:`workers.rope`). Unknown keys are an error: a typo
 must not silently render with the defaults.
+
+Which backend a spec names is looked up in :mod:`workers.backends.registry` (``make_backend``);
+this module knows no concrete backend, so each of them can import it.
 """
 from __future__ import annotations
 
@@ -26,9 +29,6 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 
-BACKENDS = ("tiny", "diffusers", "nunchaku")
-# Not for manifests: a backend that sleeps instead of rendering, for benchmarks and farm tests.
-_INTERNAL_BACKENDS = ("sleep",)
 COMMON_KEYS = frozenset({"backend", "dtype", "step_cache", "rope"})
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -131,27 +131,3 @@ def flatten_args(spec: Mapping[str, Any]) -> dict[str, Any]:
     if clash:
         raise BackendSpecError([f"args.{k}: also given outside args" for k in clash])
     return {**spec, **args}
-
-
-def make_backend(spec: Mapping[str, Any] | None, device: str | torch.device | None = None) -> Backend:
-    """Build the backend a spec names. ``spec["backend"]`` defaults to ``"tiny"``."""
-    spec = flatten_args(spec or {"backend": "tiny"})
-    name = spec.get("backend", "tiny")
-    if name not in BACKENDS + _INTERNAL_BACKENDS:
-        raise BackendSpecError([f"backend: unknown {name!r} (one of {list(BACKENDS)})"])
-    # Imports are deferred so a CPU-only install never imports what it does not use.
-    if name == "tiny":
-        from .tiny import TinyBackend
-
-        return TinyBackend.from_spec(spec, device=device)
-    if name == "diffusers":
-        from .diffusers_backend import DiffusersBackend
-
-        return DiffusersBackend.from_spec(spec, device=device)
-    if name == "nunchaku":
-        from .nunchaku_backend import NunchakuBackend
-
-        return NunchakuBackend.from_spec(spec, device=device)
-    from .sleep import SleepBackend
-
-    return SleepBackend.from_spec(spec, device=device)
