@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .limits import MAX_NESTING, nesting_depth
 from .matrix import expand_matrices
 from .options import FarmOptions
 from .sources import UNPARSED, base_dir_of, parse, read_bytes, read_jobs_file
@@ -171,6 +172,9 @@ def _validate(data: Any, base_dir: str | None, storage_options: dict | None, pro
         data = {"jobs": data}  # a bare list is a jobs-only manifest
     if not isinstance(data, Mapping):
         problems.add("manifest", f"must be a mapping of fields (got {type(data).__name__})")
+        raise ManifestError(problems.items)
+    if nesting_depth(data) > MAX_NESTING:  # before any check recurses into it
+        problems.add("manifest", f"nested more than {MAX_NESTING} levels deep (jobs.limits.MAX_NESTING)")
         raise ManifestError(problems.items)
     check_fields(data, TOP_FIELDS, "manifest", problems)
 

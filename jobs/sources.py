@@ -17,6 +17,7 @@ import yaml
 
 from storage.urls import options_for, protocol_of
 
+from .limits import MAX_NESTING
 from .validate import Problems, at, is_url
 
 #: Stands in for a JSONL line that failed to parse, so later lines keep their index.
@@ -135,11 +136,15 @@ def parse(url: str, blob: bytes, label: str, problems: Problems) -> Any:
     except UnicodeDecodeError as e:
         problems.add(label, f"not UTF-8 text: {e}")
         return None
-    if fmt == "jsonl":
-        return _parse_jsonl(text, label, problems)
-    if fmt == "json":
-        return _parse_json(text, label, problems)
-    return _parse_yaml(text, label, problems)  # .yaml, .yml and anything else (JSON is YAML)
+    try:
+        if fmt == "jsonl":
+            return _parse_jsonl(text, label, problems)
+        if fmt == "json":
+            return _parse_json(text, label, problems)
+        return _parse_yaml(text, label, problems)  # .yaml, .yml and anything else (JSON is YAML)
+    except RecursionError:  # the parsers recurse per level: a document nested thousands deep
+        problems.add(label, f"nested too deeply to parse (a manifest may nest {MAX_NESTING} levels)")
+        return None
 
 
 def read_jobs_file(url: str, storage_options: Mapping | None, problems: Problems) -> Any:

@@ -14,8 +14,10 @@ import math
 import os
 import posixpath
 import re
+import reprlib
 from typing import Any, Callable, Iterable, Mapping
 
+from .limits import lone_surrogate
 from .options import BACKENDS, FarmOptions, option_fields
 
 #: User-chosen job ids become file names (``images/<id>.png``): no ``/``, no ``..``.
@@ -63,9 +65,15 @@ def at(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
+
+
 def describe(value: Any) -> str:
-    """A short ``(got TYPE VALUE)`` for messages; long values are cut."""
-    text = repr(value)
+    """A short ``(got TYPE VALUE)`` for messages; long values are cut (in bounded work:
+    ``reprlib`` never builds the whole repr of a huge or deep value)."""
+    text = _SHORT.repr(value)
     if len(text) > 40:
         text = text[:37] + "..."
     return f"(got {type(value).__name__} {text})"
@@ -142,6 +150,10 @@ def check_str(value: Any, path: str, problems: Problems, *, nonempty: bool = Fal
         return BAD
     if nonempty and not value.strip():
         problems.add(path, "must not be empty")
+        return BAD
+    if (bad := lone_surrogate(value)) is not None:
+        problems.add(path, f"not valid Unicode text: a lone UTF-16 surrogate at character {bad} "
+                           "(no results table or file name can hold it)")
         return BAD
     if choices is not None and value not in choices:
         problems.add(path, f"must be one of {', '.join(choices)} {describe(value)}")
