@@ -117,11 +117,13 @@ def start_workers(k: int, model: dict, cache_dir: str, max_batch: int = 4, cls: 
 
     from farm.cluster import make_workers
     from jobs.options import FarmOptions
+    from storage.policy import operator_policy
     from testsupport.sleep import make_sleep_backend
 
-    # the actors are other processes: they get the sleep backend's factory, not a registration
+    # the actors are other processes: they get the sleep backend's factory, not a registration;
+    # the LoRAs this benchmark writes live beside the cache, in its own temp dir
     opts = dict(options=FarmOptions(lora_mode="auto", max_batch=max_batch), cache_dir=cache_dir,
-                backend_factory=make_sleep_backend)
+                backend_factory=make_sleep_backend, uri_policy=operator_policy(os.path.dirname(cache_dir)))
     if cls is None:
         handles = make_workers(k, model, worker_options=opts, num_gpus=1.0)
     else:

@@ -93,6 +93,14 @@ def start_ray(gpus: int) -> bool:
     return True
 
 
+def lora_policy(jobs: Sequence[Any], *extra: str):
+    """The URI policy for this benchmark's own LoRA files: their directories are the roots."""
+    from storage.policy import operator_policy
+
+    dirs = {os.path.dirname(r.uri) for j in jobs for r in j.loras} | {os.path.dirname(e) for e in extra}
+    return operator_policy(None, sorted(dirs))
+
+
 def real_run(jobs: Sequence[Any], workers: int, render_s: float, compose_s: float, tmp: str, warm_lora: str) -> dict:
     """Makespan of ``jobs`` through the real dispatcher on fresh sleep-backend actors."""
     import ray
@@ -108,7 +116,8 @@ def real_run(jobs: Sequence[Any], workers: int, render_s: float, compose_s: floa
     model = {"backend": "sleep", "render_s": render_s, "compose_s": compose_s}
     cache = os.path.join(tmp, "cache")
     handles = make_workers(workers, model, worker_options=dict(options=FarmOptions(lora_mode="auto", max_batch=4), cache_dir=cache,
-                                                               backend_factory=make_sleep_backend),
+                                                               backend_factory=make_sleep_backend,
+                                                               uri_policy=lora_policy(jobs, warm_lora)),
                            num_gpus=1.0)
     try:
         # warm-up, untimed: build the backend, the store and the model index, then back to the base model

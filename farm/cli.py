@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--lora-mode", choices=LORA_MODES)
     run.add_argument("--max-batch", type=int)
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--lora-root", action="append", default=[], metavar="DIR",
+                     help="also allow local LoRA files under DIR (repeatable; the manifest's dir always is)")
     val = sub.add_parser("validate", help="check a manifest; exit 2 listing every problem")
     val.add_argument("manifest")
     sm = sub.add_parser("submit", help="submit a manifest through the Ray Jobs API")
@@ -41,8 +43,11 @@ def _parser() -> argparse.ArgumentParser:
 def _load(path: str):
     from jobs.manifest import ManifestError, load_manifest
 
+    from .submit import storage_options_from_env
+
     try:
-        return load_manifest(path)
+        # $LORA_FARM_STORAGE_OPTIONS: how `farm submit` hands secrets to the job (never in its package)
+        return load_manifest(path, storage_options_from_env())
     except ManifestError as e:
         print(f"{path}: {len(e.problems)} problem(s):", file=sys.stderr)
         for problem in e.problems:
@@ -59,31 +64,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.manifest}: ok, {len(m.jobs)} job(s), {len({j.routing_key for j in m.jobs})} composition(s)")
         return 0
     if args.cmd == "run":
-        m = _load(args.manifest)
+        from storage.policy import roots_in_env
+
+        with roots_in_env(args.lora_root):  # validation sees --lora-root as the workers will
+            m = _load(args.manifest)
         if m is None:
             return 2
         from .runner import run_manifest
 
         summary = run_manifest(m, out=args.out, workers=args.workers, address=args.address,
-                               lora_mode=args.lora_mode, max_batch=args.max_batch, progress=not args.no_progress)
+                               lora_mode=args.lora_mode, max_batch=args.max_batch, progress=not args.no_progress,
+                               lora_roots=args.lora_root)
         print(summary.describe())
         return summary.exit_code
-    if args.cmd == "submit":
-        if _load(args.manifest) is None:
-            return 2
-        from .submit import submit
-
-        return submit(args.manifest, args.address, out=args.out, workers=args.workers, wait=args.wait)
-    if args.cmd == "status":
-        from .submit import status
-
-        return status(args.job_id, args.address)
+    if args.cmd in ("submit", "status"):
+        return _jobs_api(args)
     if args.cmd == "report":
         from .report import write_report
 
         print(write_report(args.dir))
         return 0
     return 2
+
+
+def _jobs_api(args: argparse.Namespace) -> int:
+    from .submit import SubmitError, status, submit
+
+    try:
+        if args.cmd == "status":
+            return status(args.job_id, args.address)
+        m = _load(args.manifest)
+        if m is None:
+            return 2
+        return submit(m, args.address, out=args.out, workers=args.workers, wait=args.wait)
+    except SubmitError as e:  # refused or unreachable: one line that says what to do, no traceback
+        print(f"farm {args.cmd}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def connect(address: str | None = None, workers: int | None = None, num_cpus: in
     import ray
 
     for k, v in LOOPBACK_ENV.items():
+        if address and k == "RAY_AUTH_MODE":
+            continue  # joining: the cluster's mode applies (Ray turns token auth on when a token is found)
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         return Cluster(address, False, float(ray.cluster_resources().get("GPU", 0)))

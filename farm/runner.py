@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from jobs.manifest import Manifest
 from jobs.results import ResultsWriter, completed_jobs, read_results
+from jobs.stamp import RECOVERED, recover_rows
 
 log = logging.getLogger("farm.runner")
 
@@ -22,6 +23,7 @@ class RunSummary:
     switches: int
     seconds: float
     interrupted: bool = False
+    recovered: int = 0  # of ``skipped``: images whose rows were lost, recorded from their stamps
 
     @property
     def exit_code(self) -> int:
@@ -32,7 +34,8 @@ class RunSummary:
     def describe(self) -> str:
         rate = self.ok / self.seconds if self.seconds > 0 else 0.0
         head = "interrupted: " if self.interrupted else ""
-        return (f"{head}{self.ok} ok, {self.failed} failed, {self.skipped} already done (of {self.total}); "
+        found = f", {self.recovered} recovered from their images" if self.recovered else ""
+        return (f"{head}{self.ok} ok, {self.failed} failed, {self.skipped} already done{found} (of {self.total}); "
                 f"{self.switches} composition switch(es); {rate:.2f} images/s\n"
                 f"images: {self.output.rstrip('/')}/images/  table: {self.output.rstrip('/')}/results.parquet")
 
@@ -82,7 +85,7 @@ class _Buffered:
 
 def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = None, address: str | None = None,
                  lora_mode: str | None = None, max_batch: int | None = None, progress: bool = True,
-                 capacity: int = 2) -> RunSummary:
+                 capacity: int = 2, lora_roots: tuple[str, ...] | list[str] = ()) -> RunSummary:
     from .cluster import connect, make_workers
     from .dispatcher import Dispatcher
     from .scheduler.affinity import AffinityScheduler
@@ -92,20 +95,30 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
     opts = m.storage_options
     t0 = time.perf_counter()
     earlier = read_results(output, opts)
-    done = completed_jobs(output, opts, earlier)
+    writer = ResultsWriter(output, opts)
+    # images a killed driver's workers wrote, whose rows died in its buffer: recorded, not redrawn
+    recovered = recover_rows(output, m.jobs, m.model, opts, earlier)
+    if recovered:
+        writer.append(recovered)
+        log.info("recovered %d finished image(s) in %s whose rows were lost", len(recovered), output)
+    done = completed_jobs(output, opts, earlier + recovered)
     todo = [j for j in m.jobs if j.job_id not in done]
     skipped = len(m.jobs) - len(todo)
     if not todo:
-        return RunSummary(output, len(m.jobs), skipped, 0, 0, 0, time.perf_counter() - t0)
-    priors = costs_from_rows(earlier, todo)  # the first plan from measured seconds, not 1 s guesses
+        if recovered:
+            writer.finalize()
+        return RunSummary(output, len(m.jobs), skipped, 0, 0, 0, time.perf_counter() - t0, recovered=len(recovered))
+    measured = [r for r in earlier if r.worker_id != RECOVERED]  # recovered rows timed nothing
+    priors = costs_from_rows(measured, todo)  # the first plan from measured seconds, not 1 s guesses
     if priors is not None:
         log.info("cost priors from %d earlier result(s) in %s: compose %.3g s, render %.3g s per job, fetch %.3g s",
                  len(earlier), output, priors.compose_s, priors.render_s, priors.fetch_s)
     cluster = connect(address, workers)
     n = workers or max(1, int(cluster.gpus))
     options = m.options.override(lora_mode=lora_mode or None, max_batch=max_batch or None)  # flags win when given
-    worker_opts = dict(options=options, storage_options=opts)
-    writer = ResultsWriter(output, opts)
+    from storage.policy import operator_policy  # what LoRA URIs may reach: the operator's roots, never the manifest's
+
+    worker_opts = dict(options=options, storage_options=opts, uri_policy=operator_policy(m.base_dir, lora_roots))
     buffered = _Buffered(writer)
     bar = _Progress(len(todo), progress)
     handles = []
@@ -121,12 +134,16 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
         stats = d.run(todo)
     finally:
         bar.close()
-        buffered.flush()
-        writer.finalize()
-        _release(handles)
-        cluster.shutdown()
+        try:  # each step even if the one before failed: rows already buffered still land
+            buffered.flush()
+        finally:
+            try:
+                writer.finalize()
+            finally:
+                _release(handles)
+                cluster.shutdown()
     return RunSummary(output, len(m.jobs), skipped, stats.ok, stats.failed, d.switches, time.perf_counter() - t0,
-                      stats.interrupted)
+                      stats.interrupted, recovered=len(recovered))
 
 
 def _release(handles) -> None:

@@ -3,15 +3,111 @@
 The manifest is resolved here (relative paths made absolute) and shipped as JSON in the
 job's working_dir, so the cluster sees the same jobs this machine validated; LoRA and
 output locations must be reachable from the cluster (shared storage / fsspec URLs).
+
+Secrets never go into that package: Ray keeps the working_dir as a zip in the cluster's
+object store and unpacks it on every node that runs the job, where any process can read
+it. ``storage_options`` travel as a runtime-env environment variable
+(``LORA_FARM_STORAGE_OPTIONS``), which the job's ``farm run`` merges back into the
+manifest (``storage_options_from_env``). The local copy lives in a private temp dir that
+is gone once Ray has uploaded it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from jobs.manifest import Manifest
+
+STORAGE_OPTIONS_ENV = "LORA_FARM_STORAGE_OPTIONS"
+MANIFEST_NAME = "manifest.json"
+LOG_TAIL_CHARS = 4000  # of the job's log printed by --wait
+POLL_S = 1.0  # the Jobs API has no push: how often --wait asks
+AGENT_WAIT_S = 30.0  # how long a fresh head's job agent may take to register before we give up
+NO_AGENT = "No available agent"  # Ray's HTTP 500 while the head has no job agent (yet)
+
+
+class SubmitError(RuntimeError):
+    """The Jobs API at an address could not be reached or refused us; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class JobPackage:
+    """Everything `farm submit` sends: built without Ray, so tests can inspect it."""
+
+    files: dict[str, bytes]  # the working_dir's files (uploaded to the cluster as they are)
+    entrypoint: str
+    env_vars: dict[str, str] = field(default_factory=dict)  # runtime_env env_vars: where secrets go
+
+    def runtime_env(self, working_dir: str) -> dict[str, Any]:
+        env: dict[str, Any] = {"working_dir": working_dir}
+        if self.env_vars:
+            env["env_vars"] = dict(self.env_vars)
+        return env
+
+
+def build_job(manifest: Manifest, *, out: str | None = None, workers: int | None = None,
+              python: str = sys.executable) -> JobPackage:
+    """The job for a validated ``Manifest``: its JSON without ``storage_options``, which go to env_vars."""
+    data = manifest.to_dict()
+    options, data["storage_options"] = data["storage_options"], {}
+    if out:
+        data["output"] = out
+    cmd = [python, "-m", "farm.cli", "run", MANIFEST_NAME, "--address", "auto", "--no-progress"]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    env = {STORAGE_OPTIONS_ENV: json.dumps(options, sort_keys=True)} if options else {}
+    return JobPackage(files={MANIFEST_NAME: json.dumps(data).encode()},
+                      entrypoint=" ".join(shlex.quote(c) for c in cmd), env_vars=env)
+
+
+def storage_options_from_env(environ: Any = None) -> dict | None:
+    """``storage_options`` from ``$LORA_FARM_STORAGE_OPTIONS`` (JSON, per protocol), or None when unset.
+
+    A malformed value is a manifest problem; the value is not echoed, it may hold secrets.
+    """
+    raw = (os.environ if environ is None else environ).get(STORAGE_OPTIONS_ENV)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items()):
+        from jobs.manifest import ManifestError
+
+        raise ManifestError([f"${STORAGE_OPTIONS_ENV}: must be a JSON mapping {{protocol: {{options}}}} "
+                             "(value not shown: it may hold secrets)"])
+    return value
+
+
+@contextlib.contextmanager
+def _plain_errors(address: str) -> Iterator[None]:
+    """Ray's refusals and connection failures as one ``SubmitError`` line that says what to do."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as e:
+        where = ("the token given is not the head's" if e.message.startswith("Authentication failed")
+                 else "the cluster requires a token")
+        raise SubmitError(
+            f"{address}: {where}: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or "
+            "~/.ray/auth_token) to the token that `ray get-auth-token` prints on the head") from None
+    except RuntimeError as e:
+        if NO_AGENT not in str(e):
+            raise
+        raise SubmitError(f"{address}: the head's job agent did not come up within {AGENT_WAIT_S:.0f} s "
+                          "(see dashboard_agent.log in the head's Ray logs)") from None
+    except ConnectionError as e:
+        raise SubmitError(f"{address}: cannot reach the Ray Jobs API ({e})") from None
 
 
 def _client(address: str):
@@ -20,37 +116,55 @@ def _client(address: str):
     return JobSubmissionClient(address)
 
 
-def submit(manifest_path: str, address: str, *, out: str | None = None, workers: int | None = None, wait: bool = False) -> int:
-    from jobs.manifest import load_manifest
-
-    m = load_manifest(manifest_path)
-    data = m.to_dict()
-    if out:
-        data["output"] = out
-    work = tempfile.mkdtemp(prefix="farm-submit-")
-    with open(os.path.join(work, "manifest.json"), "w") as f:
-        json.dump(data, f)
-    cmd = [sys.executable, "-m", "farm.cli", "run", "manifest.json", "--address", "auto", "--no-progress"]
-    if workers:
-        cmd += ["--workers", str(workers)]
-    client = _client(address)
-    job_id = client.submit_job(entrypoint=" ".join(shlex.quote(c) for c in cmd), runtime_env={"working_dir": work})
-    print(job_id)
-    if not wait:
-        return 0
+def _submit_job(client: Any, job: JobPackage, work: str) -> str:
+    deadline = time.monotonic() + AGENT_WAIT_S
     while True:
-        s = client.get_job_status(job_id)
-        if s.is_terminal():
-            print(client.get_job_logs(job_id)[-4000:])
-            from ray.job_submission import JobStatus
+        try:
+            # zips and uploads working_dir (a gcs:// package) before it returns: then work can go
+            return client.submit_job(entrypoint=job.entrypoint, runtime_env=job.runtime_env(work))
+        except RuntimeError as e:
+            # a head just started answers before its job agent has registered (HTTP 500, "try again later")
+            if NO_AGENT not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(POLL_S)
 
-            return 0 if s == JobStatus.SUCCEEDED else 1
-        time.sleep(1.0)
+
+def submit(manifest: Manifest | str | os.PathLike, address: str, *, out: str | None = None, workers: int | None = None,
+           wait: bool = False) -> int:
+    """Submit a ``Manifest`` (or a manifest path) as a Ray job; the job id is stdout's first line.
+
+    Raises ``SubmitError`` when the cluster cannot be reached or refuses us.
+    """
+    if isinstance(manifest, (str, os.PathLike)):
+        from jobs.manifest import load_manifest
+
+        manifest = load_manifest(manifest, storage_options_from_env())
+    job = build_job(manifest, out=out, workers=workers)
+    with _plain_errors(address):
+        client = _client(address)
+        with tempfile.TemporaryDirectory(prefix="farm-submit-") as work:  # 0700, removed on exit
+            for name, blob in job.files.items():
+                fd = os.open(os.path.join(work, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(blob)
+            job_id = _submit_job(client, job, work)
+        print(job_id, flush=True)
+        if not wait:
+            return 0
+        from ray.job_submission import JobStatus
+
+        while True:
+            s = client.get_job_status(job_id)
+            if s.is_terminal():
+                print(client.get_job_logs(job_id)[-LOG_TAIL_CHARS:])
+                return 0 if s == JobStatus.SUCCEEDED else 1
+            time.sleep(POLL_S)
 
 
 def status(job_id: str, address: str) -> int:
-    client = _client(address)
-    s = client.get_job_status(job_id)
-    print(f"{job_id}: {s}")
-    print(client.get_job_logs(job_id)[-2000:])
+    with _plain_errors(address):
+        client = _client(address)
+        s = client.get_job_status(job_id)
+        print(f"{job_id}: {s}")
+        print(client.get_job_logs(job_id)[-2000:])
     return 0

@@ -2,15 +2,44 @@
 and every breach is a manifest problem with its path (exit 2), never a crash.
 
 A manifest is untrusted input (it may come from any submitter on a shared farm). What is
-bounded here: how deeply values nest (parsers and validators recurse), and text the results
-table cannot store (a lone UTF-16 surrogate is valid JSON, ``"\\ud800"``, but not UTF-8).
+bounded here: how many bytes a manifest or jobs file may hold once decompressed (read in
+chunks and cut off past the limit, never inflated whole), how much YAML aliases may expand,
+how many jobs a manifest may make in all (jobs + jobs file + every matrix), how deeply values
+nest (parsers and validators recurse), text the results table cannot store (a lone UTF-16
+surrogate is valid JSON, ``"\\ud800"``, but not UTF-8), and how long one problem message may be.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from storage.errors import shorten
+
+
+def _env_int(name: str, default: int, scale: int = 1) -> int:
+    """``default``, or the positive integer in environment variable ``name`` times ``scale``."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        return int(raw) * scale if raw and int(raw) > 0 else default
+    except ValueError:
+        return default
+
 
 #: How deeply lists and mappings may nest in a manifest (a real one needs about 5).
 MAX_NESTING = 32
+#: Bytes a manifest or jobs file may hold after decompression (``jobs.jsonl.gz``): 64 MiB,
+#: about 500,000 jobs in JSONL; ``LORA_FARM_MAX_MANIFEST_MB`` raises it for a bigger list.
+MAX_MANIFEST_BYTES = _env_int("LORA_FARM_MAX_MANIFEST_MB", 64 << 20, scale=1 << 20)
+#: Jobs a manifest may make in all (jobs, jobs file and every matrix together), checked
+#: before anything is expanded; ``LORA_FARM_MAX_JOBS`` raises it.
+MAX_JOBS = _env_int("LORA_FARM_MAX_JOBS", 1_000_000)
+#: Nodes YAML aliases may add to a document, counting each alias as the whole value it
+#: names (a "billion laughs" document of a few hundred bytes would expand to 10**9).
+MAX_ALIAS_NODES = 100_000
+#: Characters of one problem message (a path plus a reason); longer ones are cut in the middle.
+MAX_PROBLEM_CHARS = 500
+#: Problems listed for one manifest; the rest are counted ("... and 12345 more problem(s)").
+MAX_PROBLEMS = 1000
 
 
 def nesting_depth(value: Any, limit: int = MAX_NESTING) -> int:
@@ -45,4 +74,30 @@ def lone_surrogate(text: str) -> int | None:
     return None
 
 
-__all__ = ["MAX_NESTING", "nesting_depth", "lone_surrogate"]
+class Problems:
+    """An ordered list of ``"path: reason"`` strings, each cut to ``MAX_PROBLEM_CHARS`` (a path
+    or a reason may echo megabytes of input); past ``MAX_PROBLEMS`` they are only counted."""
+
+    def __init__(self) -> None:
+        self._listed: list[str] = []
+        self._more = 0
+
+    def add(self, path: str, message: str) -> None:
+        if len(self._listed) < MAX_PROBLEMS:
+            self._listed.append(shorten(f"{path}: {message}" if path else message, MAX_PROBLEM_CHARS))
+        else:
+            self._more += 1
+
+    @property
+    def items(self) -> list[str]:
+        """The problems listed, then how many more there were."""
+        return self._listed + ([f"... and {self._more} more problem(s)"] if self._more else [])
+
+    def __len__(self) -> int:  # every problem counts: checks compare lengths to see if they added one
+        return len(self._listed) + self._more
+
+
+__all__ = [
+    "MAX_ALIAS_NODES", "MAX_JOBS", "MAX_MANIFEST_BYTES", "MAX_NESTING", "MAX_PROBLEM_CHARS", "MAX_PROBLEMS",
+    "Problems", "lone_surrogate", "nesting_depth", "shorten",
+]

@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .limits import MAX_NESTING, nesting_depth
+from .limits import MAX_JOBS, MAX_NESTING, nesting_depth
 from .matrix import expand_matrices
 from .options import FarmOptions
-from .sources import UNPARSED, base_dir_of, parse, read_bytes, read_jobs_file
+from .sources import UNPARSED, base_dir_of, parse, read_bytes, read_jobs_file, too_many
 from .validate import (
     BAD, Problems, at, check_defaults, check_fields, check_job, check_list, check_model,
     check_options, check_output, check_storage_options, check_str, resolve_path,
@@ -118,6 +118,8 @@ class Manifest:
     storage_options: dict     # per protocol, e.g. {"s3": {...}}
     jobs: tuple[Job, ...]
     options: FarmOptions = field(default_factory=FarmOptions)
+    # where it was read from (None: built in code): the LoRA URI policy's default root, not a manifest field
+    base_dir: str | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A manifest mapping that validates back to an equal ``Manifest``."""
@@ -193,7 +195,8 @@ def _validate(data: Any, base_dir: str | None, storage_options: dict | None, pro
     jobs = _build_jobs(entries, model, problems)
     if problems.items:
         raise ManifestError(problems.items)
-    return Manifest(model=model, output=output, storage_options=opts, jobs=tuple(jobs), options=options)
+    return Manifest(model=model, output=output, storage_options=opts, jobs=tuple(jobs), options=options,
+                    base_dir=base_dir)
 
 
 def _merge_options(own: dict, given: dict | None) -> dict:
@@ -216,6 +219,9 @@ def _job_entries(data: Mapping, problems: Problems, defaults: dict, base_dir: st
             sources.append(("jobs_file", read_jobs_file(resolve_path(where, base_dir), storage_options, problems)))
     for path, raw_jobs in sources:
         items = check_list(raw_jobs, path, problems) if raw_jobs is not None else BAD
+        if items is not BAD and len(entries) + len(items) > MAX_JOBS:  # before checking any of them
+            problems.add(path, too_many(len(items)))
+            items = BAD
         for i, raw in enumerate(items if items is not BAD else []):
             if raw is UNPARSED:  # a JSONL line that is not JSON: already reported
                 continue
@@ -223,7 +229,8 @@ def _job_entries(data: Mapping, problems: Problems, defaults: dict, base_dir: st
             if fields is not None:
                 entries.append((at(path, i), fields))
     if data.get("matrix") is not None:
-        entries.extend(expand_matrices(data["matrix"], "matrix", problems, defaults, base_dir))
+        entries.extend(expand_matrices(data["matrix"], "matrix", problems, defaults, base_dir,
+                                       budget=MAX_JOBS - len(entries)))
     return entries
 
 

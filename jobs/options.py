@@ -33,6 +33,7 @@ class FarmOptions:
     memory_reserve_gb: float | None = _option(None, lo=0.0)  # keep this much free on the device while merging
     merge_strategy: str = _option("keep_until_full", choices=MERGE_STRATEGIES)
     branch_cache_mb: float = _option(1024, lo=0.0)  # device memory for prepared branches of recent compositions
+    max_lora_mb: float = _option(4096, lo=1.0)     # largest LoRA file a worker downloads (refused / cut off past it)
 
     #: The options ``ComposedModel`` takes (the rest are the worker's and the dispatcher's).
     MODEL_FIELDS = ("lora_mode", "fp8", "memory_reserve_gb", "merge_strategy", "branch_cache_mb")

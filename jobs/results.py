@@ -2,35 +2,44 @@
 
 Layout under an output root::
 
-    images/<job_id>.png          one image per successful job
-    results.parts/<n>.parquet    append-only parts, one per ``ResultsWriter.append``
-    results.parquet              the merged table (``finalize``), latest row per job_id
+    images/<job_id>.png                  one image per successful job
+    results.parts/<n>-<writer>.parquet   append-only parts, one per ``ResultsWriter.append``
+    results.parquet                      the merged table (``finalize``), newest row per job_id
 
 Every file is written so that no reader ever sees half of it: on local disk a temp file
 in the same directory is renamed over the target; on object stores the final key is
 written once with the whole payload (objects appear atomically, and a "rename" there
 would be a copy anyway). A run killed midway therefore leaves ``results.parquet`` (if
 any) plus whole parts, and ``read_results`` merges both.
+
+Several writers (two ``farm run`` into one root) may share a root: part names carry a
+per-writer id, so none overwrites another's; rows merge newest ``finished_at`` first per
+job_id, wherever they were read from; ``finalize`` merges under the root's lock (local
+disk, ``memory://``) or by compare-and-swap (S3), and deletes a part only once a table
+holding its rows is in place that no later finalize can replace by one without them (on a
+store with neither, parts stay).
+Readers list and read the parts before the table, so a part compacted meanwhile is in the
+table they read. An unreadable ``results.parquet`` is moved aside
+(``results.parquet.corrupt-<time>``), never overwritten.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
 import logging
 import os
 import posixpath
+import random
 import re
 import time
-from dataclasses import dataclass, field, fields
+import uuid
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.output import ensure_under, write_bytes_atomic
+from storage.output import LockTimeout, ensure_under, exclusive, read_versioned, write_bytes_atomic, write_if_unchanged
 
-from .manifest import Job
+from .rows import COLUMNS, MAX_ERROR_CHARS, SCHEMA, STATUSES, ResultRow, rows_to_table, storable
 from .sources import filesystem
 from .validate import ID_RE, is_url
 
@@ -39,119 +48,12 @@ log = logging.getLogger("jobs.results")
 RESULTS_NAME = "results.parquet"
 PARTS_DIR = "results.parts"
 IMAGES_DIR = "images"
-STATUSES = ("ok", "failed")
-_PART_RE = re.compile(r"(\d+)\.parquet\Z")
-
-
-@dataclass
-class ResultRow:
-    """One job's outcome, worker to dispatcher to ``results.parquet``: the columns (``COLUMNS``), in order,
-    plus the wire-only ``transient``."""
-
-    job_id: str
-    status: str                      # "ok" | "failed"
-    output_uri: str = ""
-    composition_key: str = ""
-    worker_id: str = ""
-    attempts: int = 1
-    fetch_s: float = 0.0
-    compose_s: float = 0.0
-    render_s: float = 0.0
-    error: str = ""
-    lora_mode: str = ""              # dense LoRA mode the image was rendered with: merge | lowrank
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = 0
-    loras: str = "[]"                # JSON list of {uri, strength, sha256?}
-    width: int = 0
-    height: int = 0
-    steps: int = 0
-    guidance: float = 0.0
-    finished_at: float = field(default_factory=time.time)  # unix seconds
-    # not a column: whether a retry may succeed (out of memory, a lost actor); the worker
-    # tells the dispatcher, results.parquet does not keep it
-    transient: bool = field(default=False, metadata={"column": False})
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"result status must be one of {', '.join(STATUSES)} (got {self.status!r})")
-        if not isinstance(self.job_id, str) or not self.job_id:
-            raise ValueError(f"result job_id must be a non-empty string (got {self.job_id!r})")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ResultRow":
-        """A row from any mapping (a worker's dict, a Parquet record).
-
-        Unknown keys are dropped, None means "default", and values are coerced to the
-        column types (numpy scalars, an int for a float column, a LoRA list for ``loras``).
-        """
-        kwargs = {}
-        for f in fields(cls):
-            value = data.get(f.name)
-            if value is not None:
-                kwargs[f.name] = _coerce(value, f.type)
-        return cls(**kwargs)
-
-    @classmethod
-    def from_job(cls, job: Job, status: str, **values: Any) -> "ResultRow":
-        """A row carrying the job's prompt, seed, LoRAs and size, plus the outcome ``values``.
-
-        ``composition_key`` defaults to the job's routing key, so a job that failed before
-        any worker composed it still lands in a gallery group.
-        """
-        row = job.to_row()
-        row["composition_key"] = job.routing_key
-        row.update(values)
-        row["status"] = status
-        return cls.from_dict(row)
-
-    @classmethod
-    def ok(cls, job: Job, *, output_uri: str, composition_key: str, worker_id: str, fetch_s: float,
-           compose_s: float, render_s: float, lora_mode: str) -> "ResultRow":
-        """A rendered job: its image at ``output_uri``, composed as ``composition_key`` (a content hash)."""
-        return cls.from_job(job, "ok", output_uri=output_uri, composition_key=composition_key, worker_id=worker_id,
-                            fetch_s=fetch_s, compose_s=compose_s, render_s=render_s, lora_mode=lora_mode)
-
-    @classmethod
-    def failed(cls, job: Job, error: str, *, worker_id: str = "", transient: bool = False,
-               fetch_s: float = 0.0, compose_s: float = 0.0) -> "ResultRow":
-        """A job that failed with ``error``; ``transient``: a retry elsewhere may succeed.
-
-        Nothing was composed for it, so its ``composition_key`` is empty (not the routing key).
-        """
-        return cls.from_job(job, "failed", error=error, worker_id=worker_id, transient=transient,
-                            fetch_s=fetch_s, compose_s=compose_s, composition_key="")
-
-    def recorded(self, attempts: int) -> "ResultRow":
-        """This row as the dispatcher records it: after ``attempts`` sends, finished now."""
-        return dataclasses.replace(self, attempts=attempts, finished_at=time.time())
-
-    def to_dict(self) -> dict[str, Any]:
-        """The ``results.parquet`` columns (``COLUMNS``), by name."""
-        return {name: getattr(self, name) for name in COLUMNS}  # flat: no deep copy (hot path)
-
-
-def _coerce(value: Any, kind: str) -> Any:
-    if kind == "bool":
-        return bool(value)
-    if kind == "str":
-        if isinstance(value, str):
-            return value
-        return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
-    return int(value) if kind == "int" else float(value)
-
-
-# annotations are strings under "from __future__ import annotations"
-_ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64()}
-#: The columns of ``results.parquet``, in order (``ResultRow``'s fields less the wire-only ones).
-COLUMNS = tuple(f.name for f in fields(ResultRow) if f.metadata.get("column", True))
-SCHEMA = pa.schema([pa.field(f.name, _ARROW[f.type]) for f in fields(ResultRow) if f.name in COLUMNS])
-
-
-def rows_to_table(rows: Iterable[ResultRow | Mapping[str, Any]]) -> pa.Table:
-    """A table with ``SCHEMA``; dict rows go through ``ResultRow.from_dict`` first."""
-    rows = [r if isinstance(r, ResultRow) else ResultRow.from_dict(r) for r in rows]
-    return pa.Table.from_pylist([r.to_dict() for r in rows], schema=SCHEMA)
+_PART_RE = re.compile(r"(\d+)(?:-[0-9a-f]+)?\.parquet\Z")  # "<n>.parquet" from before writer ids
+#: Compare-and-swap attempts of one ``finalize`` before it leaves its parts for the next one.
+FINALIZE_TRIES = 50
+#: How long ``finalize`` waits for another writer's lock on the table before leaving its parts
+#: for the next finalize (a merge takes seconds; a writer hung while holding it must not hang us).
+FINALIZE_LOCK_TIMEOUT_S = 120.0
 
 
 def _join(root: str, *parts: str) -> str:
@@ -190,38 +92,80 @@ class ResultsWriter:
     """Appends result rows durably as jobs finish; ``finalize`` merges them into one table.
 
     Each ``append`` writes one whole part file, so the dispatcher decides the granularity
-    (one call per ``ray.wait`` batch is a good fit). Not safe for two writers on one root.
+    (one call per ``ray.wait`` batch is a good fit). Several writers may share a root (see
+    the module notes): part names carry this writer's id.
     """
 
     def __init__(self, output_root: str, storage_options: Mapping | None = None):
         self.output_root = output_root.rstrip("/") if is_url(output_root) else output_root
         self.storage_options = dict(storage_options or {})
         self.parts_uri = _join(self.output_root, PARTS_DIR)
-        # continue after parts a killed run left, so they are never overwritten
+        self.writer_id = uuid.uuid4().hex[:12]
+        # numbered after parts already there, so names sort roughly in write order
         self._next = max((n for n, _ in _list_parts(self.output_root, self.storage_options)), default=-1) + 1
 
     def append(self, rows: Iterable[ResultRow | Mapping[str, Any]]) -> str | None:
-        """Write ``rows`` as one new part; returns its URL (None when there were no rows)."""
-        table = rows_to_table(rows)
+        """Write ``rows`` as one new part; returns its URL (None when there were no rows).
+
+        A row that cannot be encoded lands as a failed row saying why; the others as they are.
+        """
+        table = storable([r if isinstance(r, ResultRow) else ResultRow.from_dict(r) for r in rows])
         if table.num_rows == 0:
             return None
-        url = _join(self.parts_uri, f"{self._next:06d}.parquet")
+        url = _join(self.parts_uri, f"{self._next:06d}-{self.writer_id}.parquet")
         write_bytes_atomic(url, _table_bytes(table), self.storage_options)
         self._next += 1
         return url
 
     def finalize(self) -> pa.Table:
-        """Merge ``results.parquet`` and every part into ``results.parquet``; remove the parts.
+        """Merge ``results.parquet`` and every part into ``results.parquet``; remove the parts merged.
 
-        Parts are deleted oldest first, after the merged table is in place, so a crash
-        at any point leaves a state that reads back to the same latest rows.
+        Another writer may finalize at the same time: under the root's lock, or by
+        compare-and-swap (a lost race merges again on top of the winner's table), a part is
+        deleted only once the table that holds it can only be replaced by tables built on
+        it. Where the store has neither, parts are kept (readers merge them). A crash at any
+        point leaves a state that reads back to the same rows.
         """
-        table, merged = _read_all(self.output_root, self.storage_options)
-        write_bytes_atomic(_join(self.output_root, RESULTS_NAME), _table_bytes(table), self.storage_options)
-        for url in merged:
-            fs, path = filesystem(url, self.storage_options)
-            fs.rm(path)
+        table_url = _join(self.output_root, RESULTS_NAME)
+        try:
+            return self._finalize(table_url)
+        except LockTimeout as e:
+            log.warning("results table %s not merged (%s): its rows stay in their parts, which every reader "
+                        "and the next finalize merge", table_url, e)
+            return read_results_table(self.output_root, self.storage_options)
+
+    def _finalize(self, table_url: str) -> pa.Table:
+        opts = self.storage_options
+        with exclusive(table_url, opts, timeout_s=FINALIZE_LOCK_TIMEOUT_S) as locked:
+            for _ in range(FINALIZE_TRIES):
+                parts = _read_parts(self.output_root, opts)
+                data, version = read_versioned(table_url, opts)
+                base = _parse_table(table_url, data, opts, move_aside=True)
+                table = rows_to_table(_merge(base, parts))
+                if write_if_unchanged(table_url, _table_bytes(table), version, opts):
+                    break
+                time.sleep(random.uniform(0.005, 0.05))  # another finalize won: merge on top of its table
+            else:
+                log.warning("results table %s kept changing under %d merges; parts left for the next finalize",
+                            table_url, FINALIZE_TRIES)
+                return table
+            if not (locked or version.cas):
+                # no lock and no compare-and-swap: a finalize that read before a part existed may
+                # still replace this table, so a part is only safe where it is: readers merge it
+                log.info("results parts in %s kept: the store has neither a lock nor a compare-and-swap", self.parts_uri)
+                return table
+            for url, rows in parts:
+                if rows is not None:
+                    _remove(url, opts)
         return table
+
+
+def _remove(url: str, storage_options: Mapping | None) -> None:
+    fs, path = filesystem(url, storage_options)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:  # another finalize merged and removed it too
+        pass
 
 
 def _list_parts(output_root: str, storage_options: Mapping | None) -> list[tuple[int, str]]:
@@ -237,41 +181,76 @@ def _list_parts(output_root: str, storage_options: Mapping | None) -> list[tuple
     return [(n, _join(parts_uri, name)) for n, name in sorted(found)]
 
 
+def _read_parts(output_root: str, storage_options: Mapping | None) -> list[tuple[str, list[ResultRow] | None]]:
+    """``[(url, rows)]`` of every part, rows None for one unreadable or gone since the listing."""
+    return [(url, _read_table(url, storage_options)) for _, url in _list_parts(output_root, storage_options)]
+
+
+def _parse(data: bytes) -> list[ResultRow]:
+    return [ResultRow.from_dict(r) for r in pq.read_table(pa.BufferReader(data)).to_pylist()]
+
+
 def _read_table(url: str, storage_options: Mapping | None) -> list[ResultRow] | None:
     """The rows of one Parquet file, None if it is missing or unreadable (logged)."""
     fs, path = filesystem(url, storage_options)
     try:
-        with fs.open(path, "rb") as f:
-            records = pq.read_table(f).to_pylist()
+        data = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    try:
+        return _parse(data)
     except Exception as e:  # noqa: BLE001 - one bad part must not hide every other result
         log.warning("skipping unreadable results file %s: %s", url, e)
         return None
-    return [ResultRow.from_dict(r) for r in records]
 
 
-def _read_all(output_root: str, storage_options: Mapping | None) -> tuple[pa.Table, list[str]]:
-    """Latest row per job_id over results.parquet then the parts; the part URLs read."""
+def _parse_table(url: str, data: bytes | None, storage_options: Mapping | None, move_aside: bool = False) -> list[ResultRow]:
+    """The rows of ``results.parquet`` given its bytes; an unreadable one reads as empty, and
+    with ``move_aside`` is first copied to ``results.parquet.corrupt-<time>`` (it is about to
+    be replaced by the merge: its bytes must survive under the new name)."""
+    if data is None:
+        return []
+    try:
+        return _parse(data)
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with it, its bytes are kept
+        if not move_aside:
+            log.warning("skipping unreadable results file %s: %s", url, e)
+            return []
+        aside = f"{url}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        write_bytes_atomic(aside, data, storage_options)
+        log.warning("results table %s is unreadable (%s): moved aside to %s; the new table is merged from the parts",
+                    url, e, aside)
+        return []
+
+
+def _merge(base: list[ResultRow], parts: list[tuple[str, list[ResultRow] | None]]) -> list[ResultRow]:
+    """The newest row per job_id (by ``finished_at``; a tie goes to the part written later)."""
     latest: dict[str, ResultRow] = {}
-    read_parts = []
-    base = _read_table(_join(output_root, RESULTS_NAME), storage_options) or []
-    for row in base:
-        latest[row.job_id] = row
-    for _, url in _list_parts(output_root, storage_options):
-        rows = _read_table(url, storage_options)
-        if rows is None:
-            continue
-        read_parts.append(url)
-        for row in rows:
-            latest.pop(row.job_id, None)  # re-insert so the dict order is "last written last"
-            latest[row.job_id] = row
-    return rows_to_table(latest.values()), read_parts
+    for rows in [base, *(rows for _, rows in parts)]:
+        for row in rows or ():
+            old = latest.get(row.job_id)
+            if old is None or row.finished_at >= old.finished_at:
+                latest.pop(row.job_id, None)  # re-insert so the dict order is "last written last"
+                latest[row.job_id] = row
+    return list(latest.values())
+
+
+def _read_all(output_root: str, storage_options: Mapping | None) -> pa.Table:
+    """Newest row per job_id over the parts then ``results.parquet``: read in that order, a part
+    a finalize removes meanwhile is in the table read after it."""
+    parts = _read_parts(output_root, storage_options)
+    table_url = _join(output_root, RESULTS_NAME)
+    fs, path = filesystem(table_url, storage_options)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        data = None
+    return rows_to_table(_merge(_parse_table(table_url, data, storage_options), parts))
 
 
 def read_results_table(output_root: str, storage_options: Mapping | None = None) -> pa.Table:
-    """``results.parquet`` plus any parts (a killed run's), latest row per job_id."""
-    return _read_all(output_root, storage_options)[0]
+    """``results.parquet`` plus any parts (a killed run's, another writer's), newest row per job_id."""
+    return _read_all(output_root, storage_options)
 
 
 def read_results(output_root: str, storage_options: Mapping | None = None) -> list[ResultRow]:
@@ -303,5 +282,6 @@ def completed_jobs(output_root: str, storage_options: Mapping | None = None,
 
 __all__ = [
     "ResultRow", "ResultsWriter", "COLUMNS", "SCHEMA", "rows_to_table", "image_uri", "write_image_atomic",
-    "read_results", "read_results_table", "completed_jobs", "existing_images",
+    "read_results", "read_results_table", "completed_jobs", "existing_images", "storable", "STATUSES", "MAX_ERROR_CHARS",
+    "FINALIZE_TRIES", "FINALIZE_LOCK_TIMEOUT_S",
 ]

@@ -2,10 +2,14 @@
 
 YAML (duplicate keys reported, which PyYAML would drop), JSON, JSONL (one job per line; a
 bad line is reported and keeps its index) and Parquet (one job per row). Problems are
-recorded, never raised, so ``manifest.py`` reports them with every other one.
+recorded, never raised, so ``manifest.py`` reports them with every other one. Reading is
+bounded (``limits.py``): at most ``MAX_MANIFEST_BYTES`` are read or decompressed, YAML aliases
+add at most ``MAX_ALIAS_NODES`` nodes, a Parquet file is checked by its metadata and by the
+size its columns decode to before any row becomes a Python value.
 """
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -17,7 +21,7 @@ import yaml
 
 from storage.urls import options_for, protocol_of
 
-from .limits import MAX_NESTING
+from .limits import MAX_ALIAS_NODES, MAX_JOBS, MAX_MANIFEST_BYTES, MAX_NESTING
 from .validate import Problems, at, is_url
 
 #: Stands in for a JSONL line that failed to parse, so later lines keep their index.
@@ -35,11 +39,28 @@ def filesystem(url: str, storage_options: Mapping | None = None) -> tuple[fsspec
     return fsspec.core.url_to_fs(url, **options_for(protocol_of(url), dict(storage_options or {})))
 
 
-def read_bytes(url: str, storage_options: Mapping | None) -> bytes:
-    """The whole file at ``url``, decompressed when its name says so (``jobs.jsonl.gz``)."""
+class TooLargeError(ValueError):
+    """A manifest or jobs file past ``MAX_MANIFEST_BYTES`` (after decompression)."""
+
+
+def too_large(what: str = "holds") -> str:
+    return (f"{what} more than {MAX_MANIFEST_BYTES >> 20} MiB (jobs.limits.MAX_MANIFEST_BYTES; "
+            "set LORA_FARM_MAX_MANIFEST_MB for more)")
+
+
+def read_bytes(url: str, storage_options: Mapping | None, limit: int | None = None) -> bytes:
+    """The file at ``url``, decompressed when its name says so (``jobs.jsonl.gz``); at most
+    ``limit`` bytes (``MAX_MANIFEST_BYTES``), else ``TooLargeError`` as soon as one more
+    arrives: a small archive that inflates to gigabytes is cut off, not inflated."""
+    limit = MAX_MANIFEST_BYTES if limit is None else limit
     fs, path = filesystem(url, storage_options)
+    out = bytearray()
     with fs.open(path, "rb", compression="infer") as f:
-        return f.read()
+        while len(out) <= limit and (block := f.read(min(8 << 20, limit + 1 - len(out)))):
+            out += block
+    if len(out) > limit:
+        raise TooLargeError(too_large("decompresses to" if fsspec.utils.infer_compression(url) else "holds"))
+    return bytes(out)
 
 
 def _format_of(url: str) -> str:
@@ -67,12 +88,47 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def alias_expansion(root: yaml.Node | None) -> int | None:
+    """How many nodes aliases add to the document at ``root`` (each alias counts as the whole
+    value it names), in time linear in the document: sizes are memoized per node, without
+    recursion. None when an alias refers to a value that contains it (an endless document)."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    extra = 0
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)] if root is not None else []
+    while stack:
+        node, done = stack.pop()
+        kids = [] if isinstance(node, yaml.ScalarNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value)
+        if done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(k)] for k in kids)
+            continue
+        if id(node) in size:  # seen before: an alias (or a merge key), it adds the whole value again
+            extra += size[id(node)]
+            if extra > MAX_ALIAS_NODES:
+                return extra
+            continue
+        if id(node) in on_path:
+            return None
+        on_path.add(id(node))
+        stack.append((node, True))
+        stack.extend((k, False) for k in reversed(kids))
+    return extra
+
+
 def _parse_yaml(text: str, label: str, problems: Problems) -> Any:
     loader = _UniqueKeyLoader(text)
     loader.duplicates = []
     try:
-        return loader.get_single_data()
-    except yaml.YAMLError as e:
+        root = loader.get_single_node()  # composed, not constructed: aliases are still references
+        extra = alias_expansion(root)
+        if extra is None or extra > MAX_ALIAS_NODES:
+            why = "alias inside the value it names" if extra is None else f"aliases expand past {MAX_ALIAS_NODES} nodes"
+            problems.add(label, f"YAML {why} (jobs.limits.MAX_ALIAS_NODES)")
+            return None
+        return loader.construct_document(root) if root is not None else None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int of more than 4300 digits
         problems.add(label, f"invalid YAML: {e}")
         return None
     finally:
@@ -83,21 +139,31 @@ def _parse_yaml(text: str, label: str, problems: Problems) -> Any:
 
 def _parse_json(text: str, label: str, problems: Problems) -> Any:
     def pairs(items: list[tuple[str, Any]]) -> dict:
-        keys = [k for k, _ in items]
-        for key in sorted({k for k in keys if keys.count(k) > 1}):
-            problems.add(label, f"duplicate key '{key}'")
-        return dict(items)
+        out = dict(items)
+        if len(out) < len(items):  # counted once each: keys.count(k) per key was quadratic in the keys
+            counts = collections.Counter(k for k, _ in items)
+            for key in sorted(k for k, n in counts.items() if n > 1):
+                problems.add(label, f"duplicate key '{key}'")
+        return out
 
     try:
         return json.loads(text, object_pairs_hook=pairs)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an int of more than 4300 digits
         problems.add(label, f"invalid JSON: {e}")
         return None
 
 
+def too_many(count: int) -> str:
+    return f"{count} jobs (limit {MAX_JOBS} per manifest, jobs.limits.MAX_JOBS)"
+
+
 def _parse_jsonl(text: str, label: str, problems: Problems) -> list:
+    lines = text.splitlines()
+    if (count := sum(1 for line in lines if line.strip())) > MAX_JOBS:  # before parsing any
+        problems.add(label, too_many(count))
+        return []
     jobs = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(lines, start=1):
         if line.strip():
             before = len(problems)
             job = _parse_json(line, f"{label} line {n}", problems)
@@ -110,7 +176,24 @@ def _parse_parquet(blob: bytes, label: str, problems: Problems) -> list:
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(io.BytesIO(blob)).to_pylist()
+        meta = pq.ParquetFile(io.BytesIO(blob)).metadata
+        if meta.num_rows > MAX_JOBS:
+            problems.add(label, too_many(meta.num_rows))
+            return []
+        pages = sum(meta.row_group(g).column(c).total_uncompressed_size
+                    for g in range(meta.num_row_groups) for c in range(meta.num_columns))
+        if pages > MAX_MANIFEST_BYTES:  # a few compressed kilobytes may hold gigabytes of pages
+            problems.add(label, too_large("decompresses to"))
+            return []
+        schema = meta.schema
+        texts = [schema.column(i).path for i in range(len(schema)) if schema.column(i).physical_type == "BYTE_ARRAY"]
+        # text columns stay dictionary-encoded until their decoded size is known: one long
+        # prompt repeated in a million rows is stored once but would decode a million times
+        table = pq.ParquetFile(io.BytesIO(blob), read_dictionary=texts).read()
+        if sum(_decoded_bytes(col.chunks) for col in table.columns) > MAX_MANIFEST_BYTES:
+            problems.add(label, too_large("decodes to"))
+            return []
+        rows = table.to_pylist()
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         problems.add(label, f"invalid Parquet: {e}")
         return []
@@ -124,6 +207,28 @@ def _parse_parquet(blob: bytes, label: str, problems: Problems) -> list:
                             for ref in job["loras"]]
         jobs.append(job)
     return jobs
+
+
+def _decoded_bytes(arrays: list) -> int:
+    """Bytes ``arrays`` hold with every dictionary-encoded value written out, without doing so."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total, stack = 0, list(arrays)
+    while stack:
+        arr = stack.pop()
+        kind = arr.type
+        if pa.types.is_dictionary(kind):
+            lengths = pc.binary_length(arr.dictionary)
+            total += int(pc.sum(pc.take(lengths, arr.indices)).as_py() or 0) + arr.indices.nbytes
+        elif pa.types.is_struct(kind):
+            stack.extend(arr.field(i) for i in range(kind.num_fields))
+        elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            total += arr.offsets.nbytes
+            stack.append(arr.values)
+        else:
+            total += arr.nbytes
+    return total
 
 
 def parse(url: str, blob: bytes, label: str, problems: Problems) -> Any:

@@ -17,7 +17,9 @@ import re
 import reprlib
 from typing import Any, Callable, Iterable, Mapping
 
-from .limits import lone_surrogate
+from storage.policy import cached_refusal, policy_for
+
+from .limits import Problems, lone_surrogate
 from .options import BACKENDS, FarmOptions, option_fields
 
 #: User-chosen job ids become file names (``images/<id>.png``): no ``/``, no ``..``.
@@ -45,19 +47,6 @@ class _Bad:
 BAD: Any = _Bad()
 
 
-class Problems:
-    """An ordered list of ``"path: reason"`` strings."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.items.append(f"{path}: {message}" if path else message)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
 def at(path: str, key: str | int) -> str:
     """The path of ``key`` inside ``path``: ``jobs`` + 3 -> ``jobs[3]``, + ``seed`` -> ``jobs[3].seed``."""
     if isinstance(key, int):
@@ -65,7 +54,13 @@ def at(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12
+class _ShortRepr(reprlib.Repr):
+    def repr_int(self, x: int, level: int) -> str:
+        # repr() refuses ints past 4300 digits (and would be slow): YAML reads 0xfff... as one
+        return super().repr_int(x, level) if x.bit_length() < 10_000 else f"<an int of {x.bit_length()} bits>"
+
+
+_SHORT = _ShortRepr()  # keyword arguments only from Python 3.12
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40
 _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
 
@@ -260,6 +255,8 @@ def check_lora(value: Any, path: str, problems: Problems, base_dir: str | None) 
     else:
         uri = check_str(raw["uri"], at(path, "uri"), problems, nonempty=True)
         out["uri"] = uri if uri is BAD else resolve_path(uri.strip(), base_dir)
+        if uri is not BAD and (refused := cached_refusal(policy_for(base_dir), out["uri"])) is not None:
+            problems.add(at(path, "uri"), f"refused by the farm's LoRA URI policy: {refused}")
     if raw.get("strength") is not None:
         out["strength"] = check_number(raw["strength"], at(path, "strength"), problems)
     if raw.get("sha256") is not None:

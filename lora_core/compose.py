@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .adapter import Adapter
-from .errors import ShapeMismatchError, TargetNotFoundError
+from .errors import ShapeMismatchError, TargetNotFoundError, shown_list
 from .model_index import ModelIndex
 from .nunchaku import reorder_modulation_rows
 from .resolve import Placement, Unresolved, resolve
@@ -73,8 +73,7 @@ def plan(pairs: Sequence[tuple[Adapter, float]], index: ModelIndex, where: Where
                     parts = [_Term(parts[0].a, torch.stack([t.scaled() for t in parts]).sum(0), 1.0)]
                 terms.setdefault(module, []).extend(parts)
     if missing:
-        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
-        raise TargetNotFoundError(f"{len(missing)} LoRA target(s) match no module of the model: {shown}")
+        raise TargetNotFoundError(f"{len(missing)} LoRA target(s) match no module of the model: {shown_list(missing)}")
     return {name: _stack(name, index.kinds[name], ts, where(name) if where else None) for name, ts in terms.items()}
 
 

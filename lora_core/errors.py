@@ -8,14 +8,27 @@ applies, the tensor ``key``.
 from __future__ import annotations
 
 from storage.errors import (  # re-exported: one hierarchy, rooted below lora_core
-    ChecksumMismatch, FetchError, LoraError, PermanentFetchError, TruncatedTransferError,
+    ChecksumMismatch, FetchError, ForbiddenUriError, LoraError, LoraTooLargeError, PermanentFetchError,
+    SlowTransferError, TruncatedTransferError, UnsafeCacheDirError, shorten,
 )
 
 __all__ = [
     "LoraError", "FetchError", "PermanentFetchError", "ChecksumMismatch", "TruncatedTransferError",
+    "LoraTooLargeError", "SlowTransferError", "UnsafeCacheDirError", "ForbiddenUriError",
     "CorruptFileError", "UnsafeFormatError", "UnsupportedFormatError", "UnknownKeysError", "AmbiguousFormatError",
     "ShapeMismatchError", "NonFiniteError", "StaleBranchError", "TargetNotFoundError",
 ]
+
+
+#: Items (keys, targets) an error lists, and the characters of each: a file's key names may be
+#: megabytes long, and the message lands in a results cell and a report page.
+MAX_LISTED, MAX_ITEM_CHARS = 20, 200
+
+
+def shown_list(items: list[str]) -> str:
+    """The first ``MAX_LISTED`` items, each cut to ``MAX_ITEM_CHARS``, and how many there are in all."""
+    shown = ", ".join(shorten(item, MAX_ITEM_CHARS) for item in items[:MAX_LISTED])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > MAX_LISTED else "")
 
 
 class CorruptFileError(LoraError):
@@ -35,7 +48,7 @@ class UnknownKeysError(LoraError):
 
     def __init__(self, keys: list[str], *, source: str | None = None, reason: str = "match no known LoRA key scheme"):
         self.keys = sorted(keys)
-        shown = ", ".join(self.keys[:20]) + (f", ... ({len(self.keys)} in all)" if len(self.keys) > 20 else "")
+        shown = shown_list(self.keys)
         super().__init__(f"{len(self.keys)} key(s) {reason}: {shown}", source=source)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping
 
-from .errors import AmbiguousFormatError, LoraError, UnknownKeysError, UnsupportedFormatError
+from .errors import AmbiguousFormatError, LoraError, UnknownKeysError, UnsupportedFormatError, shorten
 from .formats import SCHEMES, unsupported
 
 # Dotted containers in front of the model's own module path, longest first.
@@ -44,7 +44,7 @@ def classify(keys: Iterable[str], source: str | None = None) -> KeyMap:
     except LoraError as e:
         if e.source is None and source is not None:
             e.source = source
-            e.args = (f"{e.args[0]} (file {source!r})",)
+            e.args = (f"{e.args[0]} (file {shorten(source, 300)!r})",)
         raise
 
 

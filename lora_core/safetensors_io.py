@@ -2,6 +2,15 @@
 
 safetensors is the default; pickle-based files (.pt/.ckpt/.bin) are refused unless the
 caller opts in, and then read only with ``torch.load(weights_only=True)``.
+
+A LoRA file is untrusted input, so its header is read in bounded memory and checked whole
+before any tensor is: at most ``MAX_HEADER_BYTES`` of JSON (safetensors' own limit), at most
+``MAX_HEADER_ITEMS`` JSON values in it (counted on the bytes, before parsing), nested at
+most as deep as the format needs, at most ``MAX_TENSORS`` tensors, each a mapping with a
+known ``dtype``, a ``shape`` of at most ``MAX_DIMS`` non-negative integers and integer
+``data_offsets`` inside the file that match the shape and overlap no other tensor's;
+``__metadata__`` maps strings to strings. Any breach is a ``CorruptFileError`` naming the
+file (and the tensor key where there is one), before the model is touched.
 """
 from __future__ import annotations
 
@@ -14,11 +23,21 @@ from typing import Iterable
 
 import torch
 
-from .errors import CorruptFileError, UnsafeFormatError
+from .errors import CorruptFileError, UnsafeFormatError, shorten
 
-_MAX_HEADER = 100 * 1024 * 1024
+#: Bytes of header JSON: safetensors' own limit (a real LoRA's header is well under 2 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: JSON values a header may hold, bounded by its commas and colons before it is parsed (so a
+#: header of millions of tiny entries is refused before it costs gigabytes of Python objects).
+MAX_HEADER_ITEMS = 1_000_000
+#: Tensors one file may declare (a kohya SDXL LoRA has about 2,600, a full LyCORIS ~15,000).
+MAX_TENSORS = 100_000
+#: Dimensions of one tensor (LoRA factors have 2, convolution ones 4).
+MAX_DIMS = 8
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
-_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPES = set(_ITEMSIZE)
 
 _sha_memo: dict[tuple[str, int, int], str] = {}
 _sha_lock = threading.Lock()
@@ -60,47 +79,91 @@ def is_pickle_file(path: str) -> bool:
     return len(head) == 8 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[4:8] != b"\x00" * 4
 
 
-def read_header(path: str) -> dict[str, dict]:
-    """Parse and check a safetensors header without reading any tensor data."""
+def _read_json_header(path: str) -> tuple[dict, int]:
+    """The header as parsed JSON (``__metadata__`` included) and the number of data bytes after it."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise CorruptFileError("file is shorter than a safetensors header", source=path)
         (n,) = struct.unpack("<Q", raw)
-        if n <= 0 or n > _MAX_HEADER or 8 + n > size:
-            raise CorruptFileError(f"not a safetensors file (header length {n}, file size {size})", source=path)
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptFileError(f"safetensors header is not valid JSON: {e}", source=path) from e
+        if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            # n itself is not echoed: it would show 8 bytes of a file that may not be a LoRA at all
+            raise CorruptFileError(f"not a safetensors file (header length out of range: file size {size}, "
+                                   f"limit {MAX_HEADER_BYTES})", source=path)
+        raw = f.read(n)
+    items = raw.count(b",") + raw.count(b":")
+    if items > MAX_HEADER_ITEMS:
+        raise CorruptFileError(f"safetensors header holds about {items} JSON values "
+                               f"(limit {MAX_HEADER_ITEMS}, MAX_HEADER_ITEMS)", source=path)
+    try:
+        text = raw.decode("utf-8")
+        del raw  # json.loads(raw) would hold the bytes, their text and the values at once: 3x the header
+        header = json.loads(text)
+    except ValueError as e:  # not UTF-8, not JSON, or an int of more than 4300 digits
+        why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else e
+        raise CorruptFileError(f"safetensors header is not valid JSON: {why}", source=path) from e
+    except RecursionError as e:  # the parser recurses per level; a tensor entry needs 3
+        raise CorruptFileError("safetensors header is nested too deeply to parse", source=path) from e
     if not isinstance(header, dict):
         raise CorruptFileError("safetensors header is not a JSON object", source=path)
-    header.pop("__metadata__", None)
-    data_len = size - 8 - n
-    for key, info in header.items():
-        _check_entry(path, key, info, data_len)
+    return header, size - 8 - n
+
+
+def read_header(path: str) -> dict[str, dict]:
+    """Parse and check a safetensors header without reading any tensor data (see the module doc)."""
+    header, data_len = _read_json_header(path)
+    _check_metadata(path, header.pop("__metadata__", None))
+    if len(header) > MAX_TENSORS:
+        raise CorruptFileError(f"safetensors header declares {len(header)} tensors (limit {MAX_TENSORS})", source=path)
+    spans = sorted((_check_entry(path, key, info, data_len), key) for key, info in header.items())
+    for ((_, end), before), ((start, _), key) in zip(spans, spans[1:]):
+        if start < end:
+            raise CorruptFileError(f"tensor data overlaps that of {shorten(before, 200)!r} (bytes {start}-{end})",
+                                   source=path, key=key)
     return header
 
 
-def _check_entry(path: str, key: str, info: object, data_len: int) -> None:
-    ok = isinstance(info, dict) and info.get("dtype") in _DTYPES
+def _check_metadata(path: str, meta: object) -> None:
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CorruptFileError("safetensors __metadata__ must map strings to strings", source=path)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry(path: str, key: str, info: object, data_len: int) -> tuple[int, int]:
+    """``(start, end)`` of a well-formed tensor entry inside the data, else ``CorruptFileError``."""
+    dtype = info.get("dtype") if isinstance(info, dict) else None
+    shape = info.get("shape") if isinstance(info, dict) else None
     offsets = info.get("data_offsets") if isinstance(info, dict) else None
-    if not ok or not (isinstance(offsets, list) and len(offsets) == 2):
-        raise CorruptFileError("malformed tensor entry in header", source=path, key=key)
+    if not (isinstance(dtype, str) and dtype in _DTYPES and isinstance(offsets, list) and len(offsets) == 2
+            and all(_is_int(o) for o in offsets) and isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(_is_int(d) and d >= 0 for d in shape)):
+        raise CorruptFileError("malformed tensor entry in header (needs a known dtype, a shape of at most "
+                               f"{MAX_DIMS} sizes and two integer data_offsets)", source=path, key=key)
     start, end = offsets
     if not (0 <= start <= end <= data_len):
         raise CorruptFileError(
             f"tensor data [{start}, {end}) lies outside the file's {data_len} data bytes (truncated?)",
             source=path, key=key,
         )
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * _ITEMSIZE[dtype] != end - start:
+        raise CorruptFileError(f"tensor of shape {shape} and dtype {dtype} needs {numel * _ITEMSIZE[dtype]} bytes, "
+                               f"its data_offsets give {end - start}", source=path, key=key)
+    return start, end
 
 
 def read_metadata(path: str) -> dict[str, str]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        meta = json.loads(f.read(n)).get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
+    """The header's ``__metadata__`` (strings to strings), read as boundedly as ``read_header``."""
+    header, _ = _read_json_header(path)
+    meta = header.get("__metadata__") or {}
+    _check_metadata(path, meta)
+    return dict(meta)
 
 
 def load_tensors(path: str, keys: Iterable[str]) -> dict[str, torch.Tensor]:

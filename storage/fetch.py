@@ -14,23 +14,38 @@ and a missing file fails fast.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
-import hashlib
 import logging
+import os
 import random
 import time
 from typing import Any, Callable, TypeVar
 
+import fsspec
+from fsspec.asyn import AsyncFileSystem, sync
 from fsspec.callbacks import Callback
 
-from .errors import FetchError, PermanentFetchError, TruncatedTransferError
+from .errors import FetchError, LoraTooLargeError, PermanentFetchError, SlowTransferError, TruncatedTransferError
+from .localfs import hash_file  # re-exported: the store and its tests hash through this module
 
-__all__ = ["classify_fetch_error", "with_retries", "hash_file", "identity", "ProgressLog"]
+__all__ = [
+    "classify_fetch_error", "with_retries", "hash_file", "identity", "ProgressLog", "TransferGuard", "guarded_get",
+    "MIN_RATE_BYTES_S", "RATE_WINDOW_S",
+]
 
 log = logging.getLogger("storage")
 
 T = TypeVar("T")
+KiB = 2**10
 MiB = 2**20
+#: The rate floor of a transfer, averaged over ``RATE_WINDOW_S``: below it the transfer is cut.
+#: 16 KiB/s bounds a trickling server to about a window, yet a 4 GiB LoRA on an honest link of
+#: 1 MiB/s (an hour's transfer) still arrives. Per store: ``LoraStore(min_rate_bytes_s=,
+#: rate_window_s=)``; per node: ``$LORA_FARM_MIN_RATE_BYTES_S`` (0 turns the floor off) and
+#: ``$LORA_FARM_RATE_WINDOW_S``, read when this module is imported.
+MIN_RATE_BYTES_S = float(os.environ.get("LORA_FARM_MIN_RATE_BYTES_S", 16 * KiB))
+RATE_WINDOW_S = float(os.environ.get("LORA_FARM_RATE_WINDOW_S", 30.0))
 #: ``fs.info`` fields that change when a remote object changes (S3, GCS, HTTP, memory, local).
 IDENTITY_FIELDS = (
     "ETag", "etag", "VersionId", "generation", "md5Hash", "Content-MD5",
@@ -43,19 +58,6 @@ RETRY_STATUSES = frozenset({408, 425, 429})
 PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG})
 #: Class-name fragments of botocore / urllib3 / requests errors that mean "the wire failed".
 _TRANSIENT_NAMES = ("Connect", "Timeout", "IncompleteRead", "ResponseParser", "Throttl", "SlowDown")
-
-
-def hash_file(path: str, chunk: int = 8 * MiB) -> tuple[str, int]:
-    """sha256 hex digest and byte count of a local file, read in fixed chunks."""
-    digest = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    nbytes = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-            nbytes += n
-    return digest.hexdigest(), nbytes
 
 
 def identity(info: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +121,9 @@ def classify_fetch_error(exc: BaseException) -> tuple[type[FetchError], str]:
     if isinstance(exc, FetchError):
         return type(exc), str(exc)
     chain = _chain(exc)
+    own = next((link for link in chain if isinstance(link, FetchError)), None)
+    if own is not None:  # ours, raised inside a library and wrapped (a redirect the URI policy refused)
+        return type(own), str(own)
     for link in chain:
         status = _http_status(link)
         if status is not None and status >= 400:
@@ -158,10 +163,10 @@ def with_retries(
             return fn()
         except Exception as e:  # noqa: BLE001 - every error is classified, none swallowed
             cls, reason = classify_fetch_error(e)
-            if not cls.transient or attempt == retries:
+            if not cls.transient or not cls.retry_in_place or attempt == retries:
                 if isinstance(e, FetchError):  # ours: already names the URL
                     raise
-                if cls.transient and retries:
+                if cls.transient and cls.retry_in_place and retries:
                     reason = f"{reason}; gave up after {attempt + 1} attempts"
                 raise cls(reason, source=url) from e
             delay = min(backoff_s * 2**attempt, max_backoff_s) * (1 + 0.25 * random.random())
@@ -191,3 +196,82 @@ class ProgressLog(Callback):
         log.info(
             "fetching %s: %.0f%s MiB (%.0f MiB/s)", self.url, self.value / 2**20, total, self.value / 2**20 / elapsed
         )
+
+
+class TransferGuard(ProgressLog):
+    """Progress log that cuts a transfer off: past ``max_bytes``, or below the rate floor.
+
+    ``check`` runs on every chunk (fsspec calls back per chunk read) and, for async
+    filesystems, from a watchdog (``guarded_get``) so a server that sends nothing at all is
+    cut too. The rate is judged per window: fewer than ``min_rate * window_s`` bytes since
+    the last checkpoint, once a window has passed, is a ``SlowTransferError``. Bytes are
+    counted after decompression (aiohttp inflates ``Content-Encoding`` before we see it), so
+    a compressed response that inflates past ``max_bytes`` is cut as soon as it does.
+    """
+
+    def __init__(
+        self, url: str, *, every: int, max_bytes: int | None, announced: int | None,
+        min_rate: float, window_s: float,
+    ) -> None:
+        super().__init__(url, every)
+        self.max_bytes = max_bytes
+        self.announced = announced
+        self.min_rate = float(min_rate)
+        self.window_s = float(window_s)
+        self._mark = (time.monotonic(), 0)
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        self.check()
+        super().call(*args, **kwargs)
+
+    def check(self) -> None:
+        got = int(self.value)
+        if self.max_bytes is not None and got > self.max_bytes:
+            raise LoraTooLargeError(
+                f"larger than the limit of {self.max_bytes} bytes (max_lora_mb): cut off after {got} bytes",
+                source=self.url,
+            )
+        if self.announced is not None and got > self.announced:  # changed mid-way, or lying: try again
+            raise FetchError(f"server sent more than the {self.announced} bytes it announced", source=self.url)
+        if self.min_rate <= 0:
+            return
+        now = time.monotonic()
+        t_mark, v_mark = self._mark
+        if now - t_mark < self.window_s:
+            return
+        if got - v_mark < self.min_rate * (now - t_mark):
+            raise SlowTransferError(
+                f"transfer too slow: {got - v_mark} bytes in {now - t_mark:.1f}s, below the floor of "
+                f"{self.min_rate:.0f} bytes/s ({got} bytes in all)",
+                source=self.url,
+            )
+        self._mark = (now, got)
+
+
+def guarded_get(fs: fsspec.AbstractFileSystem, path: str, local: str, guard: TransferGuard) -> None:
+    """``fs.get_file(path, local)`` that ``guard`` can cut off even while no byte arrives.
+
+    For async filesystems (http, s3, gcs) the transfer runs as a task on fsspec's loop next
+    to a watchdog that checks the guard a few times per window and cancels the task on a
+    breach; a per-read timeout alone would let a server that sends a byte now and then
+    hold the job forever. Sync filesystems (memory, local) only get the per-chunk check.
+    """
+    if not (isinstance(fs, AsyncFileSystem) and not fs.asynchronous and fs.loop is not None):
+        fs.get_file(path, local, callback=guard)
+        return
+    tick = max(0.05, min(1.0, guard.window_s / 4))
+
+    async def watched() -> None:
+        task = asyncio.ensure_future(fs._get_file(path, local, callback=guard))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=tick)
+                if done:
+                    return task.result()
+                guard.check()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)  # its file is closed before we unlink it
+
+    sync(fs.loop, watched)

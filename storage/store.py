@@ -18,6 +18,9 @@ node at once, over links that fail now and then. ``LoraStore`` makes that cheap 
   caller's). A crash leaves only a temp file, never a blob that looks valid.
 * **Faults**: transient errors (5xx, resets, timeouts, truncation) are retried with
   backoff; permanent ones (404, 403, bad protocol) raise ``PermanentFetchError`` at once.
+* **Bounds**: a file over ``max_bytes`` is refused before its download when its size is
+  announced, and cut off while streaming otherwise (``LoraTooLargeError``); a transfer below
+  ``min_rate_bytes_s`` over ``rate_window_s`` is cut (``SlowTransferError``, not retried here).
 * **Budget**: blobs beyond ``budget_bytes`` are evicted least-recently-used first, except
   those in use. "In use" means leased: ``with store.lease(uri) as r:`` (or
   ``fetch(..., pin=True)`` then ``release(r.sha256)``). A plain ``fetch`` returns a path
@@ -37,7 +40,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import threading
 import time
 from concurrent.futures import Future
@@ -47,18 +49,23 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 
-from .errors import ChecksumMismatch, FetchError, PermanentFetchError, TruncatedTransferError
-from .fetch import ProgressLog, classify_fetch_error, hash_file, identity, with_retries
+from .errors import ChecksumMismatch, FetchError, LoraTooLargeError, PermanentFetchError, TruncatedTransferError
+from .fetch import (
+    MIN_RATE_BYTES_S, RATE_WINDOW_S, TransferGuard, classify_fetch_error, guarded_get, hash_file, identity,
+    with_retries,
+)
 from .localfs import unlink_if_exists
-from .node_cache import DiskCache
+from .node_cache import DiskCache, default_cache_dir  # re-exported: where the farm's cache lives
 from .urls import is_local, open_filesystem, options_for, protocol_of
 
-__all__ = ["FetchResult", "LoraStore", "default_store", "default_cache_dir"]
+__all__ = ["FetchResult", "LoraStore", "default_store", "default_cache_dir", "MAX_LORA_BYTES"]
 
 log = logging.getLogger("storage")
 T = TypeVar("T")
 GiB = 2**30
 MiB = 2**20
+#: The default largest LoRA file a store downloads (the farm option ``max_lora_mb``).
+MAX_LORA_BYTES = 4096 * MiB
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,9 @@ class LoraStore:
         backoff_s: float = 0.2,
         timeout_s: float | None = 60.0,
         progress_every_bytes: int = 256 * MiB,
+        max_bytes: int | None = MAX_LORA_BYTES,
+        min_rate_bytes_s: float = MIN_RATE_BYTES_S,
+        rate_window_s: float = RATE_WINDOW_S,
     ) -> None:
         self.disk = DiskCache(os.fspath(cache_dir), budget_bytes)
         self.storage_options = copy.deepcopy(storage_options or {})
@@ -104,6 +114,9 @@ class LoraStore:
         self.backoff_s = float(backoff_s)
         self.timeout_s = timeout_s
         self.progress_every_bytes = int(progress_every_bytes)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
+        self.min_rate_bytes_s = float(min_rate_bytes_s)
+        self.rate_window_s = float(rate_window_s)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str | None], Future[FetchResult]] = {}
         self._local_memo: dict[tuple[str, int, int, int], str] = {}
@@ -260,6 +273,7 @@ class LoraStore:
 
         def attempt() -> tuple[dict[str, Any], str, str, int]:
             current = pending.pop() if pending else self._info(uri, fs, path)
+            self._check_size(uri, current.get("size"))
             return (current, *self._download_once(uri, fs, path, current, expected))
 
         t0 = time.perf_counter()
@@ -278,20 +292,29 @@ class LoraStore:
     ) -> tuple[str, str, int]:
         """One transfer into a temp file, verified; the temp file is gone on any failure."""
         tmp = self.disk.new_temp()
+        announced = info.get("size")
+        guard = TransferGuard(
+            uri, every=self.progress_every_bytes, max_bytes=self.max_bytes, announced=announced,
+            min_rate=self.min_rate_bytes_s, window_s=self.rate_window_s,
+        )
         try:
-            fs.get_file(path, tmp, callback=ProgressLog(uri, self.progress_every_bytes))
+            guarded_get(fs, path, tmp, guard)  # cut off past max_bytes / announced, or below the rate floor
             sha, nbytes = hash_file(tmp)
-            announced = info.get("size")
             if announced is not None and nbytes < announced:
                 raise TruncatedTransferError(f"got {nbytes} of {announced} bytes", source=uri)
-            if announced is not None and nbytes > announced:  # changed mid-way, or re-encoded
-                log.warning("fetch %s: got %d bytes, info said %d", uri, nbytes, announced)
             if expected is not None and sha != expected:
                 raise ChecksumMismatch(f"sha256 mismatch: expected {expected}, got {sha}", source=uri)
         except BaseException:
             unlink_if_exists(tmp)
             raise
         return tmp, sha, nbytes
+
+    def _check_size(self, uri: str, announced: Any) -> None:
+        """Refuse before downloading a file whose announced size is over the limit."""
+        if self.max_bytes is not None and isinstance(announced, int) and announced > self.max_bytes:
+            raise LoraTooLargeError(
+                f"announced size {announced} bytes is over the limit of {self.max_bytes} bytes (max_lora_mb)", source=uri
+            )
 
     def _fetch_local(self, uri: str, path: str, expected: str | None, pin: bool) -> FetchResult:
         """Serve a local file in place; its sha256 is memoized by (path, size, mtime, inode)."""
@@ -350,13 +373,6 @@ class LoraStore:
 
 _DEFAULT_STORES: dict[tuple[str, str], LoraStore] = {}
 _DEFAULT_LOCK = threading.Lock()
-
-
-def default_cache_dir() -> str:
-    """``$LORA_FARM_CACHE``, else ``<tmp>/lora-farm-cache``: the node-local cache every
-    part of the farm shares by default (workers use the same rule), so a file fetched
-    for a composition key is not fetched again to render."""
-    return os.environ.get("LORA_FARM_CACHE", os.path.join(tempfile.gettempdir(), "lora-farm-cache"))
 
 
 def default_store(storage_options: dict[str, dict[str, Any]] | None = None) -> LoraStore:

@@ -17,6 +17,18 @@ import pytest
 _status: list[int] = []
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _lora_root_is_pytest_tmp(tmp_path_factory):
+    """The suite is the operator here: its LoRA files live under pytest's temp dir (often
+    next to, not under, the manifest that names them), so it allows that dir as a LoRA
+    root (``storage.policy``), as an operator sets ``$LORA_FARM_LORA_ROOTS``. The policy's
+    own tests set or clear the variable themselves."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LORA_FARM_LORA_ROOTS", str(tmp_path_factory.getbasetemp()))
+    yield
+    mp.undo()
+
+
 def pytest_sessionfinish(session, exitstatus):
     _status.append(int(exitstatus))
 

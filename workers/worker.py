@@ -12,10 +12,12 @@ from __future__ import annotations
 import io
 import os
 import socket
+import threading
 import time
 import traceback
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import torch
@@ -23,16 +25,20 @@ import torch
 from jobs.manifest import Job
 from jobs.options import FarmOptions
 from jobs.results import ResultRow, image_uri, write_image_atomic
+from jobs.stamp import stamp_png
 from lora_core import Adapter
 from lora_core.adapter import load_adapter_file
 from lora_core.adapter_cache import AdapterCache
 from lora_core.errors import LoraError
+from storage.policy import UriPolicy, operator_policy
 from storage.store import default_cache_dir
 
 from .automode import Ewma
 from .wrapper import ComposedModel
 
 DEFAULT_ADAPTER_CACHE = 2 << 30
+#: Concurrent background prefetches: a few stalled downloads still leave room for the rest.
+PREFETCH_THREADS = 4
 
 
 class RenderWorker:
@@ -49,6 +55,7 @@ class RenderWorker:
         device: str | None = None,
         num_threads: int | None = None,
         allow_pickle: bool = False,
+        uri_policy: UriPolicy | None = None,  # what LoRA URIs may reach (storage.policy); default: the operator's env
         backend_factory: Callable[..., Any] | None = None,  # instead of the registry's (see workers.backends.registry)
     ):
         self.model_spec = dict(model or {"backend": "tiny"})
@@ -60,9 +67,12 @@ class RenderWorker:
         self.device = device
         self.num_threads = num_threads
         self.allow_pickle = allow_pickle
+        self.uri_policy = uri_policy or operator_policy()
         self.cache_dir = cache_dir or default_cache_dir()
         self._cache_budget = cache_budget_bytes
         self._store = None
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._store_lock = threading.Lock()
         self._paths: dict[str, str] = {}  # sha256 -> local path
         self.adapters: AdapterCache[Adapter] = AdapterCache(adapter_cache_bytes, self._load_by_sha)
         self._model: ComposedModel | None = None
@@ -73,14 +83,16 @@ class RenderWorker:
     # ---- lazy parts -----------------------------------------------------------------------
     @property
     def store(self):
-        if self._store is None:
-            from storage.store import LoraStore
+        with self._store_lock:  # prefetch threads and the render thread: one store, one in-flight map
+            if self._store is None:
+                from storage.store import LoraStore
 
-            kw = {"storage_options": self.storage_options}
-            if self._cache_budget:
-                kw["budget_bytes"] = self._cache_budget
-            self._store = LoraStore(self.cache_dir, **kw)
-        return self._store
+                kw = {"storage_options": self.uri_policy.guard(self.storage_options),
+                      "max_bytes": int(self.options.max_lora_mb * 2**20)}
+                if self._cache_budget:
+                    kw["budget_bytes"] = self._cache_budget
+                self._store = LoraStore(self.cache_dir, **kw)
+            return self._store
 
     @property
     def model(self) -> ComposedModel:
@@ -103,21 +115,35 @@ class RenderWorker:
         t0 = time.perf_counter()
         pairs = []
         for ref in loras:
+            self.uri_policy.check(ref.uri)  # here too: jobs need not have come through validation
             with self.store.lease(ref.uri, sha256=ref.sha256) as res:  # not evicted while we read it
                 self._paths[res.sha256] = res.path
                 pairs.append((self.adapters.get(res.sha256), float(ref.strength)))
         return pairs, time.perf_counter() - t0
 
     def prefetch(self, loras: Sequence[Any]) -> int:
-        """Fetch (and load) adapters ahead of need so fetches overlap rendering; errors wait for render."""
-        n = 0
-        for ref in loras:
-            try:
-                self.fetch_adapters([ref])
-                n += 1
-            except Exception:
-                pass
-        return n
+        """Start fetching (and loading) adapters ahead of need; returns how many were queued.
+
+        In background threads, one task per LoRA: under Ray an actor runs one method at a
+        time, so a prefetch that waited for a stalled download held every render of this
+        worker behind it. A render that needs a LoRA being prefetched joins its download
+        (the store's single flight); errors wait for the render that needs the file.
+        """
+        refs = list(loras)
+        for ref in refs:
+            self._prefetch_pool().submit(self._prefetch_one, ref)
+        return len(refs)
+
+    def _prefetch_one(self, ref: Any) -> None:
+        try:
+            self.fetch_adapters([ref])
+        except Exception:  # noqa: BLE001 - best effort: the render that needs it reports the error
+            pass
+
+    def _prefetch_pool(self) -> ThreadPoolExecutor:
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(max_workers=PREFETCH_THREADS, thread_name_prefix="prefetch")
+        return self._prefetcher
 
     def render(self, jobs: Sequence[Job], output_root: str, storage_options: dict | None = None) -> list[ResultRow]:
         """One result row per job, in groups of one composition and size (a failure fails its group only)."""
@@ -161,7 +187,9 @@ class RenderWorker:
 
     def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> ResultRow:
         uri = image_uri(output_root, job.job_id)
-        write_image_atomic(uri, png_bytes(image), opts)
+        # stamped with the job's identity: a rerun trusts it if this row is lost (jobs.stamp)
+        png = stamp_png(png_bytes(image), job, self.model_spec, composition_key=key, lora_mode=self.model.held_mode)
+        write_image_atomic(uri, png, opts)
         return self._ok_row(job, uri, key, fetch_s, compose_s, render_s)
 
     def _ok_row(self, job: Job, uri: str, key: str, fetch_s: float, compose_s: float, render_s: float) -> ResultRow:

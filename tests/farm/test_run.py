@@ -148,3 +148,43 @@ def test_a_run_into_an_output_root_starts_from_its_measured_costs(ray_cluster, t
     assert composes and min(composes) - 1e-9 <= p.compose_s <= max(composes) + 1e-9
     assert min(renders) - 1e-9 <= p.render_s <= max(renders) + 1e-9
     assert p.render_s < 1.0 and p.compose_s < 1.0, "the tiny model renders 64 px in well under a second"
+
+
+def test_a_rerun_records_images_whose_rows_died_with_the_driver(ray_cluster, tmp_path, loras):
+    """A driver killed before its buffered rows reached a part leaves images without rows: the
+    rerun reads each one's stamp and records it (nothing rendered), except an image whose
+    stamp names another picture, which is rendered again. One row per job in the end."""
+    import dataclasses
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from jobs.stamp import RECOVERED, stamp_png
+
+    local = {"a": shutil.copy(loras["a"], str(tmp_path / "a.safetensors"))}  # under the manifest's dir (the URI policy)
+    m = load_manifest(write_manifest(tmp_path / "m.yaml", local, [[], [("a", 1.0)]]))
+    assert runner.run_manifest(m, workers=1, progress=False).ok == 4
+    first = {r.job_id: r for r in read_results(m.output)}
+    shutil.rmtree(os.path.join(m.output, "results.parts"), ignore_errors=True)  # the rows died with the driver
+    os.remove(os.path.join(m.output, "results.parquet"))
+    wrong = m.jobs[0]  # its image now carries the stamp of another prompt under the same id
+    buf = io.BytesIO()
+    Image.open(first[wrong.job_id].output_uri).save(buf, format="PNG")
+    with open(first[wrong.job_id].output_uri, "wb") as f:
+        f.write(stamp_png(buf.getvalue(), dataclasses.replace(wrong, prompt="a bird"), m.model))
+    kept = {j: (os.stat(r.output_uri).st_mtime_ns, open(r.output_uri, "rb").read())
+            for j, r in first.items() if j != wrong.job_id}
+
+    again = runner.run_manifest(m, workers=1, progress=False)
+    assert (again.ok, again.failed, again.skipped, again.recovered, again.exit_code) == (1, 0, 3, 3, 0), \
+        "one render: the image that is not its job's"
+    rows = {r.job_id: r for r in read_results(m.output)}
+    assert sorted(rows) == sorted(first) and all(r.status == "ok" for r in rows.values())
+    assert rows[wrong.job_id].worker_id != RECOVERED
+    for j, (mtime, data) in kept.items():
+        assert rows[j].worker_id == RECOVERED and rows[j].composition_key == first[j].composition_key
+        assert os.stat(rows[j].output_uri).st_mtime_ns == mtime and open(rows[j].output_uri, "rb").read() == data
+    import pyarrow.parquet as pq
+
+    assert sorted(pq.read_table(os.path.join(m.output, "results.parquet")).column("job_id").to_pylist()) == sorted(first)

@@ -133,7 +133,8 @@ def test_defaults_apply_and_jobs_override_them():
     assert (b.steps, b.height, b.guidance) == (2, 64, 3.0) and isinstance(b.guidance, float)
     assert m.options == FarmOptions()
     assert m.options.as_dict() == {"lora_mode": "auto", "max_batch": 4, "retries": 2, "fp8": False,
-                                   "memory_reserve_gb": None, "merge_strategy": "keep_until_full", "branch_cache_mb": 1024}
+                                   "memory_reserve_gb": None, "merge_strategy": "keep_until_full", "branch_cache_mb": 1024,
+                                   "max_lora_mb": 4096}
     assert m.model == {"backend": "tiny"}
 
 
@@ -149,7 +150,7 @@ def test_derived_ids_are_content_hashes():
     assert only_id(seed=1, priority=9) == only_id(seed=1)  # priority does not change the image
     assert only_id(seed=1, guidance=1) == only_id(seed=1, guidance=1.0)
     # a checksum names the content: the same file under another URL is the same render
-    assert only_id(loras=[{"uri": "s3://b/a", "sha256": SHA}]) == only_id(loras=[{"uri": "/x/a", "sha256": SHA}])
+    assert only_id(loras=[{"uri": "s3://b/a", "sha256": SHA}]) == only_id(loras=[{"uri": "loras/a", "sha256": SHA}])
 
 
 def test_derived_id_includes_the_model():
@@ -174,16 +175,16 @@ def test_routing_key_is_order_insensitive_and_rounded():
 
 
 def test_relative_paths_resolve_against_the_manifest_dir(tmp_path):
-    base = str(tmp_path)
+    base, absolute = str(tmp_path), str(tmp_path.parent / "d.safetensors")  # outside base, under the suite's LoRA root
     m = validate_manifest({
         "model": {"backend": "diffusers", "path": "models/pipe"},
         "output": "renders",
-        "jobs": [{"prompt": "p", "loras": ["loras/a.safetensors", "s3://b/c.safetensors", "/abs/d.safetensors"]}],
+        "jobs": [{"prompt": "p", "loras": ["loras/a.safetensors", "s3://b/c.safetensors", absolute]}],
     }, base_dir=base)
     assert m.model["path"] == os.path.join(base, "models", "pipe")
     assert m.output == os.path.join(base, "renders")
     assert [r.uri for r in m.jobs[0].loras] == [
-        os.path.join(base, "loras", "a.safetensors"), "s3://b/c.safetensors", "/abs/d.safetensors"]
+        os.path.join(base, "loras", "a.safetensors"), "s3://b/c.safetensors", absolute]
     assert validate_manifest({"jobs": [{"prompt": "p"}]}, base_dir=base).output == os.path.join(base, "out")
 
 

@@ -61,8 +61,8 @@ def test_a_killed_run_is_readable_and_a_rerun_continues(root):
     first.append([failed("b")])
     # killed here: no finalize. Everything written so far reads back.
     assert {r.job_id: r.status for r in read_results(root)} == {"a": "ok", "b": "failed"}
-    second = ResultsWriter(root)  # the re-run numbers its parts after the old ones
-    assert second.append([ok("b", root)]).endswith("000002.parquet")
+    second = ResultsWriter(root)  # the re-run numbers its parts after the old ones, under its own id
+    assert second.append([ok("b", root)]).endswith(f"000002-{second.writer_id}.parquet")
     assert {r.job_id: r.status for r in read_results(root)} == {"a": "ok", "b": "ok"}
     second.finalize()
     third = ResultsWriter(root)

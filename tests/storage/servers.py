@@ -7,6 +7,7 @@ GETs of the body, while fsspec's HTTP filesystem may send HEADs for ``info``.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
@@ -28,6 +29,13 @@ class Entry:
     truncate: bool = False       # announce the full length, send half, close
     slow_s: float = 0.0          # pause after the first half of the body
     etag: bool = True
+    trickle_s: float = 0.0       # send the body `trickle_bytes` at a time, pausing this long between
+    trickle_bytes: int = 1
+    head_size: int | None = None  # HEAD announces this Content-Length instead (a lie, or a change)
+    gzip: bool = False           # send the body gzip-compressed (Content-Encoding), as a bomb would
+
+    def __post_init__(self) -> None:
+        self.body = gzip.compress(self.data, 6) if self.gzip else self.data  # compressed once, not per request
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -41,7 +49,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _headers(self, entry: Entry, status: int = 200) -> None:
         self.send_response(status)
-        self.send_header("Content-Length", str(len(entry.data)))
+        length = len(entry.body)
+        if self.command == "HEAD" and entry.head_size is not None:
+            length = entry.head_size
+        self.send_header("Content-Length", str(length))
+        if entry.gzip:
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Type", "application/octet-stream")
         if entry.etag:
             self.send_header("ETag", '"%s"' % hashlib.md5(entry.data).hexdigest())
@@ -74,6 +87,19 @@ class _Handler(BaseHTTPRequestHandler):
         if n <= entry.fail_first:
             return self._error(entry.fail_status)
         self._headers(entry)
+        body = entry.body
+        if entry.trickle_s:
+            try:
+                for i in range(0, len(body), entry.trickle_bytes):
+                    self.wfile.write(body[i : i + entry.trickle_bytes])
+                    self.wfile.flush()
+                    time.sleep(entry.trickle_s)
+            except (BrokenPipeError, ConnectionResetError):  # the client cut us off: what the tests want
+                pass
+            return
+        if entry.gzip:
+            self.wfile.write(body)
+            return
         half = len(entry.data) // 2
         self.wfile.write(entry.data[:half])
         self.wfile.flush()
