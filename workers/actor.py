@@ -29,13 +29,21 @@ class RayRenderWorker(RenderWorker):
         return self.node_id
 
 
+#: Calls an actor runs at once: the dispatcher keeps about two in flight per worker, and
+#: RenderWorker fetches outside its model lock, so a call stalled on a slow download does
+#: not hold the other one's render (only one composes and renders at a time).
+CONCURRENT_CALLS = 2
+
+
 def remote_worker(num_gpus: float = 1.0, num_cpus: float = 0.0, max_restarts: int = 2, **options):
     """RenderWorker as a Ray actor class holding ``num_gpus`` (fractions allowed).
 
     Actors ask for ``num_cpus=0`` by default so a small machine can host several logical-GPU
     workers; the model is built lazily on the first render, after Ray has set
-    CUDA_VISIBLE_DEVICES. Restarted actors come back empty and rejoin.
+    CUDA_VISIBLE_DEVICES. Restarted actors come back empty and rejoin. A threaded actor
+    (``CONCURRENT_CALLS``), so a stalled fetch holds only the jobs that need that file.
     """
+    options.setdefault("max_concurrency", CONCURRENT_CALLS)
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, **options)(
         RayRenderWorker
     )

@@ -73,6 +73,9 @@ class RenderWorker:
         self._store = None
         self._prefetcher: ThreadPoolExecutor | None = None
         self._store_lock = threading.Lock()
+        # one composition at a time on the model: calls may run concurrently (a threaded
+        # actor), fetching outside this lock, so a stalled download holds only its own jobs
+        self._model_lock = threading.Lock()
         self._paths: dict[str, str] = {}  # sha256 -> local path
         self.adapters: AdapterCache[Adapter] = AdapterCache(adapter_cache_bytes, self._load_by_sha)
         self._model: ComposedModel | None = None
@@ -165,24 +168,27 @@ class RenderWorker:
     def _render_group(self, group: list[Job], output_root: str, opts: dict) -> list[ResultRow]:
         fetch_s = compose_s = 0.0
         try:
-            pairs, fetch_s = self.fetch_adapters(group[0].loras)
-            self.model.want(pairs)
-            compose_s = self.model.ensure()
-            key = self.model.key
-            t0 = time.perf_counter()
-            images = self.model.backend.render([_request(j) for j in group])
-            elapsed = time.perf_counter() - t0
-            self.model.rendered(len(group), elapsed)
-            render_s = elapsed / len(group)
-            self.render_s_per_image.add(render_s)
-            rows = [self._write(j, img, output_root, opts, key, fetch_s, compose_s, render_s) for j, img in zip(group, images)]
+            pairs, fetch_s = self.fetch_adapters(group[0].loras)  # no lock held: others render meanwhile
+            with self._model_lock:
+                self.model.want(pairs)
+                compose_s = self.model.ensure()
+                key = self.model.key
+                t0 = time.perf_counter()
+                images = self.model.backend.render([_request(j) for j in group])
+                elapsed = time.perf_counter() - t0
+                self.model.rendered(len(group), elapsed)
+                render_s = elapsed / len(group)
+                self.render_s_per_image.add(render_s)
+                rows = [self._write(j, img, output_root, opts, key, fetch_s, compose_s, render_s)
+                        for j, img in zip(group, images)]
         except Exception as e:  # noqa: BLE001 - every failure becomes a result row
             rows = [_failed(j, self.worker_id, e, fetch_s, compose_s) for j in group]
-        for r in rows:
-            if r.status == "ok":
-                self.jobs_done += 1
-            else:
-                self.jobs_failed += 1
+        with self._model_lock:
+            for r in rows:
+                if r.status == "ok":
+                    self.jobs_done += 1
+                else:
+                    self.jobs_failed += 1
         return rows
 
     def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> ResultRow:

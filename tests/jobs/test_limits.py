@@ -246,4 +246,5 @@ def test_a_mapping_of_many_keys_is_checked_in_linear_time(tmp_path):
     rc, out, seconds, mb = run_validate(path, timeout=60)  # main before: duplicate keys found in quadratic time
     assert rc == 2 and f"{path}: duplicate key 'k7'" in out and "model: unknown field 'k0'" in out, out
     assert f"... and {200_000 + 1 - MAX_PROBLEMS} more problem(s)" in out
-    assert seconds < 5 and mb < 300, (seconds, mb)
+    # ~1-2 s alone here; quadratic took 42 s for a quarter of these keys: a wide margin for a loaded machine
+    assert seconds < 20 and mb < 300, (seconds, mb)

@@ -118,7 +118,7 @@ def test_a_header_of_millions_of_entries_fails_in_bounded_memory_and_time(tmp_pa
                                                 f"rc = refused({path!r})")
     assert rc == 3, out  # main before: parsed all 1.5 million entries, then checked each
     assert "CorruptFileError safetensors header holds about" in out and f"(limit {MAX_HEADER_ITEMS}" in out, out
-    assert "many.safetensors" in out and seconds < 3 and peak - base < 200, (seconds, peak, base)
+    assert "many.safetensors" in out and seconds < 10 and peak - base < 200, (seconds, peak, base)
     text = write(tmp_path / "text.safetensors", b'{"__metadata__": {"a": "' + b"x" * (MAX_HEADER_BYTES - 100) + b'"}}')
     rc, out, seconds, peak, base = run_measured("from tests.lora_core.test_bad_header import refused",
                                                 f"rc = refused({text!r})")

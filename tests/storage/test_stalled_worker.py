@@ -59,3 +59,43 @@ def test_prefetch_of_a_stalled_url_does_not_block_a_render(tmp_path, monkeypatch
             time.sleep(0.05)
         assert worker.store.stats()["errors"] == 1  # ended by the rate floor (16 KiB/s against 4 B/s), not hung
     assert worker.render(man.jobs, str(tmp_path / "again"))[0].status == "ok"  # the worker carries on
+
+
+def test_a_render_stalled_on_its_own_download_does_not_hold_another_render(tmp_path):
+    """Two calls at once, as a threaded actor runs them: the one whose LoRA trickles waits for
+    it outside the model lock; the other composes and renders meanwhile."""
+    import threading
+
+    from workers.worker import RenderWorker
+
+    lora = T.random_layers({"transformer_blocks.0.attn.to_q": (128, 128)}, rank=2, seed=1)
+    good = T.write_safetensors(tmp_path / "good.safetensors", T.peft_state_dict(lora))
+    worker = RenderWorker(options=FarmOptions(lora_mode="lowrank"), cache_dir=str(tmp_path / "cache"), num_threads=1)
+
+    def jobs(uri: str, out: str):
+        return validate_manifest({"model": {"backend": "tiny"}, "defaults": {"steps": 2, "width": 64, "height": 64},
+                                  "output": out, "jobs": [{"prompt": "x", "loras": [{"uri": uri}]}]},
+                                 base_dir=str(tmp_path)).jobs
+
+    good_jobs = jobs(good, str(tmp_path / "out"))
+    worker.render(good_jobs, str(tmp_path / "warm"))  # the model is built: what is timed is fetch vs render
+    worker.store.rate_window_s = 4.0
+    worker.store.retries = 0
+    with FaultyHTTPServer() as server:
+        stalled = server.add("/stalled.safetensors", b"x" * 100_000, trickle_s=0.25)
+        stalled_rows: list = []
+        slow = threading.Thread(target=lambda: stalled_rows.extend(worker.render(jobs(stalled, str(tmp_path / "s")),
+                                                                                 str(tmp_path / "s"))))
+        slow.start()
+        deadline = time.time() + 5
+        while server.gets("/stalled.safetensors") == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.gets("/stalled.safetensors") == 1  # the stalled call is fetching
+        t0 = time.perf_counter()
+        rows = worker.render(good_jobs, str(tmp_path / "out"))
+        assert rows[0].status == "ok", rows[0].error
+        assert time.perf_counter() - t0 < 3 and slow.is_alive()  # rendered while the other still waits
+        slow.join(20)
+        assert not slow.is_alive()
+    assert [r.status for r in stalled_rows] == ["failed"] and "SlowTransferError" in stalled_rows[0].error
+    assert worker.jobs_done == 2 and worker.jobs_failed == 1
