@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import fsspec
 import yaml
 
-from storage.urls import options_for, protocol_of
+from storage.urls import open_filesystem
 
 from .limits import MAX_ALIAS_NODES, MAX_JOBS, MAX_MANIFEST_BYTES, MAX_NESTING
 from .validate import Problems, at, is_url
@@ -29,14 +29,9 @@ UNPARSED: Any = object()
 
 
 def filesystem(url: str, storage_options: Mapping | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(fs, path)`` for a local path or URL, with the options of its protocol.
-
-    ``storage_options`` is per protocol (``{"s3": {...}}``), as in a manifest; ``s3a``
-    falls back to ``s3`` and ``https`` to ``http``. Chained URLs get the whole dict.
-    """
-    if "::" in url:
-        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    return fsspec.core.url_to_fs(url, **options_for(protocol_of(url), dict(storage_options or {})))
+    """``(fs, path)`` for a local path or URL, with the options of its protocol (``storage_options``
+    per protocol, as in a manifest): storage's ``open_filesystem``, the one place that does it."""
+    return open_filesystem(url, dict(storage_options or {}))
 
 
 class TooLargeError(ValueError):
