@@ -1,4 +1,4 @@
-"""`farm run | validate | submit | status | report`: argument parsing only.
+"""`farm run | validate | submit | status | report | lora inspect`: argument parsing only.
 
 Exit codes: 0 every job succeeded (or nothing left to do), 1 some job failed,
 2 a bad manifest (nothing rendered), 130 interrupted (finished results kept).
@@ -26,6 +26,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="also allow local LoRA files under DIR (repeatable; the manifest's dir always is)")
     val = sub.add_parser("validate", help="check a manifest; exit 2 listing every problem")
     val.add_argument("manifest")
+    val.add_argument("--deep", action="store_true",
+                     help="also fetch every LoRA (node cache), check checksums and headers, and bind each to the "
+                          "model built on the meta device (no weights loaded, nothing rendered)")
+    lora = sub.add_parser("lora", help="LoRA file tools").add_subparsers(dest="lora_cmd", required=True)
+    ins = lora.add_parser("inspect", help="layout, ranks, alphas, dtypes, size and targets of a LoRA file")
+    ins.add_argument("file")
+    ins.add_argument("--model", metavar="SPEC",
+                     help='also bind to a model: a backend name (tiny) or a manifest model as JSON, '
+                          'e.g. \'{"backend": "diffusers", "path": DIR}\'')
+    ins.add_argument("--json", action="store_true", help="print the result as JSON")
     sm = sub.add_parser("submit", help="submit a manifest through the Ray Jobs API")
     sm.add_argument("manifest")
     sm.add_argument("--address", required=True, help="the head's dashboard, e.g. http://HEAD:8265")
@@ -61,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         m = _load(args.manifest)
         if m is None:
             return 2
+        if args.deep:
+            from .deep_validate import deep_problems
+
+            problems, notes = deep_problems(m)
+            for note in notes:
+                print(f"{args.manifest}: note: {note}", file=sys.stderr)
+            if problems:
+                print(f"{args.manifest}: {len(problems)} LoRA problem(s):", file=sys.stderr)
+                for problem in problems:
+                    print(f"  {problem}", file=sys.stderr)
+                return 2
         print(f"{args.manifest}: ok, {len(m.jobs)} job(s), {len({j.routing_key for j in m.jobs})} composition(s)")
         return 0
     if args.cmd == "run":
@@ -77,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                lora_roots=args.lora_root)
         print(summary.describe())
         return summary.exit_code
+    if args.cmd == "lora":
+        return _lora_inspect(args)
     if args.cmd in ("submit", "status"):
         return _jobs_api(args)
     if args.cmd == "report":
@@ -85,6 +108,28 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(args.dir))
         return 0
     return 2
+
+
+def _lora_inspect(args: argparse.Namespace) -> int:
+    """Exit 0: the file reads (and, with --model, every target binds); 2 otherwise."""
+    import json
+
+    from lora_core.errors import LoraError
+    from lora_core.inspection import format_summary
+
+    from .deep_validate import inspect_file, parse_model_spec
+
+    try:
+        model = parse_model_spec(args.model) if args.model else None
+        info, binding = inspect_file(args.file, model)
+    except (LoraError, ValueError, OSError) as e:
+        print(f"farm lora inspect: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**info, **({"binding": binding} if binding is not None else {})}, indent=1))
+    else:
+        print(format_summary(info, binding))
+    return 2 if binding is not None and binding["refused"] else 0
 
 
 def _jobs_api(args: argparse.Namespace) -> int:

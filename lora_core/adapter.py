@@ -10,12 +10,13 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping, Protocol, Union
+from typing import Callable, Iterable, Mapping, Protocol, Union
 
 import torch
 
+from . import diffs
 from .errors import CorruptFileError, NonFiniteError, ShapeMismatchError
-from .keymap import classify
+from .keymap import KeyMap, classify
 from .safetensors_io import (
     file_sha256,
     is_pickle_file,
@@ -48,10 +49,15 @@ class Adapter:
     source: str = "<state dict>"
     scheme: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: full-weight diffs: ``{target: {"weight"|"bias": delta as stored}}`` (``lora_core.diffs``)
+    diffs: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+    #: ``(target, "weight"|"bias") -> the file's key``, to name it in errors
+    diff_keys: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(l.A.numel() * l.A.element_size() + l.B.numel() * l.B.element_size() for l in self.layers.values())
+        lora = sum(l.A.numel() * l.A.element_size() + l.B.numel() * l.B.element_size() for l in self.layers.values())
+        return lora + diffs.nbytes(self.diffs)
 
     def __repr__(self) -> str:
         return f"Adapter({self.source!r}, {len(self.layers)} layers, id={self.content_id[:12]})"
@@ -125,14 +131,23 @@ def load_adapter_file(path: str, *, allow_pickle: bool = False) -> Adapter:
         sd = load_pickle_state_dict(path, allow_pickle)
         return adapter_from_state_dict(sd, source=path, content_id=file_sha256(path))
     header = read_header(path)  # fails on bad bytes before any tensor is read
-    keymap = classify(header.keys(), source=path)
+    keymap, diff_keys = classify_keys(header.keys(), path)
     tensors = load_tensors(path, header.keys())
-    return _build(keymap, tensors, source=path, content_id=file_sha256(path))
+    return _build(keymap, tensors, source=path, content_id=file_sha256(path), diff_keys=diff_keys)
 
 
 def adapter_from_state_dict(sd: dict[str, torch.Tensor], *, source: str, content_id: str) -> Adapter:
-    keymap = classify(sd.keys(), source=source)
-    return _build(keymap, sd, source=source, content_id=content_id)
+    keymap, diff_keys = classify_keys(sd.keys(), source)
+    return _build(keymap, sd, source=source, content_id=content_id, diff_keys=diff_keys)
+
+
+def classify_keys(keys: Iterable[str], source: str) -> tuple[KeyMap, dict[str, dict[str, str]]]:
+    """The low-rank keys' scheme (``keymap.classify``) and the full-weight diff keys
+    (``{target: {"weight"|"bias": key}}``); a file of diffs only is scheme ``diff``."""
+    rest, diff_keys = diffs.split_keys(keys)
+    if diff_keys and not rest:
+        return KeyMap(scheme="diff", entries={}), diff_keys
+    return classify(rest, source=source), diff_keys
 
 
 def state_dict_id(sd: Mapping[str, torch.Tensor]) -> str:
@@ -145,7 +160,8 @@ def state_dict_id(sd: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _build(keymap, tensors: Mapping[str, torch.Tensor], *, source: str, content_id: str) -> Adapter:
+def _build(keymap, tensors: Mapping[str, torch.Tensor], *, source: str, content_id: str,
+           diff_keys: Mapping[str, Mapping[str, str]] | None = None) -> Adapter:
     layers: dict[str, LoraLayer] = {}
     for target, roles in keymap.entries.items():
         a = _matrix(tensors[roles["A"]], source, roles["A"])
@@ -158,7 +174,20 @@ def _build(keymap, tensors: Mapping[str, torch.Tensor], *, source: str, content_
         if "alpha" in roles:
             alpha = _alpha(tensors[roles["alpha"]], source, roles["alpha"])
         layers[target] = LoraLayer(A=a, B=b, alpha=alpha)
-    return Adapter(layers=MappingProxyType(layers), content_id=content_id, source=source, scheme=keymap.scheme)
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for target, params in (diff_keys or {}).items():
+        found[target] = {p: _diff(tensors[k], source, k) for p, k in params.items()}
+    names = {(t, p): k for t, ps in (diff_keys or {}).items() for p, k in ps.items()}
+    return Adapter(layers=MappingProxyType(layers), content_id=content_id, source=source, scheme=keymap.scheme,
+                   diffs=MappingProxyType(found), diff_keys=MappingProxyType(names))
+
+
+def _diff(t: torch.Tensor, source: str, key: str) -> torch.Tensor:
+    if not t.is_floating_point():
+        raise CorruptFileError(f"full-weight diff has non-float dtype {t.dtype}", source=source, key=key)
+    if not torch.isfinite(t).all():
+        raise NonFiniteError("full-weight diff contains NaN or Inf", source=source, key=key)
+    return t
 
 
 def _matrix(t: torch.Tensor, source: str, key: str) -> torch.Tensor:

@@ -15,7 +15,7 @@ from .errors import NonFiniteError
 from .model_index import ModelIndex
 from .modes import APPLY_MODES as MODES
 from .safetensors_io import file_sha256
-from .targets import dense, fp8, lowrank, svdq
+from .targets import dense, fp8, lowrank, param, svdq
 from .targets.ledger import Ledger
 
 BASE_KEY = "base"
@@ -105,8 +105,8 @@ def switch(
     """
     if old is None or not old.active:
         return apply_updates(index, updates, mode, keep_originals_on=keep_originals_on, budget=budget) if updates else None
-    keep_dense = {n for n in old.merged if n in updates and _path(index.kinds[n], mode) == "dense"}
-    keep_branch = {n for n in old.branches if n in updates and _path(index.kinds[n], mode) == "lowrank"}
+    keep_dense = {n for n in old.merged if n in updates and _route(index, updates[n], mode) == "dense"}
+    keep_branch = {n for n in old.branches if n in updates and _route(index, updates[n], mode) == "lowrank"}
     handle = Handle(Ledger(), updates, mode, originals=old.originals)
     handle._ledger.extend(old._ledger.take(keep_dense | keep_branch))
     handle.merged, handle.branches = set(keep_dense), {n: old.branches[n] for n in keep_branch}
@@ -117,8 +117,10 @@ def switch(
             for name, update in updates.items():
                 if name in keep_dense:
                     dense.remerge(index.modules[name], update, handle.originals, budget=budget)
+                    _merge_diffs(index, update, handle, "dense")
                 elif name in keep_branch:
                     _swap_branch(handle.branches[name], update)
+                    _merge_diffs(index, update, handle, "lowrank")
                 else:
                     _apply_one(index, name, update, handle, keep_originals_on, budget)
     except BaseException:
@@ -126,6 +128,20 @@ def switch(
         old._adopt(apply_updates(index, old_updates, old_mode, keep_originals_on=keep_originals_on, budget=budget))
         raise
     return handle if updates else None
+
+
+def _route(index: ModelIndex, update: ModuleUpdate, mode: str) -> str:
+    """How ``update`` lands: ``diff`` (full-weight diffs only, merged in every mode) or its module's path."""
+    return "diff" if update.kind == "diff" else _path(index.kinds[update.module], mode)
+
+
+def mode_label(updates: Mapping[str, ModuleUpdate], mode: str) -> str:
+    """The mode a result row reports: ``lowrank+merge`` when a low-rank composition also
+    merged full-weight diffs (``.diff`` / ``.diff_b``) into weights or biases (a diff cannot be
+    a runtime branch)."""
+    if mode == "lowrank" and any(u.diff is not None or u.diff_b is not None for u in updates.values()):
+        return "lowrank+merge"
+    return mode
 
 
 def _path(kind: str, mode: str) -> str:
@@ -161,7 +177,7 @@ def prepare(index: ModelIndex, updates: Mapping[str, ModuleUpdate], mode: str) -
     the base it was packed against, which ``switch`` restores first; see ``still_fits``."""
     out = {}
     for name, u in updates.items():
-        path = _path(index.kinds[name], mode)
+        path = _route(index, u, mode)
         if path == "lowrank" and not u.ready:
             a, b = _checked_branch_tensors(u, *lowrank.module_dtype_device(index.modules[name]))
             u = dataclasses.replace(u, A=a, B=b, ready=True)
@@ -179,6 +195,7 @@ def prepared_bytes(updates: Mapping[str, ModuleUpdate]) -> int:
             n += sum(t.numel() * t.element_size() for t in (u.A, u.B))
         if u.packed is not None:
             n += u.packed.nbytes
+        n += sum(t.numel() * t.element_size() for t in (u.diff, u.diff_b) if t is not None)
     return n
 
 
@@ -202,8 +219,11 @@ def _swap_branch(branch: lowrank.LowRankBranch, update: ModuleUpdate) -> None:
 
 
 def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, handle: Handle, keep_on, budget=None) -> None:
+    path = _route(index, update, handle.mode)
+    if path == "diff":
+        _merge_diffs(index, update, handle, path)
+        return
     m = index.modules[name]
-    path = _path(index.kinds[name], handle.mode)
     if path == "svdq":
         svdq.apply_svdq(m, update, handle._ledger)
     elif path == "fp8":
@@ -214,6 +234,17 @@ def _apply_one(index: ModelIndex, name: str, update: ModuleUpdate, handle: Handl
     else:
         a, b = _checked_branch_tensors(update, *lowrank.module_dtype_device(m))
         handle.branches[name] = lowrank.attach(m, name, a, b, handle._ledger)
+    _merge_diffs(index, update, handle, path)
+
+
+def _merge_diffs(index: ModelIndex, update: ModuleUpdate, handle: Handle, path: str) -> None:
+    """The full-weight diffs of ``update``: the bias always; the weight unless a dense merge
+    or an fp8 fuse-then-quantize already added it in its one fp32 pass (``dense.merge_rows``)."""
+    m = index.root.get_submodule(update.module)
+    if update.diff is not None and path not in ("dense", "fp8"):
+        param.merge_param(m, update.module, "weight", update.diff, handle._ledger)
+    if update.diff_b is not None:
+        param.merge_param(m, update.module, "bias", update.diff_b, handle._ledger)
 
 
 def content_id(source: Source, storage_options: dict | None = None, fetch: Fetcher | None = None) -> str:

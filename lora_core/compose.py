@@ -9,11 +9,13 @@ does not depend on the caller's list order.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
+from . import diffs
 from .adapter import Adapter
 from .errors import ShapeMismatchError, TargetNotFoundError, shown_list
 from .model_index import ModelIndex
@@ -32,6 +34,10 @@ class ModuleUpdate:
     B: torch.Tensor | None  # (out, R); likewise
     ready: bool = False  # for a runtime branch: already in the module's dtype/device and checked finite
     packed: Any = None  # for an SVDQ layer: its packed branch, built by ``api.prepare`` (targets.svdq.Packed)
+    # full-weight diffs (``lora_core.diffs``): Σ strength * diff for the weight and the bias,
+    # fp32; always merged. ``kind == "diff"``: the module has no low-rank part (A, B None).
+    diff: torch.Tensor | None = None
+    diff_b: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -72,9 +78,20 @@ def plan(pairs: Sequence[tuple[Adapter, float]], index: ModelIndex, where: Where
                     # nunchaku's to_qkv): the same A, so one term of rank r, not r per range
                     parts = [_Term(parts[0].a, torch.stack([t.scaled() for t in parts]).sum(0), 1.0)]
                 terms.setdefault(module, []).extend(parts)
+    deltas = diffs.bind(ordered(pairs), index, missing)
     if missing:
         raise TargetNotFoundError(f"{len(missing)} LoRA target(s) match no module of the model: {shown_list(missing)}")
-    return {name: _stack(name, index.kinds[name], ts, where(name) if where else None) for name, ts in terms.items()}
+    out = {name: _stack(name, index.kinds[name], ts, where(name) if where else None) for name, ts in terms.items()}
+    for name, d in deltas.items():
+        if name in out:
+            out[name] = dataclasses.replace(out[name], diff=d.get("weight"), diff_b=d.get("bias"))
+        elif index.kinds.get(name) == "fp8" and "weight" in d:  # fused into the master, then quantized
+            n_in, n_out = index.in_features(name), index.out_features(name)
+            out[name] = ModuleUpdate(name, "fp8", torch.zeros(0, n_in), torch.zeros(n_out, 0), diff=d["weight"],
+                                     diff_b=d.get("bias"))
+        else:
+            out[name] = ModuleUpdate(name, "diff", None, None, diff=d.get("weight"), diff_b=d.get("bias"))
+    return out
 
 
 @dataclass(frozen=True, eq=False)

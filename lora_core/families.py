@@ -4,7 +4,10 @@ Qwen-Image, Z-Image and diffusers Flux files already use diffusers names (after 
 container prefix is stripped). Black Forest Labs / ComfyUI Flux files use the original
 names (``double_blocks.3.img_attn.qkv``), some of which are fused projections that the
 diffusers model keeps apart: those expand to several components whose rows are split by
-the model's own widths. Separators may be dots or underscores (kohya).
+the model's own widths. ComfyUI's native Z-Image (Lumina2 ``NextDiT``) names, as
+musubi-tuner's ``convert_z_image_lora_to_comfy.py`` writes them, fuse ``to_q/k/v`` into
+``attention.qkv`` (down: the three downs stacked, up: block-diagonal) and call
+``to_out.0`` ``attention.out``. Separators may be dots or underscores (kohya).
 """
 from __future__ import annotations
 
@@ -49,6 +52,12 @@ _BFL_TOP = {
     "final_layer_linear": "proj_out",
 }
 _BLOCK = re.compile(rf"^(double|single)_blocks{_S}(\d+){_S}(.+)$")
+# ComfyUI-native Z-Image: every transformer block family has the same attention names
+_ZIMAGE_ATTN = {
+    "qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
+    "out": ("attention.to_out.0",),
+}
+_ZIMAGE = re.compile(rf"^(layers|noise_refiner|context_refiner){_S}(\d+){_S}attention{_S}(qkv|out)$")
 
 
 @lru_cache(maxsize=65536)
@@ -61,6 +70,10 @@ def expand(target: str) -> Expansion:
         if rest in table:
             return Expansion(tuple(f"{block}.{idx}.{c}" for c in table[rest]))
         return Expansion((target,))
+    m = _ZIMAGE.match(target)
+    if m:
+        family, idx, leaf = m.groups()
+        return Expansion(tuple(f"{family}.{idx}.{c}" for c in _ZIMAGE_ATTN[leaf]))
     flat = target.replace(".", "_")
     if flat in _BFL_TOP:
         return Expansion((_BFL_TOP[flat],))

@@ -13,7 +13,7 @@ from functools import lru_cache
 from typing import Iterable, Mapping
 
 from .errors import AmbiguousFormatError, LoraError, UnknownKeysError, UnsupportedFormatError, shorten
-from .formats import SCHEMES, unsupported
+from .formats import SCHEMES, nunchaku_converted, unsupported
 
 # Dotted containers in front of the model's own module path, longest first.
 DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.", "model.")
@@ -53,6 +53,9 @@ def _classify(keys: tuple[str, ...]) -> KeyMap:
     kind = unsupported.detect(keys)
     if kind:
         raise UnsupportedFormatError(f"unsupported adapter format: {kind} (only low-rank LoRA B@A is supported)")
+    marker = nunchaku_converted.detect(keys)
+    if marker:
+        raise UnsupportedFormatError(nunchaku_converted.message(marker))
     matches = [s for s in SCHEMES if s.detect(keys)]
     if not matches:
         raise UnknownKeysError(list(keys), reason="match no known LoRA key scheme (peft, kohya, lycoris)")

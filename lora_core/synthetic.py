@@ -64,6 +64,25 @@ def kohya_state_dict(layers: Mapping[str, Layer], prefix: str = "lora_unet_", un
     return sd
 
 
+def comfy_extract_state_dict(layers: Mapping[str, Layer], diffs: Mapping[str, Mapping[str, torch.Tensor]],
+                             prefix: str = "diffusion_model.", dtype: torch.dtype = torch.float16
+                             ) -> dict[str, torch.Tensor]:
+    """ComfyUI "LoraSave" (``comfy_extras/nodes_lora_extract.py``) keys: ``{prefix}{module}.lora_up.weight``
+    / ``lora_down.weight`` for 2-D weights (no alpha tensor: the loader takes alpha = rank),
+    ``{prefix}{module}.diff`` for a whole-weight delta (weights under 2-D with ``bias_diff``, on by
+    default; every weight in its ``full_diff`` type) and ``.diff_b`` for a bias delta (``diffs``:
+    ``{module: {"weight"|"bias": delta}}``). The node stores everything in fp16 (``.half()``)."""
+    cast = lambda t: t.to(dtype).contiguous()  # noqa: E731
+    sd = {}
+    for name, (a, b, _alpha) in layers.items():
+        sd[f"{prefix}{name}.lora_up.weight"] = cast(b)
+        sd[f"{prefix}{name}.lora_down.weight"] = cast(a)
+    for name, params in diffs.items():
+        for param, t in params.items():
+            sd[f"{prefix}{name}.{'diff' if param == 'weight' else 'diff_b'}"] = cast(t)
+    return sd
+
+
 def write_safetensors(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: dict | None = None) -> str:
     """Write ``sd`` as a safetensors file at ``path``; returns the path as a string."""
     path = os.fspath(path)
@@ -71,4 +90,5 @@ def write_safetensors(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], m
     return path
 
 
-__all__ = ["Layer", "linear_shapes", "random_layers", "peft_state_dict", "kohya_state_dict", "write_safetensors"]
+__all__ = ["Layer", "linear_shapes", "random_layers", "peft_state_dict", "kohya_state_dict", "comfy_extract_state_dict",
+           "write_safetensors"]

@@ -194,13 +194,13 @@ class RenderWorker:
     def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> ResultRow:
         uri = image_uri(output_root, job.job_id)
         # stamped with the job's identity: a rerun trusts it if this row is lost (jobs.stamp)
-        png = stamp_png(png_bytes(image), job, self.model_spec, composition_key=key, lora_mode=self.model.held_mode)
+        png = stamp_png(png_bytes(image), job, self.model_spec, composition_key=key, lora_mode=self.model.held_label)
         write_image_atomic(uri, png, opts)
         return self._ok_row(job, uri, key, fetch_s, compose_s, render_s)
 
     def _ok_row(self, job: Job, uri: str, key: str, fetch_s: float, compose_s: float, render_s: float) -> ResultRow:
         return ResultRow.ok(job, output_uri=uri, composition_key=key, worker_id=self.worker_id, fetch_s=fetch_s,
-                            compose_s=compose_s, render_s=render_s, lora_mode=self.model.held_mode)
+                            compose_s=compose_s, render_s=render_s, lora_mode=self.model.held_label)
 
     def state(self) -> dict:
         m = self._model

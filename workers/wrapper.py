@@ -17,7 +17,7 @@ import torch
 
 from jobs.options import LORA_MODES, FarmOptions
 from lora_core import BASE_KEY, Adapter, ModelIndex, branch_targets, key_of_ids, plan, prepare, still_fits, switch
-from lora_core.api import Handle, prepared_bytes
+from lora_core.api import Handle, mode_label, prepared_bytes
 from lora_core.targets.lowrank import BranchClock
 
 from .automode import AutoMode
@@ -63,6 +63,7 @@ class ComposedModel:
         self.auto = AutoMode() if lora_mode == "auto" else None
         self.clock = BranchClock()  # times the branches' own work under ``auto``
         self.held_mode = self.mode  # the dense mode of the composition held now
+        self.held_label = self.held_mode  # what result rows report: "lowrank+merge" when diffs were merged
         # prepared branches (lowrank factors, SVDQ packed branches; on the model's device) of
         # recent compositions, so switching back to one swaps tensors only; bounded in bytes,
         # least recently used out
@@ -136,6 +137,7 @@ class ComposedModel:
         self.key = key
         self._held = self._want
         self.held_mode = mode
+        self.held_label = mode_label(updates, mode)
         self._device = self.backend.device
         seconds = time.perf_counter() - t0
         self.stats.record(seconds)

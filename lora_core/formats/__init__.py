@@ -3,8 +3,9 @@
 Each scheme module exposes ``NAME``, ``detect(keys) -> bool`` and ``RULES``: a table of
 (regex with a ``target`` group, role) where role is ``A`` (down), ``B`` (up) or ``alpha``.
 Detection must be unambiguous: zero or several matching schemes is an error, never
-first-match-wins. Adapter types we do not support (LoKr, LoHa, IA3, DoRA, full diffs)
-are recognised by ``unsupported.detect`` and get a named error.
+first-match-wins. Adapter types we do not support (LoKr, LoHa, IA3, DoRA, Tucker)
+are recognised by ``unsupported.detect`` and get a named error, as do nunchaku's own
+converted files (``nunchaku_converted``).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def rule(regex: str, role: str) -> Rule:
     return Rule(re.compile(regex), role)
 
 
-from . import kohya, lycoris, peft, unsupported  # noqa: E402  (Rule must exist first)
+from . import kohya, lycoris, nunchaku_converted, peft, unsupported  # noqa: E402  (Rule must exist first)
 
 SCHEMES: tuple[ModuleType, ...] = (peft, kohya, lycoris)
 
-__all__ = ["Rule", "rule", "SCHEMES", "unsupported"]
+__all__ = ["Rule", "rule", "SCHEMES", "nunchaku_converted", "unsupported"]

@@ -1,4 +1,6 @@
-"""Adapter types that are not low-rank B@A: recognised by their key names, refused by name."""
+"""Adapter types that are not low-rank B@A: recognised by their key names, refused by name.
+
+Full-weight diffs (``.diff`` / ``.diff_b``) are supported: see ``lora_core.diffs``."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -14,8 +16,6 @@ MARKERS = (
     ("dora_scale", "DoRA"),
     ("lora_magnitude_vector", "DoRA"),
     (".lora_mid.", "LoCon-Tucker"),
-    (".diff_b", "full-weight diff"),
-    (".diff", "full-weight diff"),
 )
 
 

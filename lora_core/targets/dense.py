@@ -57,6 +57,7 @@ def merge_rows(dst: torch.Tensor, src: torch.Tensor, update: ModuleUpdate, compu
     compute_on = compute_on or dst.device
     a = update.A.to(compute_on, torch.float32)
     b = update.B.to(compute_on, torch.float32)
+    diff = update.diff.to(compute_on, torch.float32) if update.diff is not None else None  # W += s*diff too
     n_out, n_in = dst.shape
     step = rows or chunk_rows(compute_on, n_in)
     scratch = torch.empty(min(step, n_out), n_in, dtype=torch.float32, device=compute_on)
@@ -66,6 +67,8 @@ def merge_rows(dst: torch.Tensor, src: torch.Tensor, update: ModuleUpdate, compu
         s = scratch[: r1 - r0]
         s.copy_(src[r0:r1])
         s.addmm_(b[r0:r1], a)
+        if diff is not None:
+            s.add_(diff[r0:r1])
         d = dst[r0:r1]
         d.copy_(s)
         total += d.sum(dtype=torch.float32)  # NaN/Inf anywhere makes it non-finite; no sync per block

@@ -218,3 +218,33 @@ class DiffusersBackend(PipelineBackend):
         pipe = load_pipeline(spec["path"], dtype, **extra).to(dev)
         return cls(pipe, name="diffusers", device=dev, dtype=dtype, step_cache=spec.get("step_cache"),
                    rope=spec.get("rope"), batch=bool(spec.get("batch", True)))
+
+
+#: Where a pipeline directory keeps its denoiser, in the order ``PipelineBackend.transformer`` looks.
+DENOISER_DIRS = ("transformer", "unet")
+
+
+def meta_transformer(path: str | os.PathLike) -> torch.nn.Module:
+    """A pipeline directory's denoiser built on the meta device from its ``config.json`` only:
+    every module and shape, no weight file read, nothing allocated, so a 20B model takes
+    seconds. Errors name the path (``ModelPathError``)."""
+    import json
+
+    import diffusers
+
+    path = os.fspath(path)
+    for sub in DENOISER_DIRS:
+        config_path = os.path.join(path, sub, "config.json")
+        if os.path.isfile(config_path):
+            break
+    else:
+        raise ModelPathError(f"no transformer/config.json or unet/config.json under {path!r}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        cls = getattr(diffusers, str(config.get("_class_name")))
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except Exception as e:  # noqa: BLE001 - any failure becomes one error naming the file
+        raise ModelPathError(f"could not build the model of {config_path!r} on the meta device: "
+                             f"{type(e).__name__}: {e}") from e

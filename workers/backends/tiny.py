@@ -186,3 +186,12 @@ class TinyBackend(PipelineBackend):
         pipe = build_tiny_pipeline(int(spec.get("seed", 0)), dtype).to(dev)
         return cls(pipe, name="tiny", device=dev, dtype=dtype, step_cache=spec.get("step_cache"),
                    rope=spec.get("rope"), batch=bool(spec.get("batch", False)))
+
+
+def meta_transformer() -> torch.nn.Module:
+    """The tiny transformer on the meta device: every module and shape, no weight allocated
+    (what ``farm validate --deep`` binds LoRAs against)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        return QwenImageTransformer2DModel(**copy.deepcopy(TINY_TRANSFORMER_CONFIG))

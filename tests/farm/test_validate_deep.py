@@ -1,0 +1,148 @@
+"""`farm validate --deep`: every LoRA fetched (node cache), checksummed, its header parsed and bound to
+the model built on the meta device; every problem listed at once, nothing rendered, in seconds and
+bounded memory (measured in a fresh process), even for a full-size Qwen-Image config."""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+
+import pytest
+import torch
+
+from lora_core.synthetic import kohya_state_dict, linear_shapes, peft_state_dict, random_layers, write_safetensors
+from tests.jobs.test_limits import run_measured
+from tests.storage.servers import FaultyHTTPServer
+from workers.backends.tiny import meta_transformer
+
+TINY_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "img_mlp.net.2")
+
+
+def _tiny_lora(path, seed: int = 0, kohya: bool = False) -> str:
+    layers = random_layers(linear_shapes(meta_transformer(), TINY_TARGETS), rank=4, seed=seed, alpha=2.0)
+    return write_safetensors(path, kohya_state_dict(layers) if kohya else peft_state_dict(layers))
+
+
+def _manifest(tmp_path, loras: list, model: dict | None = None) -> str:
+    jobs = [{"id": f"j{i}", "prompt": "a cat", "seed": i, "steps": 2, "width": 64, "height": 64, "loras": [ref]}
+            for i, ref in enumerate(loras)]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"model": model or {"backend": "tiny"}, "output": str(tmp_path / "out"), "jobs": jobs}))
+    return str(path)
+
+
+def _deep(manifest: str, cache) -> tuple[int, str, float, int, int]:
+    return run_measured("from farm.cli import main", f"rc = main(['validate', {manifest!r}, '--deep'])",
+                        LORA_FARM_CACHE=str(cache))
+
+
+def test_deep_lists_every_problem_and_not_the_good_file(tmp_path):
+    good = _tiny_lora(tmp_path / "good.safetensors", kohya=True)
+    bad_sum = _tiny_lora(tmp_path / "badsum.safetensors", seed=1)
+    truncated = _tiny_lora(tmp_path / "truncated.safetensors", seed=2)
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[: len(data) - 100])  # the header promises bytes the file lacks
+    # a LoRA for another model: Flux's single blocks, which the (Qwen-Image) tiny model has none of
+    other = write_safetensors(tmp_path / "flux.safetensors", peft_state_dict(random_layers(
+        {"single_transformer_blocks.0.attn.to_q": (128, 128), "single_transformer_blocks.0.proj_mlp": (128, 512)})))
+    missing = str(tmp_path / "missing.safetensors")
+    wrong_sha = hashlib.sha256(b"not this file").hexdigest()
+    manifest = _manifest(tmp_path, [good, {"uri": bad_sum, "sha256": wrong_sha}, truncated, other, missing])
+    rc, out, seconds, mb, _ = _deep(manifest, tmp_path / "cache")
+    assert rc == 2, out
+    assert "5 LoRA problem(s)" in out  # four files: one line each, the foreign one's per key (two)
+    problems = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    assert any(p.startswith(f"{missing}: PermanentFetchError") for p in problems), out
+    assert any(p.startswith(f"{bad_sum}: ChecksumMismatch") and wrong_sha in p for p in problems), out
+    assert any(p.startswith(f"{truncated}: CorruptFileError") and "truncated" in p for p in problems), out
+    for key in ("single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_mlp"):
+        assert any(p.startswith(f"{other}: key {key}: TargetNotFoundError") for p in problems), out
+    assert len(problems) == 5, out
+    assert good not in out
+    assert not (tmp_path / "out").exists()  # nothing rendered, no output written
+    assert seconds < 15, seconds
+    assert mb < 1500, mb
+
+
+def test_deep_ok_exits_0_and_fills_the_node_cache(tmp_path):
+    good = _tiny_lora(tmp_path / "good.safetensors")
+    data = open(good, "rb").read()
+    sha = hashlib.sha256(data).hexdigest()
+    with FaultyHTTPServer() as srv:
+        url = srv.add("/lora.safetensors", data)
+        manifest = _manifest(tmp_path, [good, {"uri": url, "sha256": sha}])
+        env = {"LORA_FARM_LORA_PROTOCOLS": "http", "LORA_FARM_LORA_HOSTS": "127.0.0.1"}
+        rc, out, _, _, _ = run_measured("from farm.cli import main",
+                                        f"rc = main(['validate', {manifest!r}, '--deep'])",
+                                        LORA_FARM_CACHE=str(tmp_path / "cache"), **env)
+        assert rc == 0, out
+        assert "ok, 2 job(s)" in out
+        assert srv.gets("/lora.safetensors") == 1
+        # the workers' store, on the same cache, now serves it without a transfer
+        from storage.store import LoraStore
+
+        hit = LoraStore(tmp_path / "cache").fetch(url, sha)
+        assert hit.cached and open(hit.path, "rb").read() == data
+        assert srv.gets("/lora.safetensors") == 1
+
+
+def test_deep_respects_the_uri_policy(tmp_path, monkeypatch):
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    lora = _tiny_lora(outside / "x.safetensors")
+    from farm.deep_validate import deep_problems
+    from jobs.manifest import load_manifest
+
+    monkeypatch.setenv("LORA_FARM_LORA_ROOTS", str(outside))  # allowed while the manifest loads ...
+    m = load_manifest(_manifest(tmp_path, [lora]))
+    monkeypatch.delenv("LORA_FARM_LORA_ROOTS")  # ... refused when the files are fetched, as a worker would
+    problems, _ = deep_problems(m, cache_dir=str(tmp_path / "cache"))
+    assert len(problems) == 1 and problems[0].startswith(f"{lora}: ForbiddenUriError"), problems
+
+
+QWEN_IMAGE_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+                      "transformer_blocks.59.img_mlp.net.2", "transformer_blocks.59.txt_mod.1")
+
+
+@pytest.fixture(scope="module")
+def qwen_image_dir(tmp_path_factory):
+    """A diffusers pipeline dir holding only the full-size Qwen-Image transformer config (no weights)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    root = tmp_path_factory.mktemp("qwen-image")
+    (root / "transformer").mkdir()
+    config = {"_class_name": "QwenImageTransformer2DModel", "num_layers": 60, "attention_head_dim": 128,
+              "num_attention_heads": 24, "joint_attention_dim": 3584, "in_channels": 64, "out_channels": 16,
+              "patch_size": 2, "guidance_embeds": False, "axes_dims_rope": [16, 56, 56]}
+    defaults = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+    for name in ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim"):
+        assert defaults[name].default == config[name]  # diffusers' defaults are the released model's
+    (root / "transformer" / "config.json").write_text(json.dumps(config))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    return root
+
+
+def test_full_size_qwen_image_binds_on_meta_in_seconds(tmp_path, qwen_image_dir):
+    from workers.backends.diffusers_backend import meta_transformer as meta_from_dir
+
+    model = meta_from_dir(qwen_image_dir)
+    shapes = linear_shapes(model, QWEN_IMAGE_TARGETS)
+    assert shapes["transformer_blocks.0.attn.to_q"] == (3072, 3072)
+    assert len(model.transformer_blocks) == 60
+    assert sum(p.numel() for p in model.parameters()) > 20e9 and next(model.parameters()).is_meta
+    every = linear_shapes(model, ("transformer_blocks.",))  # all 840 linears of the 60 blocks, rank 1
+    assert len(every) == 840 and set(shapes) <= set(every)
+    good = write_safetensors(tmp_path / "qwen.safetensors",
+                             kohya_state_dict(random_layers(every, rank=1, dtype=torch.bfloat16)))
+    # written for a smaller model: 2048 wide, the widths do not fit
+    bad = write_safetensors(tmp_path / "small.safetensors", peft_state_dict(random_layers(
+        {"transformer_blocks.0.attn.to_q": (2048, 2048)}, rank=8)))
+    manifest = _manifest(tmp_path, [good, bad], {"backend": "diffusers", "path": str(qwen_image_dir)})
+    rc, out, seconds, mb, _ = _deep(manifest, tmp_path / "cache")
+    assert rc == 2, out
+    problems = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    assert problems == [f"{bad}: key transformer_blocks.0.attn.to_q: ShapeMismatchError: LoRA down has 2048 inputs "
+                        "but module 'transformer_blocks.0.attn.to_q' takes 3072"], out
+    assert seconds < 20, seconds  # the meta build of 60 blocks takes ~4 s on one core
+    assert mb < 2048, mb  # far below the ~40 GB of its bf16 weights

@@ -1,0 +1,256 @@
+"""Key layouts as the tools write them, on the diffusers Z-Image model.
+
+Fixtures follow the tools' public code (facts, not code): musubi-tuner trains Z-Image with
+kohya names ``lora_unet_layers_N_attention_to_q`` ... in bf16 with bf16 ``.alpha`` tensors
+and ``ss_*`` header metadata; its ``convert_z_image_lora_to_comfy.py`` fuses q/k/v into
+``lora_unet_layers_N_attention_qkv`` (down: the three downs stacked (3r, in); up:
+block-diagonal (3·out, 3r); alpha·3, so each component keeps alpha/r) and renames
+``attention_to_out_0`` to ``attention_out``; ``convert_lora.py --target other`` writes
+``diffusion_model.layers.N.attention.to_q.lora_A.weight`` with alpha baked into A and B
+(√(alpha/r) each) and no alpha key. Each is checked against an fp64 reference of what the
+tool means, in merge and low-rank mode, restored bit-exact, and against diffusers + PEFT.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import lora_core
+from lora_core.errors import TargetNotFoundError, UnsupportedFormatError
+from lora_core.safetensors_io import read_metadata
+from testsupport import lora as T
+
+from .conftest import assert_same, snapshot
+
+R, ALPHA = 4, 2.0
+ATTN = ("to_q", "to_k", "to_v")
+
+
+@pytest.fixture
+def zimage():
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    # the config tests/workers/test_other_pipelines.py builds the Z-Image pipeline with
+    return ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1,
+                                    n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                                    axes_dims=[4, 6, 6], axes_lens=[64, 32, 32]).eval()
+
+
+def musubi_layers(model, blocks=("layers.0",), seed=1, alpha=ALPHA):
+    """What musubi trains: per block q, k, v, to_out.0, w1, w2, w3, bf16 factors."""
+    mods = dict(model.named_modules())
+    shapes = {}
+    for blk in blocks:
+        for leaf in (*(f"attention.{c}" for c in ATTN), "attention.to_out.0", "feed_forward.w1", "feed_forward.w2",
+                     "feed_forward.w3"):
+            m = mods[f"{blk}.{leaf}"]
+            shapes[f"{blk}.{leaf}"] = (m.in_features, m.out_features)
+    return T.random_layers(shapes, rank=R, seed=seed, alpha=alpha, dtype=torch.bfloat16)
+
+
+def kohya_sd(layers, prefix="lora_unet_"):
+    """sd-scripts saves every tensor, alpha included, in the save dtype (bf16 here)."""
+    return {k: v.to(torch.bfloat16) for k, v in T.kohya_state_dict(layers, prefix=prefix).items()}
+
+
+def comfy_sd(layers):
+    """musubi's convert_z_image_lora_to_comfy.py output for ``layers``."""
+    sd = {}
+    blocks = sorted({n.rsplit(".attention.", 1)[0] for n in layers if ".attention." in n})
+    for blk in blocks:
+        stem = "lora_unet_" + blk.replace(".", "_") + "_attention_"
+        parts = [layers[f"{blk}.attention.{c}"] for c in ATTN]
+        sd[stem + "qkv.lora_down.weight"] = torch.cat([a for a, _, _ in parts], 0)
+        sd[stem + "qkv.lora_up.weight"] = torch.block_diag(*[b for _, b, _ in parts])
+        sd[stem + "qkv.alpha"] = torch.tensor(parts[0][2] * 3, dtype=torch.bfloat16)
+        a, b, alpha = layers[f"{blk}.attention.to_out.0"]
+        sd[stem + "out.lora_down.weight"], sd[stem + "out.lora_up.weight"] = a, b
+        sd[stem + "out.alpha"] = torch.tensor(alpha, dtype=torch.bfloat16)
+    rest = {n: v for n, v in layers.items() if ".attention." not in n}
+    sd.update(kohya_sd(rest))
+    return sd
+
+
+def reference(model, layers, strength):
+    """fp64 W + s·(alpha/r)·B@A for every trained module: what every tool means."""
+    mods = dict(model.named_modules())
+    return {n: T.reference_merge(mods[n].weight.data, [(a, b, alpha, strength)]) for n, (a, b, alpha) in layers.items()}
+
+
+def check_merge_and_lowrank(model, path, layers, strength=0.8):
+    mods = dict(model.named_modules())
+    want = reference(model, layers, strength)
+    snap = snapshot(model)
+    h = lora_core.apply(model, [(path, strength)])
+    now = model.state_dict()
+    for n, w in want.items():
+        assert torch.allclose(mods[n].weight.double(), w, atol=1e-5), n
+    changed = {k for k, v in now.items() if not torch.equal(v, snap[k])}
+    assert changed == {f"{n}.weight" for n in layers}, "only the trained modules move"
+    h.restore()
+    assert_same(model, snap)
+    h = lora_core.apply(model, [(path, strength)], mode="lowrank")
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items()), "lowrank leaves the weights"
+    x = torch.randn(3, 32)
+    for n, w in want.items():
+        x_n = torch.randn(3, mods[n].in_features) if mods[n].in_features != 32 else x
+        assert torch.allclose(mods[n](x_n).double(), x_n.double() @ w.T, atol=1e-5), n
+    h.restore()
+    assert_same(model, snap)
+
+
+def peer_merge(model, sd, strength):
+    pytest.importorskip("peft")
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
+
+    peer = copy.deepcopy(model)
+    conv = _convert_non_diffusers_z_image_lora_to_diffusers({k: v.float() for k, v in sd.items()})
+    peer.load_lora_adapter({k[len("transformer."):]: v for k, v in conv.items()}, adapter_name="a", prefix=None)
+    peer.fuse_lora(lora_scale=strength, adapter_names=["a"])
+    peer.unload_lora()
+    return peer.state_dict()
+
+
+def test_comfy_native_zimage_qkv_and_out(zimage, tmp_path):
+    layers = musubi_layers(zimage, blocks=("layers.0", "noise_refiner.0", "context_refiner.0"))
+    sd = comfy_sd(layers)
+    assert sd["lora_unet_layers_0_attention_qkv.lora_up.weight"].shape == (96, 3 * R)
+    path = T.write_safetensors(tmp_path / "zimage_comfy.safetensors", sd,
+                               metadata={"ss_network_module": "networks.lora_zimage", "ss_network_dim": str(R),
+                                         "ss_network_alpha": str(ALPHA)})
+    check_merge_and_lowrank(zimage, path, layers)
+    theirs = peer_merge(zimage, sd, 0.8)
+    snap = snapshot(zimage)
+    h = lora_core.apply(zimage, [(path, 0.8)])
+    for k, v in zimage.state_dict().items():
+        assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
+    h.restore()
+    assert_same(zimage, snap)
+
+
+def test_comfy_native_qkv_dotted_with_diffusion_model_prefix(zimage):
+    """The same names with dots (ComfyUI's own state-dict spelling) bind the same way."""
+    layers = musubi_layers(zimage)
+    sd = {k.replace("lora_unet_layers_0_attention_", "diffusion_model.layers.0.attention."): v
+          for k, v in comfy_sd(layers).items() if "_attention_" in k}
+    attn = {n: v for n, v in layers.items() if ".attention." in n}
+    check_merge_and_lowrank(zimage, sd, attn)
+
+
+def test_comfy_native_qkv_for_a_block_the_model_lacks_is_named(zimage):
+    layers = musubi_layers(zimage)
+    sd = {k.replace("layers_0_", "layers_7_"): v for k, v in comfy_sd(layers).items() if "qkv" in k}
+    snap = snapshot(zimage)
+    with pytest.raises(TargetNotFoundError, match="layers_7_attention_qkv"):
+        lora_core.apply(zimage, [(sd, 1.0)])
+    assert_same(zimage, snap)
+
+
+def test_musubi_kohya_names_with_lora_transformer_prefix(zimage, tmp_path):
+    """Older OneTrainer / ai-toolkit write ``lora_transformer_<underscored module>``."""
+    layers = musubi_layers(zimage, seed=2)
+    path = T.write_safetensors(tmp_path / "onetrainer.safetensors", kohya_sd(layers, prefix="lora_transformer_"))
+    check_merge_and_lowrank(zimage, path, layers)
+
+
+def test_musubi_target_other_alpha_baked_in(zimage, tmp_path):
+    """``convert_lora.py --target other``: alpha folded as √(alpha/r) into A and B, no alpha key."""
+    layers = musubi_layers(zimage, seed=3, alpha=8.0)
+    baked = {}
+    for n, (a, b, alpha) in layers.items():
+        f = math.sqrt(alpha / R)
+        baked[n] = ((a.double() * f).to(torch.bfloat16), (b.double() * f).to(torch.bfloat16), float(R))
+    sd = T.peft_state_dict(baked, prefix="diffusion_model.", with_alpha=False)
+    assert not any(k.endswith(".alpha") for k in sd)
+    path = T.write_safetensors(tmp_path / "other.safetensors", sd)
+    check_merge_and_lowrank(zimage, path, baked)  # scale 1: the baked factors are the update
+    theirs = peer_merge(zimage, sd, 1.0)
+    h = lora_core.apply(zimage, [(path, 1.0)])
+    for k, v in zimage.state_dict().items():
+        assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
+    h.restore()
+
+
+def test_header_alpha_disagreeing_with_tensors_uses_tensors(zimage, tmp_path):
+    """``ss_network_alpha`` is information: the ``.alpha`` tensors decide, as kohya's loader does."""
+    layers = musubi_layers(zimage, seed=4, alpha=ALPHA)
+    path = T.write_safetensors(tmp_path / "liar.safetensors", kohya_sd(layers),
+                               metadata={"ss_network_alpha": "64", "ss_network_dim": "128",
+                                         "ss_network_module": "networks.lora_zimage"})
+    assert read_metadata(path)["ss_network_alpha"] == "64"  # the file really disagrees with itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silently: the tensors are the truth, nothing to warn about
+        adapter = lora_core.load_adapter(path)
+        check_merge_and_lowrank(zimage, path, layers)
+    assert {layer.alpha for layer in adapter.layers.values()} == {ALPHA}
+
+
+def nunchaku_converted_sd(rank=32 + R, dim=64):
+    """What nunchaku's ``to_nunchaku`` writes for a Flux LoRA: internal names, bare
+    ``lora_down``/``lora_up``, bf16, rank = the base's 32 + the LoRA's, no alpha."""
+    sd = {}
+    for blk, leaves in (("transformer_blocks.0", ("qkv_proj", "qkv_proj_context", "out_proj", "out_proj_context",
+                                                  "mlp_fc1", "mlp_fc2", "mlp_context_fc1", "mlp_context_fc2")),
+                        ("single_transformer_blocks.0", ("qkv_proj", "out_proj", "mlp_fc1", "mlp_fc2"))):
+        for leaf in leaves:
+            sd[f"{blk}.{leaf}.lora_down"] = torch.randn(rank, dim).to(torch.bfloat16)
+            sd[f"{blk}.{leaf}.lora_up"] = torch.randn(dim, rank).to(torch.bfloat16)
+    sd["transformer_blocks.0.norm1.linear.lora_down"] = torch.randn(16, dim).to(torch.bfloat16)
+    sd["transformer_blocks.0.norm1.linear.lora_up"] = torch.randn(6 * dim, 16).to(torch.bfloat16)
+    return sd
+
+
+@pytest.mark.parametrize("model_kind", ["svdq", "dense"])
+def test_nunchaku_converted_file_refused_by_name(tmp_path, zimage, model_kind):
+    model = T.nunchaku_qwen_standin(64, 128) if model_kind == "svdq" else zimage
+    path = T.write_safetensors(tmp_path / "svdq_lora.safetensors", nunchaku_converted_sd())
+    snap = snapshot(model)
+    named = r"nunchaku-converted LoRA \(key .single_transformer_blocks.0.mlp_fc1.lora_down.\).*original LoRA file"
+    with pytest.raises(UnsupportedFormatError, match=named) as e:
+        lora_core.apply(model, [(path, 1.0)])
+    assert "svdq_lora.safetensors" in str(e.value)
+    assert_same(model, snap)
+
+
+def test_nunchaku_marker_leaves_with_a_known_scheme_still_load():
+    """Only the converter's bare suffixes mark it: a PEFT file on a module called ``mlp_fc1`` is ordinary."""
+    from torch import nn
+
+    model = nn.Module()
+    model.mlp_fc1 = nn.Linear(8, 8)
+    layers = T.random_layers({"mlp_fc1": (8, 8)}, rank=2, seed=5)
+    snap, want = snapshot(model), reference(model, layers, 1.0)["mlp_fc1"]
+    h = lora_core.apply(model, [(T.peft_state_dict(layers, prefix=""), 1.0)])
+    assert torch.allclose(model.mlp_fc1.weight.double(), want, atol=1e-6)
+    h.restore()
+    assert_same(model, snap)
+
+
+def test_comfy_native_qkv_onto_a_fused_svdq_to_qkv():
+    """On nunchaku's Z-Image (``attention.to_qkv`` fused, SVDQ) the same file lands in the fused branch."""
+    from torch import nn
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Module()])
+    attn = model.layers[0].attention = nn.Module()
+    attn.to_qkv = T.SVDQW4A4Linear(64, 3 * 64, rank=32, seed=3)
+    attn.to_out = nn.ModuleList([nn.Linear(64, 64, bias=False)])
+    shapes = {f"layers.0.attention.{c}": (64, 64) for c in (*ATTN, "to_out.0")}
+    layers = T.random_layers(shapes, rank=R, seed=6, alpha=ALPHA, dtype=torch.bfloat16)
+    sd = comfy_sd(layers)
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    base = attn.to_qkv(x).double()
+    snap = snapshot(model)
+    h = lora_core.apply(model, [(sd, 0.7)])
+    dw = torch.cat([0.7 * (ALPHA / R) * layers[f"layers.0.attention.{c}"][1].double()
+                    @ layers[f"layers.0.attention.{c}"][0].double() for c in ATTN], 0)
+    got = attn.to_qkv(x).double()
+    assert torch.allclose(got, base + x.double() @ dw.T, atol=2e-2, rtol=2e-2)
+    assert (got - base).abs().max() > 1e-3, "the LoRA must change the output"
+    h.restore()
+    assert_same(model, snap)
