@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from jobs.manifest import Manifest
-from jobs.results import ResultsWriter, completed_jobs, read_results
+from jobs.results import ResultsWriter, completed_jobs, existing_images, read_results
 from jobs.stamp import RECOVERED, recover_rows
 
 log = logging.getLogger("farm.runner")
@@ -97,11 +97,12 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
     earlier = read_results(output, opts)
     writer = ResultsWriter(output, opts)
     # images a killed driver's workers wrote, whose rows died in its buffer: recorded, not redrawn
-    recovered = recover_rows(output, m.jobs, m.model, opts, earlier)
+    images = existing_images(output, opts)  # one listing of the images, for both questions below
+    recovered = recover_rows(output, m.jobs, m.model, opts, earlier, images)
     if recovered:
         writer.append(recovered)
         log.info("recovered %d finished image(s) in %s whose rows were lost", len(recovered), output)
-    done = completed_jobs(output, opts, earlier + recovered)
+    done = completed_jobs(output, opts, earlier + recovered, images)
     todo = [j for j in m.jobs if j.job_id not in done]
     skipped = len(m.jobs) - len(todo)
     if not todo:

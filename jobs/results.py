@@ -271,10 +271,11 @@ def existing_images(output_root: str, storage_options: Mapping | None = None) ->
 
 
 def completed_jobs(output_root: str, storage_options: Mapping | None = None,
-                   rows: Iterable[ResultRow] | None = None) -> set[str]:
+                   rows: Iterable[ResultRow] | None = None, images: set[str] | None = None) -> set[str]:
     """Ids whose latest row is ``ok`` and whose image exists: what a re-run may skip.
-    ``rows``: the root's rows when the caller has read them already."""
-    images = existing_images(output_root, storage_options)
+    ``rows`` / ``images``: the root's rows and ``existing_images`` when the caller has them already."""
+    if images is None:
+        images = existing_images(output_root, storage_options)
     if rows is None:
         rows = read_results(output_root, storage_options)
     return {r.job_id for r in rows if r.status == "ok" and r.job_id in images}

@@ -81,10 +81,13 @@ def _head(url: str, storage_options: Mapping | None) -> bytes:
 
 
 def recover_rows(output_root: str, jobs: Sequence[Job], model: Mapping[str, Any] | None,
-                 storage_options: Mapping | None = None, rows: Iterable[ResultRow] = ()) -> list[ResultRow]:
-    """Ok rows for ``jobs`` that have no row in ``rows`` but an image stamped as theirs."""
+                 storage_options: Mapping | None = None, rows: Iterable[ResultRow] = (),
+                 images: set[str] | None = None) -> list[ResultRow]:
+    """Ok rows for ``jobs`` that have no row in ``rows`` but an image stamped as theirs.
+    ``images``: the root's ``existing_images`` when the caller has listed them already."""
     have = {r.job_id for r in rows}
-    images = existing_images(output_root, storage_options)
+    if images is None:
+        images = existing_images(output_root, storage_options)
     out = []
     for job in jobs:
         if job.job_id in have or job.job_id not in images:
