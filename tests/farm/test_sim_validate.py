@@ -28,6 +28,12 @@ def test_workload_maps_one_to_one(tmp_path):
 
 
 def test_sim_predicts_real_makespan():
-    r = validate(n_jobs=12, n_compositions=4, workers=2, render_s=0.1, compose_s=0.3, alpha=1.0, seed=0)
+    """The simulation is a model of the farm: it may leave out the farm's own per-call overhead (so it is
+    allowed to be optimistic, more so on a loaded machine, where one CI run measured real 1.5x sim with
+    0.1 s renders) but never pessimistic, and it makes the same recomposition decisions. Renders and
+    switches are long enough here (0.3 s, 0.9 s) that a per-call overhead of tens of ms stays small;
+    a simulation that dropped switch cost or worker parallelism is off by more than half."""
+    r = validate(n_jobs=12, n_compositions=4, workers=2, render_s=0.3, compose_s=0.9, alpha=1.0, seed=0)
     assert r["real_makespan"] > 0 and r["sim_makespan"] > 0
-    assert abs(r["error"]) <= 0.25, r
+    assert -0.30 <= r["error"] <= 0.10, r
+    assert all(abs(n - r["sim_recompositions"]) <= 1 for n in r["real_recompositions"]), r
