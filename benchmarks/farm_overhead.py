@@ -306,22 +306,22 @@ def _prototype_workers() -> dict[str, type]:
                         os.unlink(tmp)
                 self._staged = []
 
-        def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> dict:
+        def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s, *, lora_mode=None) -> dict:
             uri, tmp = _temp_for(output_root, job)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             os.write(fd, png_bytes(image))
             self._staged.append((fd, tmp, uri))
-            return self._ok_row(job, uri, key, fetch_s, compose_s, render_s)
+            return self._ok_row(job, uri, key, fetch_s, compose_s, render_s, lora_mode=lora_mode)
 
     class NoSyncWorker(RayRenderWorker):
         """No fsync at all (temp file + rename only): the floor of the image write."""
 
-        def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s) -> dict:
+        def _write(self, job, image, output_root, opts, key, fetch_s, compose_s, render_s, *, lora_mode=None) -> dict:
             uri, tmp = _temp_for(output_root, job)
             with open(tmp, "wb") as f:
                 f.write(png_bytes(image))
             os.replace(tmp, uri)
-            return self._ok_row(job, uri, key, fetch_s, compose_s, render_s)
+            return self._ok_row(job, uri, key, fetch_s, compose_s, render_s, lora_mode=lora_mode)
 
     def _temp_for(output_root, job) -> tuple[str, str]:
         """The image's URI and a temp name beside it (local output roots only)."""

@@ -1,4 +1,4 @@
-"""`farm run | validate | submit | status | report | lora inspect`: argument parsing only.
+"""`farm run | validate | up | submit | status | cancel | workers | down | report | lora inspect`: argument parsing only.
 
 Exit codes: 0 every job succeeded (or nothing left to do), 1 some job failed,
 2 a bad manifest (nothing rendered), 130 interrupted (finished results kept).
@@ -36,33 +36,43 @@ def _parser() -> argparse.ArgumentParser:
                      help='also bind to a model: a backend name (tiny) or a manifest model as JSON, '
                           'e.g. \'{"backend": "diffusers", "path": DIR}\'')
     ins.add_argument("--json", action="store_true", help="print the result as JSON")
-    sm = sub.add_parser("submit", help="submit a manifest through the Ray Jobs API")
+    sm = sub.add_parser("submit", help="hand a manifest to the running farm (or, with an http:// --address and no "
+                                       "farm, run it as a one-shot Ray job through the Jobs API)")
     sm.add_argument("manifest")
-    sm.add_argument("--address", required=True, help="the head's dashboard, e.g. http://HEAD:8265")
-    sm.add_argument("--out")
-    sm.add_argument("--workers", type=int)
-    sm.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    st = sub.add_parser("status", help="status and log tail of a submitted job")
-    st.add_argument("job_id")
-    st.add_argument("--address", required=True)
+    sm.add_argument("--address", help="the farm's cluster (GCS host:port), or a head's dashboard http://HEAD:8265 for "
+                                      "the one-shot Jobs API path; default: the farm `farm up` started here")
+    sm.add_argument("--out", help="one-shot Jobs API path only")
+    sm.add_argument("--workers", type=int, help="one-shot Jobs API path only")
+    sm.add_argument("--submitter", help="whose run this is (fair share); default $USER")
+    sm.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    sm.add_argument("--wait", action="store_true", help="follow the run until it ends; exit like `farm run`")
+    sm.add_argument("--no-progress", action="store_true")
+    sm.add_argument("--in-job", action="store_true", help=argparse.SUPPRESS)  # inside a Jobs API job: farm or one-shot
+    st = sub.add_parser("status", help="runs of the farm (or one run); with an http:// --address, a Ray job's status")
+    st.add_argument("run_id", nargs="?")
+    st.add_argument("--address")
+    st.add_argument("--json", action="store_true")
+    up = sub.add_parser("up", help="start (or reconcile) the farm from FARM.yaml; returns when its workers are ready")
+    up.add_argument("--config", required=True)
+    up.add_argument("--address", help="a running Ray cluster (host:port or auto); default: start a local one on loopback")
+    dn = sub.add_parser("down", help="stop the farm: drain (in-flight jobs finish) or --now")
+    dn.add_argument("--address")
+    dn.add_argument("--now", action="store_true")
+    cn = sub.add_parser("cancel", help="cancel a run: queued jobs dropped, in-flight ones finish")
+    cn.add_argument("run_id")
+    cn.add_argument("--address")
+    wk = sub.add_parser("workers", help="each worker: node, pool, held composition, adapters, jobs done, loads")
+    wk.add_argument("--address")
+    wk.add_argument("--json", action="store_true")
     rep = sub.add_parser("report", help="write DIR/report.html, a gallery grouped by composition")
     rep.add_argument("dir")
     return p
 
 
 def _load(path: str):
-    from jobs.manifest import ManifestError, load_manifest
+    from .loading import load_or_report
 
-    from .submit import storage_options_from_env
-
-    try:
-        # $LORA_FARM_STORAGE_OPTIONS: how `farm submit` hands secrets to the job (never in its package)
-        return load_manifest(path, storage_options_from_env())
-    except ManifestError as e:
-        print(f"{path}: {len(e.problems)} problem(s):", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return None
+    return load_or_report(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         return summary.exit_code
     if args.cmd == "lora":
         return _lora_inspect(args)
-    if args.cmd in ("submit", "status"):
+    if args.cmd in ("submit", "status") and (args.address or "").startswith(("http://", "https://")):
         return _jobs_api(args)
+    if args.cmd == "submit" and args.in_job:
+        return _in_job(args)
+    if args.cmd in ("up", "submit", "status", "cancel", "workers", "down"):
+        return _service(args)
     if args.cmd == "report":
         from .report import write_report
 
@@ -132,16 +146,69 @@ def _lora_inspect(args: argparse.Namespace) -> int:
     return 2 if binding is not None and binding["refused"] else 0
 
 
+def _service(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .service import client
+
+    client.stdout = sys.stdout  # the command's results; anything else printed meanwhile (Ray's notices) -> stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        return _service_command(args, client)
+
+
+def _service_command(args: argparse.Namespace, client) -> int:
+    try:
+        if args.cmd == "up":
+            return client.up(args.config, args.address)
+        if args.cmd == "submit":
+            return client.submit(args.manifest, args.address, submitter=args.submitter, priority=args.priority,
+                                 wait=args.wait, progress=not args.no_progress)
+        if args.cmd == "status":
+            return client.status(args.run_id, args.address, args.json)
+        if args.cmd == "cancel":
+            return client.cancel(args.run_id, args.address)
+        if args.cmd == "workers":
+            return client.workers(args.address, args.json)
+        return client.down(args.address, args.now)
+    except client.FarmUnavailable as e:
+        print(f"farm {args.cmd}: {e}", file=sys.stderr)
+        return 1
+
+
+def _in_job(args: argparse.Namespace) -> int:
+    """`farm submit` as a Jobs API job runs it on the cluster: to the farm when one is up, else one-shot."""
+    from .service import client
+    from .submit import ONE_SHOT_MARK, RUN_MARK
+
+    if client.farm_is_up("auto"):
+        client.mark = RUN_MARK
+        args.address = "auto"  # the job's own cluster
+        return _service(args)
+    print(ONE_SHOT_MARK, flush=True)
+    m = _load(args.manifest)
+    if m is None:
+        return 2
+    from .runner import run_manifest
+
+    summary = run_manifest(m, workers=args.workers, address="auto", progress=False)
+    print(summary.describe())
+    return summary.exit_code
+
+
 def _jobs_api(args: argparse.Namespace) -> int:
     from .submit import SubmitError, status, submit
 
     try:
         if args.cmd == "status":
-            return status(args.job_id, args.address)
+            if not args.run_id:
+                print("farm status: a Ray job id is needed with an http:// --address", file=sys.stderr)
+                return 2
+            return status(args.run_id, args.address)
         m = _load(args.manifest)
         if m is None:
             return 2
-        return submit(m, args.address, out=args.out, workers=args.workers, wait=args.wait)
+        return submit(m, args.address, out=args.out, workers=args.workers, wait=args.wait, submitter=args.submitter,
+                      priority=args.priority)
     except SubmitError as e:  # refused or unreachable: one line that says what to do, no traceback
         print(f"farm {args.cmd}: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,14 @@ per worker so none idles between jobs, turns finished calls into result rows (ap
 durably as they arrive), retries transient failures and jobs lost with a dead worker
 elsewhere up to a limit, never retries permanent ones (a bad LoRA), and on Ctrl-C stops
 sending, cancels what is in flight and keeps every finished result.
+
+One queue for many runs: ``run(jobs)`` is the one-shot path (`farm run`); the farm
+service adds runs while it steps (``add_run`` / ``cancel_run`` / ``step``), each with its
+own output root, storage options and row sink, all through the one policy, so a
+composition a worker holds for one run serves the next. Inside the dispatcher a job is a
+*ticket* (``run_id/job_id``; the bare job id for the one-shot run): two runs may hold jobs
+of the same id. Workers join and leave while it runs (``add_worker`` / ``remove_worker`` /
+``revive``).
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ class WorkerBook(CostEstimate):
     deaths_in_a_row: int = 0
     last_key: str | None = None
     switches: int = 0
+    retired: bool = False  # removed from the farm: never revived
 
     def learn(self, row: ResultRow, work: float = 1.0) -> None:
         """One result row; ``work``: its job's render cost relative to the run's mean job."""
@@ -60,6 +69,24 @@ class RunStats:
         return time.perf_counter() - self.started
 
 
+@dataclass
+class RunBook:
+    """One run as the dispatcher carries it: where its jobs write and where its rows go."""
+
+    run_id: str
+    output_root: str
+    storage_options: dict
+    on_rows: Callable[[list[ResultRow]], None]
+    stats: RunStats = field(default_factory=RunStats)
+    tickets: set[str] = field(default_factory=set)  # still queued or in flight
+    cancelled: int = 0  # queued jobs dropped by ``cancel_run``
+
+
+def ticket(run_id: str, job_id: str) -> str:
+    """The dispatcher's and the policy's id for one job of one run."""
+    return f"{run_id}/{job_id}" if run_id else job_id
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -77,7 +104,7 @@ class Dispatcher:
         priors: CostEstimate | None = None,
         transport: Transport | None = None,
     ):
-        p = priors or CostEstimate()  # each worker's estimates start here (``costs_from_rows``)
+        p = self._priors = priors or CostEstimate()  # each worker's estimates start here (``costs_from_rows``)
         self.books = {wid: WorkerBook(wid, h, node_id=(node_of or {}).get(wid, ""), compose_s=p.compose_s,
                                       render_s=p.render_s, fetch_s=p.fetch_s) for wid, h in workers.items()}
         self.policy = policy
@@ -89,12 +116,15 @@ class Dispatcher:
         self.on_rows = on_rows or (lambda rows: None)
         self.progress = progress
         self._transport = transport  # None: Ray's, made on first use (importing this module imports no ray)
-        self.pending: dict[Ref, tuple[str, list[str]]] = {}  # call -> (worker id, its job ids)
-        self.attempts: dict[str, int] = defaultdict(int)
-        self.jobs: dict[str, Any] = {}
-        self.work: dict[str, float] = {}  # job id -> render cost relative to the run's mean job
+        self.pending: dict[Ref, tuple[str, list[str]]] = {}  # call -> (worker id, its tickets)
+        self._call_run: dict[Ref, str] = {}  # call -> its run id (one run per call: one output root)
+        self.attempts: dict[str, int] = defaultdict(int)  # ticket -> sends
+        self.jobs: dict[str, Any] = {}  # ticket -> Job, while queued or in flight
+        self.run_of: dict[str, str] = {}  # ticket -> run id
+        self.runs: dict[str, RunBook] = {}
+        self.work: dict[str, float] = {}  # ticket -> render cost relative to its run's mean job
         self.prefetched: set[tuple[str, str]] = set()
-        self.stats = RunStats()
+        self.stats = RunStats()  # over every run
 
     @property
     def transport(self) -> Transport:
@@ -132,30 +162,111 @@ class Dispatcher:
     def switches(self) -> int:
         return sum(b.switches for b in self.books.values())
 
+    # ---- workers joining and leaving (the farm service) -----------------------------------
+    def add_worker(self, worker_id: str, handle: Any, node_id: str = "") -> None:
+        """A new worker (or a replaced handle): it starts empty, with this dispatcher's priors."""
+        p = self._priors
+        self.books[worker_id] = WorkerBook(worker_id, handle, node_id=node_id, compose_s=p.compose_s,
+                                           render_s=p.render_s, fetch_s=p.fetch_s)
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Send it nothing more; what it has in flight still lands."""
+        book = self.books.get(worker_id)
+        if book is not None:
+            book.alive = False
+            book.retired = True
+
+    def revive(self, worker_id: str) -> None:
+        """A worker Ray restarted answers again: it came back empty."""
+        book = self.books.get(worker_id)
+        if book is not None and not book.retired:
+            book.alive, book.deaths_in_a_row = True, 0
+            book.composition, book.adapters = None, set()
+
+    # ---- runs ----------------------------------------------------------------------------
+    def add_run(self, run_id: str, jobs: Sequence[Any], output_root: str, *, storage_options: dict | None = None,
+                on_rows: Callable[[list[ResultRow]], None] | None = None, priority: int | None = None,
+                submitter: str = "") -> RunBook:
+        """Queue ``jobs`` of one run; ``priority`` (when given) is every job's, else each job's own."""
+        if run_id in self.runs:
+            raise ValueError(f"run {run_id!r} is already in the dispatcher")
+        book = RunBook(run_id, output_root, dict(storage_options or {}), on_rows or (lambda rows: None))
+        book.stats.total = len(jobs)
+        self.runs[run_id] = book
+        self.stats.total += len(jobs)
+        now = self.transport.now()
+        work = job_work(jobs)
+        queued = []
+        for j in jobs:
+            t = ticket(run_id, j.job_id)
+            self.jobs[t], self.run_of[t], self.work[t] = j, run_id, work[j.job_id]
+            book.tickets.add(t)
+            queued.append(QueuedJob(t, j.routing_key, tuple(r.uri for r in j.loras),
+                                    j.priority if priority is None else priority, now, work[j.job_id],
+                                    run=run_id, submitter=submitter))
+        self.policy.submit(queued)
+        return book
+
+    def cancel_run(self, run_id: str) -> int:
+        """Drop the run's queued jobs (no rows for them); in-flight ones finish. Returns how many were dropped."""
+        book = self.runs.get(run_id)
+        if book is None:
+            return 0
+        dropped = self.policy.cancel([t for t in book.tickets if t in self.jobs])
+        for t in dropped:
+            self._forget(t)
+        book.cancelled += len(dropped)
+        self.stats.total -= len(dropped)
+        return len(dropped)
+
+    def run_counts(self, run_id: str) -> dict[str, int]:
+        """``total, ok, failed, queued, running, cancelled`` of one run, now."""
+        book = self.runs[run_id]
+        running = sum(len(ids) for ref, (_, ids) in self.pending.items() if self._call_run.get(ref) == run_id)
+        left = len(book.tickets)
+        return {"total": book.stats.total, "ok": book.stats.ok, "failed": book.stats.failed,
+                "queued": left - running, "running": running, "cancelled": book.cancelled}
+
+    def finished(self, run_id: str) -> bool:
+        """Nothing of the run queued or in flight."""
+        return not self.runs[run_id].tickets
+
+    def drop_run(self, run_id: str) -> None:
+        """Forget a finished run's book (a long-lived farm would otherwise keep every run)."""
+        book = self.runs.get(run_id)
+        if book is not None and not book.tickets:
+            del self.runs[run_id]
+
     # ---- the loop --------------------------------------------------------------------------
     def run(self, jobs: Sequence[Any]) -> RunStats:
-        now = self.transport.now()
-        self.stats.total = len(jobs)
-        for j in jobs:
-            self.jobs[j.job_id] = j
-        self.work.update(job_work(jobs))
-        self.policy.submit([QueuedJob(j.job_id, j.routing_key, tuple(r.uri for r in j.loras), j.priority, now,
-                                      self.work[j.job_id]) for j in jobs])
+        """The one-shot path: ``jobs`` into the constructor's output root, until all are done."""
+        self.add_run("", jobs, self.output_root, storage_options=self.storage_options, on_rows=self.on_rows)
         try:
             while self.pending or self._queued():
-                self._send()
-                self._collect()
+                self.step()
                 if not self.pending and self._queued() and not any(b.alive for b in self.books.values()):
                     self._fail_queued("no live worker left")
         except KeyboardInterrupt:
             self.stats.interrupted = True
-            for ref in list(self.pending):
-                self.transport.cancel(ref)
-            self.pending.clear()
+            self.cancel_in_flight()
         return self.stats
 
+    def step(self, timeout: float = 0.5) -> None:
+        """Send what the policy assigns, then collect calls that finish within ``timeout`` seconds."""
+        self._send()
+        self._collect(timeout)
+
+    def busy(self) -> bool:
+        return bool(self.pending) or self._queued() > 0
+
+    def cancel_in_flight(self) -> None:
+        for ref in list(self.pending):
+            self.transport.cancel(ref)
+        self.pending.clear()
+        self._call_run.clear()
+
     def _queued(self) -> int:
-        return self.stats.total - self.stats.ok - self.stats.failed - sum(len(ids) for _, ids in self.pending.values())
+        return len(self.jobs) - sum(len(ids) for _, ids in self.pending.values())
 
     def _send(self) -> None:
         views = self._views()
@@ -164,21 +275,23 @@ class Dispatcher:
             per_worker[wid].append(job_id)
         for wid, ids in per_worker.items():
             book = self.books[wid]
-            # one call per composition keeps the worker's batching; the order is the policy's
-            by_comp: dict[str, list[str]] = defaultdict(list)
-            for jid in ids:
-                by_comp[self.jobs[jid].routing_key].append(jid)
+            # one call per run and composition keeps the worker's batching; the order is the policy's
+            by_comp: dict[tuple[str, str], list[str]] = defaultdict(list)
+            for t in ids:
+                by_comp[(self.run_of[t], self.jobs[t].routing_key)].append(t)
             # at least two calls in flight per worker where capacity allows, so the worker
             # starts the next call while the driver handles the previous one's result
             step = min(self.max_batch, max(1, self.capacity // 2))
-            for comp, group in by_comp.items():
+            for (run_id, comp), group in by_comp.items():
+                run = self.runs[run_id]
                 for i in range(0, len(group), step):
                     chunk = group[i : i + step]
-                    for jid in chunk:
-                        self.attempts[jid] += 1
-                    ref = self.transport.submit(book.handle, "render", [self.jobs[j] for j in chunk], self.output_root,
-                                                self.storage_options)
+                    for t in chunk:
+                        self.attempts[t] += 1
+                    ref = self.transport.submit(book.handle, "render", [self.jobs[t] for t in chunk], run.output_root,
+                                                run.storage_options)
                     self.pending[ref] = (wid, chunk)
+                    self._call_run[ref] = run_id
                     book.inflight += len(chunk)
                 book.composition = comp
         self._prefetch(views)
@@ -193,15 +306,18 @@ class Dispatcher:
             unique = list({r.uri: r for r in refs}.values())
             self.transport.submit(self.books[wid].handle, "prefetch", unique)  # best effort; errors surface at render
 
-    def _collect(self) -> None:
+    def _collect(self, timeout: float = 0.5) -> None:
         if not self.pending:
+            if timeout > 0 and self._queued():
+                time.sleep(min(timeout, 0.05))  # queued work and no call out: the policy is waiting; do not spin
             return
-        ready, _ = self.transport.wait(list(self.pending), num_returns=1, timeout=0.5)
+        ready, _ = self.transport.wait(list(self.pending), num_returns=1, timeout=timeout)
         for ref in ready:
             self._collect_one(ref)
 
     def _collect_one(self, ref: Ref) -> None:
         wid, ids = self.pending.pop(ref)
+        run_id = self._call_run.pop(ref, "")
         book = self.books[wid]
         book.inflight -= len(ids)
         try:
@@ -210,11 +326,20 @@ class Dispatcher:
         except TransportError as e:
             self._lost(book, ids, e)
             return
+        sent = set(ids)
         for row in rows:
-            book.learn(row, self.work.get(row.job_id, 1.0))
+            t = ticket(run_id, row.job_id)
+            if t not in sent:
+                continue  # not a job this call carried (a misbehaving worker): never a row for another job
+            sent.discard(t)
+            book.learn(row, self.work.get(t, 1.0))
             if row.status == "ok":
-                book.adapters.update(r.uri for r in self.jobs[row.job_id].loras)
-            self._finish(row)
+                book.adapters.update(r.uri for r in self.jobs[t].loras)
+            self._finish(t, row)
+        for t in ids:
+            if t in sent:  # the worker returned no row for it
+                self._finish(t, ResultRow.failed(self.jobs[t], "the worker returned no result for this job",
+                                                 worker_id=wid, transient=True))
 
     def _lost(self, book: WorkerBook, ids: list[str], e: TransportError) -> None:
         """A worker died (or its call broke) with these jobs in hand: retry them elsewhere."""
@@ -222,28 +347,40 @@ class Dispatcher:
             book.deaths_in_a_row += 1
             book.composition, book.adapters = None, set()  # a restarted actor comes back empty
             book.alive = book.deaths_in_a_row < 3
-        for jid in ids:
-            self._finish(ResultRow.failed(self.jobs[jid], str(e)[:2000], worker_id=book.worker_id, transient=True))
+        for t in ids:
+            self._finish(t, ResultRow.failed(self.jobs[t], str(e)[:2000], worker_id=book.worker_id, transient=True))
 
-    def _finish(self, row: ResultRow) -> None:
-        jid = row.job_id
-        if row.status != "ok" and row.transient and self.attempts[jid] <= self.retries:
+    def _finish(self, t: str, row: ResultRow) -> None:
+        if row.status != "ok" and row.transient and self.attempts[t] <= self.retries:
             self.stats.retried += 1
-            self.policy.done(jid, requeue=True)
+            self.runs[self.run_of[t]].stats.retried += 1
+            self.policy.done(t, requeue=True)
             return
-        self.policy.done(jid)
-        self._record(row)
+        self.policy.done(t)
+        self._record(t, row)
 
-    def _record(self, row: ResultRow) -> None:
-        result = row.recorded(self.attempts[row.job_id])
-        if row.status == "ok":
-            self.stats.ok += 1
-        else:
-            self.stats.failed += 1
-        self.on_rows([result])
+    def _record(self, t: str, row: ResultRow) -> None:
+        result = row.recorded(self.attempts[t])
+        run = self.runs[self.run_of[t]]
+        for stats in (self.stats, run.stats):
+            if row.status == "ok":
+                stats.ok += 1
+            else:
+                stats.failed += 1
+        self._forget(t)
+        run.on_rows([result])
         if self.progress is not None:
             self.progress(self)
 
+    def _forget(self, t: str) -> None:
+        """A ticket that is done (or dropped): nothing of it stays in the dispatcher."""
+        run_id = self.run_of.pop(t, None)
+        self.jobs.pop(t, None)
+        self.work.pop(t, None)
+        self.attempts.pop(t, None)
+        if run_id is not None and run_id in self.runs:
+            self.runs[run_id].tickets.discard(t)
+
     def _fail_queued(self, reason: str) -> None:
-        for jid in self.policy.cancel(list(self.jobs)):  # only still-queued ids come back
-            self._record(ResultRow.failed(self.jobs[jid], reason))
+        for t in self.policy.cancel(list(self.jobs)):  # only still-queued ids come back
+            self._record(t, ResultRow.failed(self.jobs[t], reason))

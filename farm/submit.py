@@ -53,16 +53,34 @@ class JobPackage:
         return env
 
 
+#: What the job prints first, so the submitting side knows which path it took: the farm's run id,
+#: or the one-shot `farm run` (no farm up on the cluster).
+RUN_MARK = "lora-farm: run "
+ONE_SHOT_MARK = "lora-farm: one-shot"
+MARK_WAIT_S = 120.0  # how long the submitting side waits for the job to say which
+
+
 def build_job(manifest: Manifest, *, out: str | None = None, workers: int | None = None,
-              python: str = sys.executable) -> JobPackage:
-    """The job for a validated ``Manifest``: its JSON without ``storage_options``, which go to env_vars."""
+              python: str = sys.executable, submitter: str | None = None, priority: int = 0,
+              wait: bool = False) -> JobPackage:
+    """The job for a validated ``Manifest``: its JSON without ``storage_options``, which go to env_vars.
+
+    The job runs ``farm submit --in-job``: on the cluster it hands the manifest to the farm when
+    one is up (``--wait``: and follows the run), else runs it one-shot like `farm run`.
+    """
     data = manifest.to_dict()
     options, data["storage_options"] = data["storage_options"], {}
     if out:
         data["output"] = out
-    cmd = [python, "-m", "farm.cli", "run", MANIFEST_NAME, "--address", "auto", "--no-progress"]
+    cmd = [python, "-m", "farm.cli", "submit", MANIFEST_NAME, "--in-job", "--no-progress"]
     if workers:
         cmd += ["--workers", str(workers)]
+    if submitter:
+        cmd += ["--submitter", submitter]
+    if priority:
+        cmd += ["--priority", str(priority)]
+    if wait:
+        cmd += ["--wait"]
     env = {STORAGE_OPTIONS_ENV: json.dumps(options, sort_keys=True)} if options else {}
     return JobPackage(files={MANIFEST_NAME: json.dumps(data).encode()},
                       entrypoint=" ".join(shlex.quote(c) for c in cmd), env_vars=env)
@@ -130,8 +148,10 @@ def _submit_job(client: Any, job: JobPackage, work: str) -> str:
 
 
 def submit(manifest: Manifest | str | os.PathLike, address: str, *, out: str | None = None, workers: int | None = None,
-           wait: bool = False) -> int:
-    """Submit a ``Manifest`` (or a manifest path) as a Ray job; the job id is stdout's first line.
+           wait: bool = False, submitter: str | None = None, priority: int = 0) -> int:
+    """Submit a ``Manifest`` (or a manifest path) as a Ray job. Stdout's first line is the farm's
+    run id when the cluster has a farm up (the job handed the manifest over), else the Ray job id
+    (the job runs it one-shot).
 
     Raises ``SubmitError`` when the cluster cannot be reached or refuses us.
     """
@@ -139,7 +159,8 @@ def submit(manifest: Manifest | str | os.PathLike, address: str, *, out: str | N
         from jobs.manifest import load_manifest
 
         manifest = load_manifest(manifest, storage_options_from_env())
-    job = build_job(manifest, out=out, workers=workers)
+    job = build_job(manifest, out=out, workers=workers, submitter=submitter or os.environ.get("USER"),
+                    priority=priority, wait=wait)
     with _plain_errors(address):
         client = _client(address)
         with tempfile.TemporaryDirectory(prefix="farm-submit-") as work:  # 0700, removed on exit
@@ -148,7 +169,7 @@ def submit(manifest: Manifest | str | os.PathLike, address: str, *, out: str | N
                 with os.fdopen(fd, "wb") as f:
                     f.write(blob)
             job_id = _submit_job(client, job, work)
-        print(job_id, flush=True)
+        print(_which_path(client, job_id), flush=True)
         if not wait:
             return 0
         from ray.job_submission import JobStatus
@@ -159,6 +180,22 @@ def submit(manifest: Manifest | str | os.PathLike, address: str, *, out: str | N
                 print(client.get_job_logs(job_id)[-LOG_TAIL_CHARS:])
                 return 0 if s == JobStatus.SUCCEEDED else 1
             time.sleep(POLL_S)
+
+
+def _which_path(client: Any, job_id: str) -> str:
+    """The run id the job got from the farm, or ``job_id`` when it runs one-shot (or said nothing)."""
+    deadline = time.monotonic() + MARK_WAIT_S
+    while time.monotonic() < deadline:
+        logs = client.get_job_logs(job_id)
+        for line in logs.splitlines():
+            if line.startswith(RUN_MARK):
+                return line[len(RUN_MARK):].strip()
+            if line.startswith(ONE_SHOT_MARK):
+                return job_id
+        if client.get_job_status(job_id).is_terminal():
+            break
+        time.sleep(POLL_S)
+    return job_id
 
 
 def status(job_id: str, address: str) -> int:

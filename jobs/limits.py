@@ -74,6 +74,18 @@ def lone_surrogate(text: str) -> int | None:
     return None
 
 
+class ProblemsError(ValueError):
+    """Input that cannot run; ``problems`` holds every ``"field.path: reason"`` found, at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __reduce__(self) -> tuple:
+        # pickled across Ray: rebuild from the list, not from the joined message
+        return (type(self), (self.problems,))
+
+
 class Problems:
     """An ordered list of ``"path: reason"`` strings, each cut to ``MAX_PROBLEM_CHARS`` (a path
     or a reason may echo megabytes of input); past ``MAX_PROBLEMS`` they are only counted."""

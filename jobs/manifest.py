@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .limits import MAX_JOBS, MAX_NESTING, nesting_depth
+from .limits import MAX_JOBS, MAX_NESTING, ProblemsError, nesting_depth
 from .matrix import expand_matrices
 from .options import FarmOptions
 from .sources import UNPARSED, base_dir_of, parse, read_bytes, read_jobs_file, too_many
@@ -29,16 +29,8 @@ DEFAULT_OUTPUT = "out"
 RENDER_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "width", "height", "guidance")
 
 
-class ManifestError(ValueError):
+class ManifestError(ProblemsError):
     """A manifest that cannot run; ``problems`` holds every ``"path: reason"`` found."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-    def __reduce__(self) -> tuple:
-        # pickled across Ray: rebuild from the list, not from the joined message
-        return (type(self), (self.problems,))
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,8 @@ def operator_policy(manifest_dir: str | None = None, roots: Iterable[str] = (), 
 
     Roots: ``manifest_dir`` (a local one; a manifest read from a URL adds none; ``None``,
     a manifest built in code, stands for the working directory, where its relative paths
-    resolve), then ``$LORA_FARM_LORA_ROOTS``, then ``roots``. Protocols and hosts from
+    resolve; ``""``, none at all: the farm service, whose submitters' directories are no
+    roots), then ``$LORA_FARM_LORA_ROOTS``, then ``roots``. Protocols and hosts from
     ``$LORA_FARM_LORA_PROTOCOLS`` / ``$LORA_FARM_LORA_HOSTS`` when set.
     """
     env = os.environ if environ is None else environ

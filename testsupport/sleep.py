@@ -2,7 +2,7 @@
 
 Spec::
 
-    {"backend": "sleep", "render_s": R, "compose_s": C}
+    {"backend": "sleep", "render_s": R, "compose_s": C}          # optional: load_s, image_size, realistic
 
 * **A render costs R seconds per image.** ``render(batch)`` sleeps ``R * len(batch)`` once
   and returns one small solid-colour PIL image per request (``image_size`` pixels square,
@@ -16,6 +16,14 @@ Spec::
   ``switches`` counts the calls.
 * ``R = 0, C = 0`` (the defaults) is a no-op backend: no sleep call at all, for measuring
   the farm's own overhead.
+* **A load costs L seconds** (``load_s``, 0 by default): building the backend sleeps that
+  long once, as loading a real model's weights would (tens of seconds), for benchmarks of
+  what a model load costs the farm.
+* **Realistic images** (``realistic: true``, off by default): instead of a solid colour, a
+  smooth gradient in the seed's colour plus mild per-pixel noise drawn from the seed, so PNG
+  encoding costs about what a real render's does (``image_size: 1328`` for Qwen-Image's
+  size). Still deterministic in the seed. Making the image counts towards R: the render
+  sleeps only what is left of ``R * len(batch)`` afterwards.
 
 ``transformer`` is a small ``nn.Module`` tree whose ``nn.Linear`` layers carry Qwen-Image's
 names (``transformer_blocks.{i}.attn.to_q|to_k|to_v|to_out.0``,
@@ -92,19 +100,45 @@ def seed_colour(seed: int) -> tuple[int, int, int]:
     return (x & 0xFF, (x >> 8) & 0xFF, (x >> 16) & 0xFF)
 
 
+#: Half-width of the realistic images' per-pixel noise, in 8-bit levels: mild enough to look
+#: like grain, enough that zlib works as hard as on a real render's (a few MB at 1328 px).
+REALISTIC_NOISE = 8
+
+
+def realistic_image(seed: int, size: int):
+    """A ``size``-pixel square RGB image: a smooth gradient in the seed's colour plus mild
+    noise drawn from the seed, so it compresses like a real render, not like a flat colour."""
+    import numpy as np
+    from PIL import Image
+
+    r, g, b = seed_colour(seed)
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    y, x = ramp[:, None], ramp[None, :]
+    ones = np.ones((size, size), dtype=np.float32)
+    base = np.stack([r * (0.35 + 0.65 * x) * ones, g * (1.0 - 0.6 * y) * ones, 40 + (b * 0.8) * (x * y)], axis=-1)
+    rng = np.random.default_rng(int(seed) & 0xFFFFFFFF)
+    noise = rng.integers(-REALISTIC_NOISE, REALISTIC_NOISE + 1, size=(size, size, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
 class SleepBackend:
     """See the module docstring: render sleeps R per image, a switch sleeps C."""
 
-    KEYS = COMMON_KEYS | {"render_s", "compose_s", "dim", "layers", "seed", "image_size"}
+    KEYS = COMMON_KEYS | {"render_s", "compose_s", "load_s", "dim", "layers", "seed", "image_size", "realistic"}
 
     def __init__(self, render_s: float = 0.0, compose_s: float = 0.0, *, dim: int = 32, layers: int = 2, seed: int = 0,
-                 image_size: int = 8, device: str | torch.device | None = "cpu", dtype: torch.dtype = torch.float32):
-        if render_s < 0 or compose_s < 0:
-            raise BackendSpecError([f"render_s/compose_s: must be >= 0, got {render_s!r}/{compose_s!r}"])
+                 image_size: int = 8, load_s: float = 0.0, realistic: bool = False,
+                 device: str | torch.device | None = "cpu", dtype: torch.dtype = torch.float32):
+        if render_s < 0 or compose_s < 0 or load_s < 0:
+            raise BackendSpecError([f"render_s/compose_s/load_s: must be >= 0, got {render_s!r}/{compose_s!r}/{load_s!r}"])
         self.name = "sleep"
         self.render_s = float(render_s)
         self.compose_s = float(compose_s)
+        self.load_s = float(load_s)
+        self.realistic = bool(realistic)
         self.image_size = max(1, int(image_size))
+        if self.load_s > 0:  # a real model's weights coming off disk onto the device
+            time.sleep(self.load_s)
         self.device = resolve_device(device)
         self.dtype = dtype
         self.transformer = build_sleep_transformer(int(dim), int(layers), int(seed), dtype).to(self.device)
@@ -117,7 +151,7 @@ class SleepBackend:
         check_spec(spec, cls.KEYS)  # step_cache / rope are accepted (common keys) and have nothing to act on
         problems = []
         values: dict[str, float] = {}
-        for key in ("render_s", "compose_s"):
+        for key in ("render_s", "compose_s", "load_s"):
             raw = spec.get(key, 0.0)
             try:
                 values[key] = float(raw)
@@ -126,18 +160,30 @@ class SleepBackend:
                 continue
             if not values[key] >= 0:  # also NaN
                 problems.append(f"{key}: must be >= 0, got {raw!r}")
+        realistic = spec.get("realistic", False)
+        if not isinstance(realistic, bool):
+            problems.append(f"realistic: must be true or false, got {realistic!r}")
         if problems:
             raise BackendSpecError(problems)
         dev = resolve_device(device)
         return cls(values["render_s"], values["compose_s"], dim=int(spec.get("dim", 32)), layers=int(spec.get("layers", 2)),
-                   seed=int(spec.get("seed", 0)), image_size=int(spec.get("image_size", 8)), device=dev,
-                   dtype=resolve_dtype(spec.get("dtype") or "float32", dev))
+                   seed=int(spec.get("seed", 0)), image_size=int(spec.get("image_size", 8)), load_s=values["load_s"],
+                   realistic=realistic, device=dev, dtype=resolve_dtype(spec.get("dtype") or "float32", dev))
 
     # ---- the Backend protocol -------------------------------------------------------------
     def render(self, batch: list[RenderRequest]) -> list[Any]:
-        """Sleep R per image (one sleep for the batch), then one solid-colour image per request."""
+        """Sleep R per image (one sleep for the batch), then one solid-colour image per request
+        (``realistic``: one gradient-plus-noise image each, made first, within the R)."""
         from PIL import Image
 
+        if self.realistic:
+            t0 = time.perf_counter()
+            images = [realistic_image(r.seed, self.image_size) for r in batch]
+            left = self.render_s * len(batch) - (time.perf_counter() - t0)
+            if left > 0:
+                time.sleep(left)
+            self.rendered += len(batch)
+            return images
         if self.render_s > 0 and batch:
             time.sleep(self.render_s * len(batch))
         self.rendered += len(batch)

@@ -8,6 +8,10 @@ import ray
 from .worker import RenderWorker
 
 
+#: The concurrency group of the calls that must answer while renders run.
+CONTROL = "control"
+
+
 class RayRenderWorker(RenderWorker):
     """RenderWorker plus what only Ray knows: the node it runs on.
 
@@ -22,11 +26,21 @@ class RayRenderWorker(RenderWorker):
         super().__init__(*args, cache_dir=cache_dir, **kwargs)
         self.node_id = node
 
+    # control calls run in their own concurrency group: a worker busy with its two render
+    # calls still answers who it is and what it holds (`farm workers`, the farm's liveness probe)
+    @ray.method(concurrency_group=CONTROL)
     def state(self) -> dict:
         return {**super().state(), "node": self.node_id, "pid": os.getpid()}
 
+    @ray.method(concurrency_group=CONTROL)
     def node(self) -> str:
         return self.node_id
+
+    def warm(self) -> dict:
+        """Build the model now (a farm's worker loads it once, before its first job); its state."""
+        with self._model_lock:
+            self.model  # noqa: B018 - the lazy build is the point
+        return self.state()
 
 
 #: Calls an actor runs at once: the dispatcher keeps about two in flight per worker, and
@@ -44,6 +58,7 @@ def remote_worker(num_gpus: float = 1.0, num_cpus: float = 0.0, max_restarts: in
     (``CONCURRENT_CALLS``), so a stalled fetch holds only the jobs that need that file.
     """
     options.setdefault("max_concurrency", CONCURRENT_CALLS)
+    options.setdefault("concurrency_groups", {CONTROL: 2})
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0, **options)(
         RayRenderWorker
     )

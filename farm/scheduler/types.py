@@ -17,6 +17,8 @@ class QueuedJob:
     priority: int = 0  # higher first
     enqueued_at: float = 0.0  # seconds, same clock as ``now``
     work: float = 1.0  # render cost relative to the farm's typical job; ``render_cost_s`` is per unit
+    run: str = ""  # the run (manifest submission) it belongs to; "" = the one-shot run
+    submitter: str = ""  # whose run: fair share is between submitters
 
 
 @dataclass(frozen=True)

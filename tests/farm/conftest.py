@@ -39,6 +39,7 @@ def free_port() -> int:
 class Head:
     url: str       # the dashboard / Jobs API, http://127.0.0.1:PORT
     temp_dir: str  # the head's own --temp-dir: sessions, logs, unpacked job packages
+    address: str = ""  # its GCS, 127.0.0.1:PORT (ray.init / `farm up --address`)
 
 
 @contextlib.contextmanager
@@ -72,7 +73,7 @@ def start_ray_head(env: dict[str, str] | None = None, headers: dict[str, str] | 
                 if time.time() > deadline or proc.poll() is not None:
                     pytest.fail(f"ray head did not come up (exit code {proc.poll()})")
                 time.sleep(0.5)
-        yield Head(url, temp_dir)
+        yield Head(url, temp_dir, f"127.0.0.1:{port}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # only the processes this helper started

@@ -61,7 +61,7 @@ def test_job_without_storage_options_sets_no_env():
     job = build_job(m, out="/tmp/elsewhere", workers=3)
     assert job.env_vars == {} and "env_vars" not in job.runtime_env("/w")
     assert json.loads(job.files["manifest.json"])["output"] == "/tmp/elsewhere"
-    assert job.entrypoint.endswith("run manifest.json --address auto --no-progress --workers 3")
+    assert job.entrypoint.endswith("submit manifest.json --in-job --no-progress --workers 3")
 
 
 @pytest.mark.parametrize("raw", ["{not json", '["s3"]', '{"s3": "key=' + SECRET + '"}'])

@@ -1,0 +1,396 @@
+"""The farm's controller: one queue for every run, the pools' workers kept warm, runs kept durable.
+
+It runs as a named, detached, threaded Ray actor (``farm/service/actors.py`` makes it one);
+this module is the logic. A loop thread steps each pool's dispatcher (one policy per pool:
+a pool is one model, and a composition a worker holds for one run serves the next); the
+actor's other threads answer ``submit``, ``status``, ``cancel``, ``workers``, ``reconcile``
+and ``shutdown``, all under one lock with the loop.
+
+Durable and exactly-once, by construction:
+
+* an accepted run is recorded in the state root (``farm/service/state.py``) *before* its id
+  is returned; its secrets go to Ray's KV (``farm/service/secrets.py``), never the state root;
+* rows land in the run's own output root as they finish (``jobs.results.ResultsWriter``
+  parts, every ``FLUSH_S``), images carry their job's stamp (``jobs.stamp``);
+* a controller Ray restarts builds itself from the state root: each unfinished run starts
+  again from its results table and its stamped images (``start_run`` is the same code for a
+  new run and a recovered one), so finished work is not redone and a job has one row;
+* a worker that dies loses its calls to the dispatcher, which sends them elsewhere; Ray
+  restarts it, and the controller probes it back into the pool (``REVIVE_S``).
+
+Two active runs never write one output root: the second is refused, naming the first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from jobs.manifest import Manifest, ManifestError, validate_manifest
+from jobs.results import ResultsWriter, completed_jobs, existing_images, read_results
+from jobs.stamp import recover_rows
+
+from . import secrets
+from .config import FarmConfig, parse_farm_config
+from .pools import Pool
+from .runs import ActiveRun, record_status, run_status
+from .state import RunRecord, StateStore, run_id_for
+
+log = logging.getLogger("farm.service.controller")
+
+FLUSH_S = 1.0  # rows reach the output root's parts at least this often
+RECORD_S = 2.0  # a run's counts reach its state record at least this often
+REVIVE_S = 2.0  # how often dead workers are probed
+STEP_S = 0.05  # the loop's wait for a finished call, per pool, while holding the lock
+ROOTS_ENV = "LORA_FARM_LORA_ROOTS"
+#: A submitted manifest's directory is no LoRA root on a shared farm (it would allow any local
+#: path a submitter names): validation and workers use the operator's roots only.
+NO_MANIFEST_DIR = ""
+
+
+class SubmitRefused(ValueError):
+    """A manifest the farm will not take; the message says why (and is safe to print)."""
+
+
+class FarmController:
+    """Everything the farm does; the Ray actor is this class made remote (see ``actors.py``)."""
+
+    def __init__(self, config: dict | FarmConfig, *, start_loop: bool = True):
+        # a FarmConfig object: built in code by a trusted caller (a benchmark's measurement pool)
+        self.config: FarmConfig = config if isinstance(config, FarmConfig) else parse_farm_config(config)
+        roots = tuple(self.config.lora_roots)
+        if roots:  # this process validates manifests: it sees the farm's roots as its workers do
+            have = [r for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r]
+            os.environ[ROOTS_ENV] = os.pathsep.join(dict.fromkeys([*have, *roots]))
+        self.store = StateStore(self.config.state, dict(self.config.storage_options))
+        self.lock = threading.RLock()
+        self.pools: dict[str, Pool] = {}
+        self.runs: dict[str, ActiveRun] = {}
+        #: every run's record as last written: the state root is read once, at start (``_recover``)
+        self.records: dict[str, RunRecord] = {}
+        self.draining = False
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._last = {"flush": 0.0, "record": 0.0, "revive": 0.0}
+        self.apply_config(self.config)
+        self.recovered = self._recover()
+        self._thread = None
+        if start_loop:
+            self._thread = threading.Thread(target=self._loop, name="farm-loop", daemon=True)
+            self._thread.start()
+
+    # ---- configuration ---------------------------------------------------------------------
+    def apply_config(self, config: FarmConfig) -> dict:
+        """Start, keep or scale each pool to the config's worker count; returns the counts."""
+        import ray
+
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        roots = tuple(config.lora_roots)
+        with self.lock:
+            for pc in config.pools:
+                pool = self.pools.get(pc.name)
+                if pool is None or pool.config.model != pc.model:
+                    if pool is not None:
+                        self._close_pool(pool)
+                    pool = self.pools[pc.name] = Pool(pc, roots)
+                pool.config = pc
+                pool.scale(pc.worker_count(gpus))
+            for name in [n for n in self.pools if n not in {p.name for p in config.pools}]:
+                self._close_pool(self.pools.pop(name))
+            self.config = config
+            return {p.name: len(p.handles) for p in self.pools.values()}
+
+    def reconcile(self, config: dict) -> dict:
+        """``farm up`` on a running farm: the new config applied (worker counts, pools)."""
+        return self.apply_config(parse_farm_config(config))
+
+    def _close_pool(self, pool: Pool) -> None:
+        for rid in [r for r, run in self.runs.items() if run.pool is pool]:
+            self._cancel(rid)
+        for name in list(pool.handles):
+            pool.retire(name)
+
+    def ready(self) -> dict:
+        """Poll once: ``{"ready": bool, "workers": {pool: [ready, wanted]}}``."""
+        with self.lock:
+            for p in self.pools.values():
+                p.poll_warm()
+            counts = {p.name: [sum(n in p.dispatcher.books for n in p.handles), len(p.handles)]
+                      for p in self.pools.values()}
+            return {"ready": all(p.ready for p in self.pools.values()), "workers": counts}
+
+    # ---- runs ------------------------------------------------------------------------------
+    def submit(self, manifest: dict | Manifest, storage_options: dict | None = None, submitter: str = "default",
+               priority: int = 0) -> dict:
+        """Accept a run (recorded before this returns) or raise ``SubmitRefused`` naming why.
+
+        ``manifest``: a manifest mapping, validated here against the farm's own LoRA roots; or a
+        ``Manifest`` built in code, taken as it is (only code running on the cluster can send
+        one, and such code can do anything a worker can). The same manifest into the same
+        output while it runs is the same run (returned as it is).
+        """
+        if self.draining:
+            raise SubmitRefused("the farm is draining (`farm down`): it takes no new runs")
+        opts = dict(storage_options or {})
+        if isinstance(manifest, Manifest):
+            m = dataclasses.replace(manifest, storage_options=opts) if opts else manifest
+            opts = dict(m.storage_options)
+        else:
+            try:
+                m = validate_manifest({**manifest, "storage_options": opts}, base_dir=NO_MANIFEST_DIR)
+            except ManifestError as e:
+                raise SubmitRefused("bad manifest:\n  " + "\n  ".join(e.problems)) from None
+        pool = self._pool_for(m)
+        stored = m.to_dict()
+        stored["storage_options"] = {}
+        run_id = run_id_for(stored, m.output)
+        with self.lock:
+            if run_id in self.runs:
+                return {**run_status(self.runs[run_id]), "resubmitted": True}
+            busy = next((r for r in self.runs.values() if _same_root(r.record.output, m.output)), None)
+            if busy is not None:
+                raise SubmitRefused(f"output {m.output!r} is being written by run {busy.record.run_id} "
+                                    f"({busy.record.state}); wait for it, `farm cancel {busy.record.run_id}`, "
+                                    "or choose another output")
+            old = self.records.get(run_id)
+            now = time.time()
+            record = RunRecord(run_id=run_id, manifest=stored, output=m.output, submitter=submitter or "default",
+                               priority=int(priority), state="queued", total=len(m.jobs),
+                               created_at=old.created_at if old else now, updated_at=now, has_secrets=bool(opts))
+            if opts:
+                secrets.put(run_id, opts)
+            self._save(record)  # durable before acknowledged
+            run = self.start_run(record, m, pool)
+            return run_status(run)
+
+    def _pool_for(self, m: Manifest) -> Pool:
+        pc = self.config.pool_for(m.model)
+        if pc is None or pc.name not in self.pools:
+            served = "; ".join(f"{p.name}: {p.model}" for p in self.config.pools)
+            raise SubmitRefused(f"no pool serves model {m.model}; the farm's pools: {served}")
+        pool = self.pools[pc.name]
+        clash = pool.option_clash(m.options)
+        if clash:
+            raise SubmitRefused(f"the manifest's options {clash} differ from pool {pool.name!r}'s "
+                                f"({ {k: getattr(pool.options, k) for k in clash} }): a pool's workers render with "
+                                "the pool's options; drop them from the manifest or submit to a pool that has them")
+        return pool
+
+    def start_run(self, record: RunRecord, m: Manifest, pool: Pool) -> ActiveRun:
+        """Queue what of ``m`` is not done in its output root (a new run or a recovered one)."""
+        opts = m.storage_options
+        writer = ResultsWriter(m.output, opts)
+        earlier = read_results(m.output, opts)
+        images = existing_images(m.output, opts)
+        recovered = recover_rows(m.output, m.jobs, m.model, opts, earlier, images)
+        if recovered:  # images whose rows died with a controller: recorded, not redrawn
+            writer.append(recovered)
+        done = completed_jobs(m.output, opts, earlier + recovered, images)
+        todo = [j for j in m.jobs if j.job_id not in done]
+        run = ActiveRun(record, m, pool, writer, done_before={j.job_id for j in m.jobs if j.job_id in done})
+        with self.lock:
+            self.runs[record.run_id] = run
+            record.state = "running" if todo else "done"
+            pool.dispatcher.add_run(record.run_id, todo, m.output, storage_options=opts, on_rows=run.on_rows,
+                                    priority=record.priority, submitter=record.submitter)
+            self._put_record(run)
+        return run
+
+    def _recover(self) -> list[str]:
+        """Every run the state root says is unfinished, started again; their ids."""
+        back = []
+        for record in self.store.list():
+            self.records[record.run_id] = record
+            if not record.active:
+                continue
+            try:
+                opts = secrets.get(record.run_id) if record.has_secrets else {}
+                m = validate_manifest({**record.manifest, "storage_options": opts}, base_dir=NO_MANIFEST_DIR)
+                self.start_run(record, m, self._pool_for(m))
+                back.append(record.run_id)
+            except Exception as e:  # noqa: BLE001 - one bad record never stops the farm
+                record.state, record.error = "failed", f"could not be recovered: {type(e).__name__}: {e}"[:2000]
+                record.updated_at = time.time()
+                self._save(record)
+                log.error("run %s: %s", record.run_id, record.error)
+        return back
+
+    def cancel(self, run_id: str) -> dict:
+        with self.lock:
+            if run_id not in self.runs:
+                return record_status(self._record(run_id))
+            self._cancel(run_id)
+            return run_status(self.runs[run_id]) if run_id in self.runs else record_status(self._record(run_id))
+
+    def _cancel(self, run_id: str) -> None:
+        run = self.runs[run_id]
+        run.cancelling = True
+        run.pool.dispatcher.cancel_run(run_id)
+        self._finish_if_done(run)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad step
+                log.exception("farm loop step failed")
+                time.sleep(0.5)
+
+    def tick(self) -> None:
+        """One round: each pool steps, then the book-keeping that is due."""
+        busy = False
+        for pool in list(self.pools.values()):
+            with self.lock:
+                pool.poll_warm()
+                d = pool.dispatcher
+                if d.busy():
+                    busy = True
+                    if self.draining:
+                        d._collect(STEP_S)  # finish what is in flight, send nothing new
+                    else:
+                        d.step(STEP_S)
+        now = time.monotonic()
+        if now - self._last["flush"] >= FLUSH_S:
+            self._last["flush"] = now
+            with self.lock:
+                for run in list(self.runs.values()):
+                    run.flush()
+                    self._finish_if_done(run)
+        if now - self._last["record"] >= RECORD_S:
+            self._last["record"] = now
+            with self.lock:
+                for run in list(self.runs.values()):
+                    self._put_record(run)
+        if now - self._last["revive"] >= REVIVE_S:
+            self._last["revive"] = now
+            self._revive()
+        if not busy:
+            time.sleep(STEP_S)
+
+    def _finish_if_done(self, run: ActiveRun) -> None:
+        rid = run.record.run_id
+        d = run.pool.dispatcher
+        if not d.finished(rid):
+            return
+        run.flush()
+        run.writer.finalize()
+        run.record.state = "cancelled" if run.cancelling else ("failed" if run.failed else "done")
+        self._put_record(run)
+        d.drop_run(rid)
+        del self.runs[rid]
+        if run.record.has_secrets and not run.cancelling:
+            secrets.delete(rid)  # a cancelled run may be resubmitted: it keeps them until then
+
+    def _put_record(self, run: ActiveRun) -> None:
+        r = run.record
+        ok = len(run.ok | run.done_before)
+        r.ok, r.failed, r.updated_at = ok, len(run.failed - run.ok), time.time()
+        self._save(r)
+
+    def _save(self, record: RunRecord) -> None:
+        self.store.put(record)
+        self.records[record.run_id] = record
+
+    def _record(self, run_id: str) -> RunRecord:
+        record = self.records.get(run_id)
+        if record is None:
+            raise SubmitRefused(f"no run {run_id!r}")
+        return record
+
+    def _revive(self) -> None:
+        """Probe workers the dispatcher gave up on (Ray restarts them); those that answer rejoin empty."""
+        import ray
+
+        with self.lock:
+            dead = [(p, name) for p in self.pools.values() for name, b in p.dispatcher.books.items()
+                    if not b.alive and not b.retired and name in p.handles]
+        for pool, name in dead:
+            try:
+                ray.get(pool.handles[name].state.remote(), timeout=1.0)
+            except Exception:  # noqa: BLE001 - still down
+                continue
+            with self.lock:
+                pool.dispatcher.revive(name)
+
+    # ---- what the farm shows -----------------------------------------------------------------
+    def status(self, run_id: str | None = None) -> Any:
+        with self.lock:
+            if run_id is not None:
+                if run_id in self.runs:
+                    return run_status(self.runs[run_id], detail=True)
+                return record_status(self._record(run_id))
+            active = {rid: run_status(run) for rid, run in self.runs.items()}
+            records = sorted(self.records.values(), key=lambda r: r.created_at)
+        return [active.get(r.run_id) or record_status(r) for r in records]
+
+    def workers(self) -> list[dict]:
+        """Each worker's own report (``RenderWorker.state``) plus its pool and what the farm knows of it."""
+        import ray
+
+        with self.lock:
+            items = [(p, name, h, p.dispatcher.books.get(name)) for p in self.pools.values()
+                     for name, h in p.handles.items()]
+        refs = [h.state.remote() for _, _, h, _ in items]
+        out = []
+        for (pool, name, _, book), ref in zip(items, refs):
+            try:
+                st = ray.get(ref, timeout=10)
+                alive = True
+            except Exception as e:  # noqa: BLE001 - a dead or restarting worker is listed, not hidden
+                st, alive = {"error": f"{type(e).__name__}"}, False
+            adapters = st.get("adapters", [])
+            out.append({
+                **{k: v for k, v in st.items() if k != "adapters"},
+                "worker_id": name, "pool": pool.name, "node": st.get("node"), "alive": alive and bool(book and book.alive),
+                "ready": book is not None, "composition": st.get("composition"),
+                "adapters": [a["sha256"] for a in adapters], "adapters_bytes": sum(a["bytes"] for a in adapters),
+                "jobs_done": st.get("jobs_done", 0), "model_loads": st.get("model_loads", 0),
+                "compositions": st.get("compositions", st.get("switches", 0)),
+                "inflight": book.inflight if book else 0,
+            })
+        return out
+
+    # ---- stopping ----------------------------------------------------------------------------
+    def shutdown(self, now: bool = False, timeout_s: float = 600.0) -> dict:
+        """Drain (in-flight jobs finish, nothing new is sent) or stop now; every row reaches its table.
+
+        Unfinished runs stay recorded as they are: a farm brought up on the same state root
+        picks them up where they stopped. Returns how many runs were left unfinished.
+        """
+        self.draining = True
+        with self.lock:
+            if now:
+                for p in self.pools.values():
+                    p.dispatcher.cancel_in_flight()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not any(p.dispatcher.pending for p in self.pools.values()):
+                    break
+            time.sleep(0.1)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self.lock:
+            left = []
+            for run in list(self.runs.values()):
+                run.flush()
+                run.writer.finalize()
+                self._put_record(run)
+                if not run.pool.dispatcher.finished(run.record.run_id):
+                    left.append(run.record.run_id)
+            for pool in self.pools.values():
+                for name in list(pool.handles):
+                    pool.retire(name)
+        return {"unfinished_runs": left}
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "started_at": self.started_at, "recovered": self.recovered}
+
+
+def _same_root(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")

@@ -1,0 +1,122 @@
+"""A worker pool of the farm: named, detached worker actors for one model, and their dispatcher.
+
+Workers are named ``lora-farm-<pool>-<i>`` in the farm's namespace and detached, so they
+outlive the controller: a controller Ray restarts finds the same warm workers by name
+(``get_if_exists``) instead of loading the model again. Ray restarts a worker whose process
+dies (``max_restarts=-1``); it comes back empty and loads its model on its first call, while
+the dispatcher sends its lost jobs elsewhere.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.dispatcher import Dispatcher
+from farm.scheduler.affinity import AffinityScheduler
+from jobs.options import FarmOptions
+
+from .secrets import NAMESPACE
+
+log = logging.getLogger("farm.service.pools")
+
+#: Render calls in flight per worker (the dispatcher's ``capacity``).
+CAPACITY = 2
+
+
+def worker_name(pool: str, i: int) -> str:
+    return f"lora-farm-{pool}-{i}"
+
+
+@dataclass
+class Pool:
+    """One pool: its config, its workers by name and the dispatcher that feeds them."""
+
+    config: Any  # farm.service.config.PoolConfig
+    lora_roots: tuple[str, ...] = ()
+    handles: dict[str, Any] = field(default_factory=dict)
+    warming: dict[str, Any] = field(default_factory=dict)  # worker name -> its warm() call
+    dispatcher: Dispatcher = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.dispatcher is None:
+            self.dispatcher = Dispatcher({}, AffinityScheduler(), "", capacity=CAPACITY,
+                                         max_batch=self.options.max_batch, retries=self.options.retries)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def options(self) -> FarmOptions:
+        return FarmOptions(**self.config.options)
+
+    def option_clash(self, manifest: FarmOptions) -> list[str]:
+        """The worker-level options a manifest set (away from the default) to other values than this pool's."""
+        default, mine = FarmOptions(), self.options
+        fields = (*FarmOptions.MODEL_FIELDS, "max_lora_mb")
+        return [f for f in fields if getattr(manifest, f) != getattr(default, f) and getattr(manifest, f) != getattr(mine, f)]
+
+    def scale(self, count: int) -> None:
+        """Get or start workers 0..count-1; retire (kill) the ones past ``count``."""
+        for i in range(count):
+            name = worker_name(self.name, i)
+            if name not in self.handles:
+                h = self._actor(name)
+                self.handles[name] = h
+                self.warming[name] = h.warm.remote()
+        for name in [n for n in self.handles if int(n.rsplit("-", 1)[1]) >= count]:
+            self.retire(name)
+
+    def retire(self, name: str) -> None:
+        import ray
+
+        self.dispatcher.remove_worker(name)
+        h = self.handles.pop(name)
+        self.warming.pop(name, None)
+        try:
+            ray.kill(h, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def _actor(self, name: str) -> Any:
+        from storage.policy import operator_policy
+        from workers.actor import remote_worker
+
+        c = self.config
+        cls = remote_worker(num_gpus=c.gpus_per_worker, max_restarts=-1)
+        kwargs: dict[str, Any] = dict(model=c.model, worker_id=name, options=self.options,
+                                      adapter_cache_bytes=int(c.adapter_cache_mb) << 20,
+                                      uri_policy=operator_policy("", self.lora_roots))  # "": no manifest dir
+        if c.node_cache_dir:
+            kwargs["cache_dir"] = c.node_cache_dir
+        if c.node_cache_mb:
+            kwargs["cache_budget_bytes"] = int(c.node_cache_mb) << 20
+        if c.model.get("backend") == "sleep":  # the measurement backend (testsupport), for benchmarks only
+            from testsupport.sleep import make_sleep_backend
+
+            kwargs["backend_factory"] = make_sleep_backend
+        return cls.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(**kwargs)
+
+    def poll_warm(self) -> list[str]:
+        """Workers whose model finished loading since the last poll join the dispatcher; their names."""
+        import ray
+
+        joined = []
+        for name, ref in list(self.warming.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue
+            del self.warming[name]
+            try:
+                st = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a worker that cannot load its model: reported, retried on revive
+                log.error("worker %s failed to load its model: %s", name, e)
+                continue
+            self.dispatcher.add_worker(name, self.handles[name], node_id=st.get("node", ""))
+            joined.append(name)
+        return joined
+
+    @property
+    def ready(self) -> bool:
+        return not self.warming and all(n in self.dispatcher.books for n in self.handles)
