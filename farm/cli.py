@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("manifest")
     sm.add_argument("--address", help="the farm's cluster (GCS host:port), or a head's dashboard http://HEAD:8265 for "
                                       "the one-shot Jobs API path; default: the farm `farm up` started here")
-    sm.add_argument("--out", help="one-shot Jobs API path only")
+    sm.add_argument("--out", help="output root (fsspec URL or dir); default: the manifest's `output`")
     sm.add_argument("--workers", type=int, help="one-shot Jobs API path only")
     sm.add_argument("--submitter", help="whose run this is (fair share); default $USER")
     sm.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
@@ -162,7 +162,7 @@ def _service_command(args: argparse.Namespace, client) -> int:
             return client.up(args.config, args.address)
         if args.cmd == "submit":
             return client.submit(args.manifest, args.address, submitter=args.submitter, priority=args.priority,
-                                 wait=args.wait, progress=not args.no_progress)
+                                 wait=args.wait, progress=not args.no_progress, out=args.out)
         if args.cmd == "status":
             return client.status(args.run_id, args.address, args.json)
         if args.cmd == "cancel":

@@ -26,11 +26,15 @@ def controller_handle() -> Any | None:
         return None
 
 
-def start_controller(config: dict) -> Any:
-    """Create the controller (or get the one running) with ``config``; returns its handle."""
+def start_controller(config: Any, backend_factories: dict | None = None) -> Any:
+    """Create the controller (or get the one running) with ``config``; returns its handle.
+
+    ``backend_factories``: pool name -> the workers' backend factory, for measurement
+    backends no manifest may name (``testsupport``); the CLI never passes any."""
     import ray
 
     from .controller import FarmController
 
     cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=CONTROLLER_THREADS)(FarmController)
-    return cls.options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(config)
+    return cls.options(name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(
+        config, backend_factories=backend_factories)

@@ -103,6 +103,10 @@ def up(config_path: str, address: str | None) -> int:
         for p in e.problems:
             print(f"  {p}", file=sys.stderr)
         return 2
+    problem = _state_root_problem(config) if address is None else None  # a cluster's root may not be ours to read
+    if problem:
+        print(f"{config_path}: state: {problem}", file=sys.stderr)
+        return 2
     if address is None and local.recorded() is None:
         from farm.cluster import gpu_count
 
@@ -130,8 +134,19 @@ def up(config_path: str, address: str | None) -> int:
     return 0
 
 
+def _state_root_problem(config: Any) -> str | None:
+    """Why the state root cannot be used from here (the controller would fail the same way), or None."""
+    from .state import StateStore
+
+    try:
+        StateStore(config.state, dict(config.storage_options)).list()
+    except Exception as e:  # noqa: BLE001 - any storage error: said here, not in a restart loop on the cluster
+        return f"{config.state!r} cannot be read: {type(e).__name__}: {e}"
+    return None
+
+
 def submit(manifest_path: str, address: str | None, *, submitter: str | None, priority: int, wait: bool,
-           progress: bool = True) -> int:
+           progress: bool = True, out: str | None = None) -> int:
     from farm.loading import load_or_report
 
     m = load_or_report(manifest_path)
@@ -140,6 +155,8 @@ def submit(manifest_path: str, address: str | None, *, submitter: str | None, pr
     h = controller(address)
     data = m.to_dict()
     opts, data["storage_options"] = data["storage_options"], {}
+    if out:
+        data["output"] = out if "://" in out else os.path.abspath(out)
     from .controller import SubmitRefused
 
     try:

@@ -58,7 +58,7 @@ class SubmitRefused(ValueError):
 class FarmController:
     """Everything the farm does; the Ray actor is this class made remote (see ``actors.py``)."""
 
-    def __init__(self, config: dict | FarmConfig, *, start_loop: bool = True):
+    def __init__(self, config: dict | FarmConfig, *, backend_factories: dict | None = None, start_loop: bool = True):
         # a FarmConfig object: built in code by a trusted caller (a benchmark's measurement pool)
         self.config: FarmConfig = config if isinstance(config, FarmConfig) else parse_farm_config(config)
         roots = tuple(self.config.lora_roots)
@@ -73,6 +73,7 @@ class FarmController:
         self.records: dict[str, RunRecord] = {}
         self.draining = False
         self.started_at = time.time()
+        self.backend_factories = dict(backend_factories or {})  # pool name -> factory (benchmarks' backends)
         self._stop = threading.Event()
         self._last = {"flush": 0.0, "record": 0.0, "revive": 0.0}
         self.apply_config(self.config)
@@ -95,7 +96,7 @@ class FarmController:
                 if pool is None or pool.config.model != pc.model:
                     if pool is not None:
                         self._close_pool(pool)
-                    pool = self.pools[pc.name] = Pool(pc, roots)
+                    pool = self.pools[pc.name] = Pool(pc, roots, self.backend_factories.get(pc.name))
                 pool.config = pc
                 pool.scale(pc.worker_count(gpus))
             for name in [n for n in self.pools if n not in {p.name for p in config.pools}]:

@@ -34,6 +34,9 @@ class Pool:
 
     config: Any  # farm.service.config.PoolConfig
     lora_roots: tuple[str, ...] = ()
+    #: builds the workers' backend instead of the registry's (a benchmark's measurement backend,
+    #: given by the code that starts the controller; a manifest never names one)
+    backend_factory: Any = None
     handles: dict[str, Any] = field(default_factory=dict)
     warming: dict[str, Any] = field(default_factory=dict)  # worker name -> its warm() call
     dispatcher: Dispatcher = None  # type: ignore[assignment]
@@ -92,10 +95,8 @@ class Pool:
             kwargs["cache_dir"] = c.node_cache_dir
         if c.node_cache_mb:
             kwargs["cache_budget_bytes"] = int(c.node_cache_mb) << 20
-        if c.model.get("backend") == "sleep":  # the measurement backend (testsupport), for benchmarks only
-            from testsupport.sleep import make_sleep_backend
-
-            kwargs["backend_factory"] = make_sleep_backend
+        if self.backend_factory is not None:
+            kwargs["backend_factory"] = self.backend_factory
         return cls.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(**kwargs)
 
     def poll_warm(self) -> list[str]:
