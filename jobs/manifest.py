@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .limits import MAX_JOBS, MAX_NESTING, ProblemsError, nesting_depth
+from .limits import MAX_JOBS, ProblemsError
 from .matrix import expand_matrices
 from .options import FarmOptions
 from .sources import UNPARSED, base_dir_of, parse, read_bytes, read_jobs_file, too_many
 from .validate import (
-    BAD, Problems, at, check_defaults, check_fields, check_job, check_list, check_model,
+    BAD, Problems, at, check_defaults, check_document, check_job, check_list, check_model,
     check_options, check_output, check_storage_options, check_str, resolve_path,
 )
 
@@ -164,13 +164,7 @@ def validate_manifest(data: Any, base_dir: str | None = None, storage_options: d
 def _validate(data: Any, base_dir: str | None, storage_options: dict | None, problems: Problems) -> Manifest:
     if isinstance(data, (list, tuple)):
         data = {"jobs": data}  # a bare list is a jobs-only manifest
-    if not isinstance(data, Mapping):
-        problems.add("manifest", f"must be a mapping of fields (got {type(data).__name__})")
-        raise ManifestError(problems.items)
-    if nesting_depth(data) > MAX_NESTING:  # before any check recurses into it
-        problems.add("manifest", f"nested more than {MAX_NESTING} levels deep (jobs.limits.MAX_NESTING)")
-        raise ManifestError(problems.items)
-    check_fields(data, TOP_FIELDS, "manifest", problems)
+    check_document(data, "manifest", TOP_FIELDS, problems, ManifestError)
 
     def section(name: str, default: Any) -> Any:
         return default if data.get(name) is None else data[name]  # "key:" with no value = absent

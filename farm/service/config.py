@@ -23,11 +23,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from jobs.limits import MAX_NESTING, Problems, ProblemsError, nesting_depth
+from jobs.limits import Problems, ProblemsError
 from jobs.options import FarmOptions, option_fields
 from jobs.sources import base_dir_of, parse, read_bytes
 from jobs.validate import (
-    BAD, at, check_fields, check_int, check_list, check_mapping, check_model, check_number,
+    BAD, at, check_document, check_fields, check_int, check_list, check_mapping, check_model, check_number,
     check_options, check_output, check_storage_options, check_str, describe, is_url, resolve_path,
 )
 
@@ -339,13 +339,7 @@ def _check_roots(raw: Any, problems: Problems, base_dir: str | None) -> tuple[st
 
 
 def _parse(data: Any, base_dir: str | None, problems: Problems) -> FarmConfig:
-    if not isinstance(data, Mapping):
-        problems.add("config", f"must be a mapping of fields (got {type(data).__name__})")
-        raise FarmConfigError(problems.items)
-    if nesting_depth(data) > MAX_NESTING:  # before any check recurses into it
-        problems.add("config", f"nested more than {MAX_NESTING} levels deep (jobs.limits.MAX_NESTING)")
-        raise FarmConfigError(problems.items)
-    check_fields(data, TOP_FIELDS, "config", problems)
+    check_document(data, "config", TOP_FIELDS, problems, FarmConfigError)
     pools = _check_pools(data.get("pools"), problems, base_dir)
     state = _check_state(data.get("state"), problems, base_dir)
     submitters = _check_submitters(data["submitters"], problems) if data.get("submitters") is not None else {}
