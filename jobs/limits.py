@@ -11,7 +11,7 @@ surrogate is valid JSON, ``"\\ud800"``, but not UTF-8), and how long one problem
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from storage.errors import shorten
 
@@ -109,7 +109,18 @@ class Problems:
         return len(self._listed) + self._more
 
 
+def check_document(data: Any, what: str, problems: Problems, error: Callable[[list[str]], Exception]) -> None:
+    """A whole document (a manifest, a farm config) is a mapping nested no deeper than
+    ``MAX_NESTING``, checked before anything recurses into it; else ``error`` is raised at once."""
+    if not isinstance(data, Mapping):
+        problems.add(what, f"must be a mapping of fields (got {type(data).__name__})")
+        raise error(problems.items)
+    if nesting_depth(data) > MAX_NESTING:
+        problems.add(what, f"nested more than {MAX_NESTING} levels deep (jobs.limits.MAX_NESTING)")
+        raise error(problems.items)
+
+
 __all__ = [
     "MAX_ALIAS_NODES", "MAX_JOBS", "MAX_MANIFEST_BYTES", "MAX_NESTING", "MAX_PROBLEM_CHARS", "MAX_PROBLEMS",
-    "Problems", "lone_surrogate", "nesting_depth", "shorten",
+    "Problems", "ProblemsError", "check_document", "lone_surrogate", "nesting_depth", "shorten",
 ]

@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .limits import MAX_JOBS, ProblemsError
+from .limits import MAX_JOBS, ProblemsError, check_document
 from .matrix import expand_matrices
 from .options import FarmOptions
 from .sources import UNPARSED, base_dir_of, parse, read_bytes, read_jobs_file, too_many
 from .validate import (
-    BAD, Problems, at, check_defaults, check_document, check_job, check_list, check_model,
+    BAD, Problems, at, check_defaults, check_fields, check_job, check_list, check_model,
     check_options, check_output, check_storage_options, check_str, resolve_path,
 )
 
@@ -164,7 +164,8 @@ def validate_manifest(data: Any, base_dir: str | None = None, storage_options: d
 def _validate(data: Any, base_dir: str | None, storage_options: dict | None, problems: Problems) -> Manifest:
     if isinstance(data, (list, tuple)):
         data = {"jobs": data}  # a bare list is a jobs-only manifest
-    check_document(data, "manifest", TOP_FIELDS, problems, ManifestError)
+    check_document(data, "manifest", problems, ManifestError)
+    check_fields(data, TOP_FIELDS, "manifest", problems)
 
     def section(name: str, default: Any) -> Any:
         return default if data.get(name) is None else data[name]  # "key:" with no value = absent

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from storage.policy import cached_refusal, policy_for
 
-from .limits import MAX_NESTING, Problems, lone_surrogate, nesting_depth
+from .limits import Problems, lone_surrogate
 from .options import BACKENDS, FarmOptions, option_fields
 
 #: User-chosen job ids become file names (``images/<id>.png``): no ``/``, no ``..``.
@@ -72,20 +72,6 @@ def describe(value: Any) -> str:
     if len(text) > 40:
         text = text[:37] + "..."
     return f"(got {type(value).__name__} {text})"
-
-
-def check_document(data: Any, what: str, allowed: Iterable[str], problems: Problems,
-                   error: Callable[[list[str]], Exception]) -> None:
-    """A whole document's top level (a manifest, a farm config): a mapping, nested no deeper than
-    ``MAX_NESTING`` (checked before anything recurses into it; else ``error`` is raised at once),
-    with no fields outside ``allowed`` (recorded)."""
-    if not isinstance(data, Mapping):
-        problems.add(what, f"must be a mapping of fields (got {type(data).__name__})")
-        raise error(problems.items)
-    if nesting_depth(data) > MAX_NESTING:
-        problems.add(what, f"nested more than {MAX_NESTING} levels deep (jobs.limits.MAX_NESTING)")
-        raise error(problems.items)
-    check_fields(data, allowed, what, problems)
 
 
 def check_fields(data: Mapping, allowed: Iterable[str], path: str, problems: Problems) -> None:

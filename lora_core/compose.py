@@ -73,7 +73,7 @@ def plan(pairs: Sequence[tuple[Adapter, float]], index: ModelIndex, where: Where
             scale = strength * layer.scale
             for module, ps in _by_module(places).items():
                 parts = [_term(p, layer.A, layer.B, scale, index, adapter.source, target) for p in ps]
-                if len(parts) > 1 and all(p.cols is None for p in ps):
+                if len(parts) > 1 and all(p.cols is None for p in ps) and all(t.a is layer.A for t in parts):
                     # one file layer on several row ranges of one fused module (a BFL qkv onto
                     # nunchaku's to_qkv): the same A, so one term of rank r, not r per range
                     parts = [_Term(parts[0].a, torch.stack([t.scaled() for t in parts]).sum(0), 1.0)]
@@ -130,6 +130,25 @@ def _stack(name: str, kind: str, terms: list[_Term], to: tuple[torch.dtype, torc
     return ModuleUpdate(name, kind, A, B)
 
 
+def own_rank(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the rank columns of ``b`` that are all zero (and the rows of ``a`` they multiply).
+
+    A fused file layer split by rows across several modules (ComfyUI-native Z-Image
+    ``attention.qkv``: A (3r, in) stacked, B block-diagonal) gives each module B rows that
+    are zero outside its own r columns; kept whole, every branch would cost 3r with 2/3
+    zeros. The product is the same (the dropped terms are exact zeros; A is finite). Meta
+    tensors (a header-only bind) have no values and are kept as they are."""
+    if b.is_meta or b.shape[1] <= 1:
+        return a, b
+    used = (b != 0).any(0)
+    if bool(used.all()):
+        return a, b
+    if not bool(used.any()):
+        used[0] = True  # an all-zero part: keep one column so the term has a shape
+    idx = used.nonzero().squeeze(1)
+    return a.index_select(0, idx), b.index_select(1, idx)
+
+
 def _by_module(places: list[Placement]) -> dict[str, list[Placement]]:
     out: dict[str, list[Placement]] = {}
     for p in places:
@@ -149,6 +168,8 @@ def _term(p: Placement, A: torch.Tensor, B: torch.Tensor, scale: float, index: M
           target: str) -> _Term:
     a = A[:, p.cols] if p.cols is not None else A
     src = B[p.rows] if p.rows is not None else B
+    if p.rows is not None:
+        a, src = own_rank(a, src)
     n_in, n_out = index.in_features(p.module), index.out_features(p.module)
     if a.shape[1] != n_in:
         raise ShapeMismatchError(

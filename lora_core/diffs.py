@@ -6,6 +6,15 @@ Semantics are ComfyUI's (``comfy/lora.py``: a ``("diff", (tensor,))`` patch; ``c
 file's ``.alpha`` belongs to its low-rank pairs only). Here the sum runs in fp32 and is cast
 to the parameter's dtype once. A diff is never a low-rank branch: it is merged into the
 tensor it targets in every mode.
+
+A diff target is bound by the very resolver the low-rank layers use (``lora_core.resolve``,
+with the family maps of ``lora_core.families``): a BFL Flux ``double_blocks.0.img_attn.qkv.diff``
+is split by rows onto ``to_q``/``to_k``/``to_v``, a ComfyUI-native Z-Image
+``attention.qkv.diff`` likewise, a component of a module the model fuses (``w1`` inside
+Z-Image's ``w13``, w3 first) lands at its rows, and a projection the model splits by input
+(Flux single-block ``proj_out`` -> ``proj_out.linears.0/1``) gets the diff's columns for each
+half (its bias goes to the one half that has a bias). Norms and other modules that are no
+LoRA target are found by their own name or a family rename of it.
 """
 from __future__ import annotations
 
@@ -14,8 +23,10 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from .errors import ShapeMismatchError, TargetNotFoundError, UnsupportedFormatError, shown_list
+from .families import expansions
 from .keymap import strip_prefix
 from .model_index import ModelIndex
+from .resolve import Placement, Unresolved, resolve
 
 # key suffix -> the parameter of the target module it changes (``.diff_b`` tested first)
 SUFFIXES = ((".diff_b", "bias"), (".diff", "weight"))
@@ -53,14 +64,71 @@ def _names(index: ModelIndex) -> dict[str, str | None]:
     return cached
 
 
-def _place(target: str, index: ModelIndex) -> tuple[str, slice | None] | None:
-    """(module, rows inside it) for a diff target: a module, or a component of a fused one."""
-    name = target if "." in target else index.underscored.get(target) or target
-    slot = index.slots.get(name)
-    if slot is not None and name not in index.modules:
-        return slot.fused, slice(slot.offset, slot.offset + slot.size)
-    found = _names(index).get(name)
-    return (found, None) if found is not None else None
+def _placements(target: str, index: ModelIndex) -> list[Placement] | None:
+    """Where a diff target lands: a LoRA-targetable module (or rows/columns of one, through
+    the resolver), else any module with a weight or bias by its name or a family rename.
+    The model's own name wins over any rename, as for the low-rank layers."""
+    names = _names(index)
+
+    def own(name: str) -> str | None:
+        return names.get(name if "." in name else index.underscored.get(name) or name)
+
+    found = own(target)
+    if found is not None and found not in index.modules:  # a norm (or other non-LoRA module) by its own name
+        return [Placement(found)]
+    try:
+        return resolve(target, index)
+    except Unresolved:
+        pass
+    for exp in expansions(target):
+        found = own(exp.names[0]) if len(exp.names) == 1 else None
+        if found is not None:
+            return [Placement(found, swap_halves=exp.swap_halves)]
+    return None
+
+
+def _param_of(index: ModelIndex, module: str, param: str) -> torch.Tensor | None:
+    m = index.root.get_submodule(module)
+    t = getattr(m, "master" if param == "weight" and index.kinds.get(module) == "fp8" else param, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _pieces(diff: torch.Tensor, param: str, places: list[Placement], index: ModelIndex, source: str, key: str
+            ) -> list[tuple[str, slice | None, torch.Tensor]]:
+    """``(module, destination rows or None, the part of diff that lands there)`` per placement;
+    shapes checked against the model, before anything is summed."""
+    ends = [p.rows.stop for p in places if p.rows is not None]
+    if ends and max(ends) != diff.shape[0]:
+        raise ShapeMismatchError(f"diff has {diff.shape[0]} rows but the model's components add up to {max(ends)}",
+                                 source=source, key=key)
+    if param == "bias" and any(p.cols is not None for p in places):
+        # a projection split by input: y = W0 x0 + W1 x1 + b, so b belongs to exactly one half
+        places = [p for p in places if _param_of(index, p.module, "bias") is not None]
+        if len(places) != 1:
+            raise TargetNotFoundError(f"bias diff for a projection split by input needs exactly one part with a bias, "
+                                      f"found {len(places)}", source=source, key=key)
+    out = []
+    for p in places:
+        dst = _param_of(index, p.module, param)
+        if dst is None:
+            # ComfyUI skips such a key with a warning; we will not create a bias the
+            # model never had (it would change its state dict and its kernels)
+            raise TargetNotFoundError(f"module {p.module!r} has no {param} for this diff", source=source, key=key)
+        part = diff[p.rows] if p.rows is not None else diff
+        if p.cols is not None and param == "weight":
+            part = part[:, p.cols]
+        if p.swap_halves:  # BFL final modulation (shift, scale) -> diffusers (scale, shift)
+            half = part.shape[0] // 2
+            part = torch.cat([part[half:], part[:half]], 0)
+        rows = None if p.offset is None else slice(p.offset, p.offset + part.shape[0])
+        want = tuple(dst.shape) if rows is None else (rows.stop - rows.start, *dst.shape[1:])
+        if tuple(part.shape) != want or (rows is not None and rows.stop > dst.shape[0]):
+            what = f"{p.module}.{param}" + (f" rows {rows.start}:{rows.stop}" if rows is not None else "")
+            src = "diff" if part is diff else "its part of the diff"
+            raise ShapeMismatchError(f"{src} has shape {tuple(part.shape)} but {what} takes {want}",
+                                     source=source, key=key)
+        out.append((p.module, rows, part))
+    return out
 
 
 def bind(pairs: Sequence[tuple[object, float]], index: ModelIndex, missing: list[str]
@@ -74,32 +142,23 @@ def bind(pairs: Sequence[tuple[object, float]], index: ModelIndex, missing: list
     packed: list[str] = []
     for adapter, strength in pairs:
         for target, params in adapter.diffs.items():
-            place = _place(target, index)
-            if place is None:
+            places = _placements(target, index)
+            if places is None:
                 missing.append(f"{target} (full-weight diff, from {adapter.source})")
                 continue
-            module, rows = place
-            m = index.root.get_submodule(module)
             for param, diff in params.items():
                 key = adapter.diff_keys.get((target, param), target)
-                if (param == "weight" and index.kinds.get(module) in PACKED_KINDS) or index.interleaved(module):
+                if any((param == "weight" and index.kinds.get(p.module) in PACKED_KINDS) or index.interleaved(p.module)
+                       for p in places):
                     # nunchaku's modulation rows are interleaved: a bias diff in file order would land wrong
                     packed.append(f"{key} (from {adapter.source})")
                     continue
-                dst = getattr(m, "master" if param == "weight" and index.kinds.get(module) == "fp8" else param, None)
-                if not isinstance(dst, torch.Tensor):
-                    # ComfyUI skips such a key with a warning; we will not create a bias the
-                    # model never had (it would change its state dict and its kernels)
-                    raise TargetNotFoundError(f"module {module!r} has no {param} for this diff", source=adapter.source,
-                                              key=key)
-                want = tuple(dst.shape) if rows is None else (rows.stop - rows.start, *dst.shape[1:])
-                if tuple(diff.shape) != want:
-                    raise ShapeMismatchError(f"diff has shape {tuple(diff.shape)} but {module}.{param} takes {want}",
-                                             source=adapter.source, key=key)
-                acc = out.setdefault(module, {}).get(param)
-                if acc is None:
-                    acc = out[module][param] = torch.zeros(dst.shape, dtype=torch.float32, device=diff.device)
-                (acc if rows is None else acc[rows]).add_(diff.to(torch.float32), alpha=strength)
+                for module, rows, part in _pieces(diff, param, places, index, adapter.source, key):
+                    acc = out.setdefault(module, {}).get(param)
+                    if acc is None:
+                        dst = _param_of(index, module, param)
+                        acc = out[module][param] = torch.zeros(dst.shape, dtype=torch.float32, device=diff.device)
+                    (acc if rows is None else acc[rows]).add_(part.to(torch.float32), alpha=strength)
     if packed:
         raise UnsupportedFormatError(f"{len(packed)} full-weight diff(s) target a quantized (packed) weight or "
                                      f"nunchaku's interleaved modulation, which a dense delta cannot change: "

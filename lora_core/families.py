@@ -7,7 +7,16 @@ diffusers model keeps apart: those expand to several components whose rows are s
 the model's own widths. ComfyUI's native Z-Image (Lumina2 ``NextDiT``) names, as
 musubi-tuner's ``convert_z_image_lora_to_comfy.py`` writes them, fuse ``to_q/k/v`` into
 ``attention.qkv`` (down: the three downs stacked, up: block-diagonal) and call
-``to_out.0`` ``attention.out``. Separators may be dots or underscores (kohya).
+``to_out.0`` ``attention.out``; ComfyUI's own ``z_image_to_diffusers`` map (``comfy/utils.py``)
+adds ``attention.q_norm``/``k_norm`` (diffusers ``norm_q``/``norm_k``) and the top-level
+``final_layer.*`` / ``x_embedder`` (diffusers ``all_final_layer.2-1.*`` / ``all_x_embedder.2-1``),
+which is where a LoraSave extract of Z-Image puts its ``.diff`` / ``.diff_b`` keys.
+Separators may be dots or underscores (kohya).
+
+One name can mean different modules in different families (``final_layer.linear`` is Flux's
+``proj_out`` and Z-Image's ``all_final_layer.2-1.linear``): :func:`expansions` lists every
+reading, and the resolver takes the first that exists in the model. The same map serves
+low-rank layers and full-weight diffs (``lora_core.diffs``).
 """
 from __future__ import annotations
 
@@ -56,27 +65,44 @@ _BLOCK = re.compile(rf"^(double|single)_blocks{_S}(\d+){_S}(.+)$")
 _ZIMAGE_ATTN = {
     "qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
     "out": ("attention.to_out.0",),
+    "q_norm": ("attention.norm_q",),
+    "k_norm": ("attention.norm_k",),
 }
-_ZIMAGE = re.compile(rf"^(layers|noise_refiner|context_refiner){_S}(\d+){_S}attention{_S}(qkv|out)$")
+_ZIMAGE = re.compile(rf"^(layers|noise_refiner|context_refiner){_S}(\d+){_S}attention{_S}(qkv|out|q_norm|k_norm)$")
+# ComfyUI-native Z-Image top-level names (patch size 2, frame patch 1: diffusers' "2-1" entry)
+_ZIMAGE_TOP = {
+    "final_layer_linear": "all_final_layer.2-1.linear",
+    "final_layer_adaLN_modulation_1": "all_final_layer.2-1.adaLN_modulation.1",
+    "x_embedder": "all_x_embedder.2-1",
+}
 
 
 @lru_cache(maxsize=65536)
-def expand(target: str) -> Expansion:
-    """The diffusers name(s) a file target stands for; unknown names pass through."""
+def expansions(target: str) -> tuple[Expansion, ...]:
+    """Every reading of a file target as diffusers name(s), most likely first; an unknown
+    name stands for itself (the resolver has already tried it as the model's own name)."""
     m = _BLOCK.match(target)
     if m:
         kind, idx, rest = m.group(1), m.group(2), m.group(3).replace(".", "_")
         table, block = (_BFL_DOUBLE, "transformer_blocks") if kind == "double" else (_BFL_SINGLE, "single_transformer_blocks")
         if rest in table:
-            return Expansion(tuple(f"{block}.{idx}.{c}" for c in table[rest]))
-        return Expansion((target,))
+            return (Expansion(tuple(f"{block}.{idx}.{c}" for c in table[rest])),)
+        return (Expansion((target,)),)
     m = _ZIMAGE.match(target)
     if m:
         family, idx, leaf = m.groups()
-        return Expansion(tuple(f"{family}.{idx}.{c}" for c in _ZIMAGE_ATTN[leaf]))
+        return (Expansion(tuple(f"{family}.{idx}.{c}" for c in _ZIMAGE_ATTN[leaf])),)
     flat = target.replace(".", "_")
+    out: list[Expansion] = []
     if flat in _BFL_TOP:
-        return Expansion((_BFL_TOP[flat],))
+        out.append(Expansion((_BFL_TOP[flat],)))
     if flat == "final_layer_adaLN_modulation_1":
-        return Expansion(("norm_out.linear",), swap_halves=True)
-    return Expansion((target,))
+        out.append(Expansion(("norm_out.linear",), swap_halves=True))
+    if flat in _ZIMAGE_TOP:
+        out.append(Expansion((_ZIMAGE_TOP[flat],)))
+    return tuple(out) or (Expansion((target,)),)
+
+
+def expand(target: str) -> Expansion:
+    """The first reading of :func:`expansions` (kept for callers that want one)."""
+    return expansions(target)[0]

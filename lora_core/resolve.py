@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .families import expand
+from .families import expansions
 from .model_index import ModelIndex
 
 
@@ -27,21 +27,23 @@ class Unresolved(Exception):
     pass
 
 
-def resolve(target: str, index: ModelIndex, out_rows: int) -> list[Placement]:
-    """Placements for one file target whose B has ``out_rows`` rows; Unresolved if none."""
+def resolve(target: str, index: ModelIndex, out_rows: int | None = None) -> list[Placement]:
+    """Placements for one file target (``out_rows``: its B's rows, kept for callers); Unresolved
+    if none. The model's own name wins over any family rename; of the family readings
+    (``families.expansions``) the first the model has wins."""
     direct = _one(_canonical(target, index), index, None)
-    if direct is not None:  # the model's own name wins over any family rename
+    if direct is not None:
         return direct
-    exp = expand(target)
-    if len(exp.names) == 1:
-        places = _one(_canonical(exp.names[0], index), index, None)
-    else:
-        places = _split_rows([_canonical(n, index) for n in exp.names], index, None)
-    if places is None:
-        raise Unresolved(target)
-    if exp.swap_halves:
-        places = [Placement(p.module, p.rows, p.cols, p.offset, True) for p in places]
-    return places
+    for exp in expansions(target):
+        if len(exp.names) == 1:
+            places = _one(_canonical(exp.names[0], index), index, None)
+        else:
+            places = _split_rows([_canonical(n, index) for n in exp.names], index, None)
+        if places is not None:
+            if exp.swap_halves:
+                places = [Placement(p.module, p.rows, p.cols, p.offset, True) for p in places]
+            return places
+    raise Unresolved(target)
 
 
 def _canonical(name: str, index: ModelIndex) -> str:

@@ -126,6 +126,10 @@ def up(config_path: str, address: str | None) -> int:
         r = call(h, "ready")
         if r["ready"]:
             break
+        if r.get("failed"):
+            for name, why in r["failed"].items():
+                print(f"farm up: worker {name} could not load its model: {why}", file=sys.stderr)
+            return 1
         if time.monotonic() > deadline:
             print(f"farm up: workers not ready after {READY_TIMEOUT_S:.0f} s: {r['workers']}", file=sys.stderr)
             return 1

@@ -23,11 +23,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from jobs.limits import Problems, ProblemsError
+from jobs.limits import Problems, ProblemsError, check_document
 from jobs.options import FarmOptions, option_fields
 from jobs.sources import base_dir_of, parse, read_bytes
 from jobs.validate import (
-    BAD, at, check_document, check_fields, check_int, check_list, check_mapping, check_model, check_number,
+    BAD, at, check_fields, check_int, check_list, check_mapping, check_model, check_number,
     check_options, check_output, check_storage_options, check_str, describe, is_url, resolve_path,
 )
 
@@ -339,7 +339,8 @@ def _check_roots(raw: Any, problems: Problems, base_dir: str | None) -> tuple[st
 
 
 def _parse(data: Any, base_dir: str | None, problems: Problems) -> FarmConfig:
-    check_document(data, "config", TOP_FIELDS, problems, FarmConfigError)
+    check_document(data, "config", problems, FarmConfigError)
+    check_fields(data, TOP_FIELDS, "config", problems)
     pools = _check_pools(data.get("pools"), problems, base_dir)
     state = _check_state(data.get("state"), problems, base_dir)
     submitters = _check_submitters(data["submitters"], problems) if data.get("submitters") is not None else {}

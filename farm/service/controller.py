@@ -115,13 +115,16 @@ class FarmController:
             pool.retire(name)
 
     def ready(self) -> dict:
-        """Poll once: ``{"ready": bool, "workers": {pool: [ready, wanted]}}``."""
+        """Poll once: ``{"ready": bool, "workers": {pool: [ready, wanted]}, "failed": {worker: why}}``
+        (a worker that could not load its model is in ``failed`` and the farm is not ready)."""
         with self.lock:
             for p in self.pools.values():
                 p.poll_warm()
             counts = {p.name: [sum(n in p.dispatcher.books for n in p.handles), len(p.handles)]
                       for p in self.pools.values()}
-            return {"ready": all(p.ready for p in self.pools.values()), "workers": counts}
+            failed = {n: why for p in self.pools.values() for n, why in p.failed.items()}
+            return {"ready": all(p.ready for p in self.pools.values()) and not failed, "workers": counts,
+                    "failed": failed}
 
     # ---- runs ------------------------------------------------------------------------------
     def submit(self, manifest: dict | Manifest, storage_options: dict | None = None, submitter: str = "default",
@@ -254,6 +257,8 @@ class FarmController:
                         d._collect(STEP_S)  # finish what is in flight, send nothing new
                     else:
                         d.step(STEP_S)
+                for run in [r for r in self.runs.values() if r.pool is pool and d.finished(r.record.run_id)]:
+                    self._finish_if_done(run)  # done when its last row lands, not at the next flush
         now = time.monotonic()
         if now - self._last["flush"] >= FLUSH_S:
             self._last["flush"] = now
@@ -304,18 +309,13 @@ class FarmController:
 
     def _revive(self) -> None:
         """Probe workers the dispatcher gave up on (Ray restarts them); those that answer rejoin empty."""
-        import ray
-
-        with self.lock:
-            dead = [(p, name) for p in self.pools.values() for name, b in p.dispatcher.books.items()
-                    if not b.alive and not b.retired and name in p.handles]
-        for pool, name in dead:
-            try:
-                ray.get(pool.handles[name].state.remote(), timeout=1.0)
-            except Exception:  # noqa: BLE001 - still down
-                continue
+        for pool in list(self.pools.values()):
             with self.lock:
-                pool.dispatcher.revive(name)
+                dead = pool.given_up()
+            answering = pool.answering(dead)  # no lock: a probe waits up to a second
+            with self.lock:
+                for name in answering:
+                    pool.dispatcher.revive(name)
 
     # ---- what the farm shows -----------------------------------------------------------------
     def status(self, run_id: str | None = None) -> Any:

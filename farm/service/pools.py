@@ -39,6 +39,7 @@ class Pool:
     backend_factory: Any = None
     handles: dict[str, Any] = field(default_factory=dict)
     warming: dict[str, Any] = field(default_factory=dict)  # worker name -> its warm() call
+    failed: dict[str, str] = field(default_factory=dict)  # worker name -> why it could not load its model
     dispatcher: Dispatcher = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -77,6 +78,7 @@ class Pool:
         self.dispatcher.remove_worker(name)
         h = self.handles.pop(name)
         self.warming.pop(name, None)
+        self.failed.pop(name, None)
         try:
             ray.kill(h, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
@@ -111,12 +113,30 @@ class Pool:
             del self.warming[name]
             try:
                 st = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - a worker that cannot load its model: reported, retried on revive
+            except Exception as e:  # noqa: BLE001 - a worker that cannot load its model: reported by ready()
+                self.failed[name] = f"{type(e).__name__}: {e}"[:2000]
                 log.error("worker %s failed to load its model: %s", name, e)
                 continue
             self.dispatcher.add_worker(name, self.handles[name], node_id=st.get("node", ""))
             joined.append(name)
         return joined
+
+    def given_up(self) -> list[str]:
+        """Workers of this pool the dispatcher stopped sending to (not retired ones)."""
+        return [n for n, b in self.dispatcher.books.items() if not b.alive and not b.retired and n in self.handles]
+
+    def answering(self, names: list[str], timeout_s: float = 1.0) -> list[str]:
+        """Those of ``names`` whose actor answers a state call within ``timeout_s`` (Ray restarted it)."""
+        import ray
+
+        out = []
+        for name in names:
+            try:
+                ray.get(self.handles[name].state.remote(), timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - still down (or gone)
+                continue
+            out.append(name)
+        return out
 
     @property
     def ready(self) -> bool:
