@@ -3,6 +3,7 @@
     python -m benchmarks.scheduler --jobs N --compositions M --workers K --alpha A \\
         --compose-cost C --render-cost R --seed S --json
     python -m benchmarks.scheduler --sweep [--no-write]
+    python -m benchmarks.scheduler --fair-sweep [--no-write]
 
 One run prints one JSON object: per policy (``affinity``, ``fifo``, ``least_loaded``,
 ``serve_multiplex``, and ``affinity_greedy``: ours without the batch plan, an ablation) its
@@ -17,6 +18,11 @@ does; batch with 20 and bursty with 100 with mixed job sizes), measures the
 cost of one ``assign`` decision with 10,000 jobs queued, writes
 ``benchmarks/scheduler_sweep.png`` and replaces the "## Scheduler (simulation)" section
 of ``benchmarks/RESULTS.md``.
+
+``--fair-sweep`` runs the workloads with several submitters and run arrivals
+(``benchmarks/scheduler_fair.py``: fairness, a small run behind a large one, the cost of
+fairness against ``fair=False``) in one process, writes ``benchmarks/scheduler_fair.png``
+and replaces the "## Scheduler: fair share and run arrivals (simulation)" section.
 """
 from __future__ import annotations
 
@@ -378,16 +384,29 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="run the sweep, write the plot and RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="with --sweep: leave RESULTS.md and the plot alone")
     p.add_argument("--procs", type=int, default=2, help="with --sweep: processes")
+    p.add_argument("--fair-sweep", action="store_true",
+                   help="the several-submitter workloads (benchmarks/scheduler_fair.py), RESULTS.md and plot")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    command = "python -m benchmarks.scheduler " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.fair_sweep:
+        from benchmarks import scheduler_fair
+
+        t0 = time.time()
+        arrivals, behind = scheduler_fair.fair_sweep(args.seed)
+        text, summary = scheduler_fair.report(arrivals, behind, command, machine(), time.time() - t0)
+        if not args.no_write:
+            scheduler_fair.plot(arrivals, behind, os.path.join(HERE, "scheduler_fair.png"))
+            write_section(text)
+        print(json.dumps(summary, indent=None if args.json else 2))
+        return 0
     if args.sweep:
         t0 = time.time()
         rows = sweep(args.seed, args.procs)
         costs = [decision_cost(), decision_cost(compositions=10_000)]
-        command = "python -m benchmarks.scheduler " + " ".join(argv if argv is not None else sys.argv[1:])
         text, summary = report(rows, costs, command, machine(), time.time() - t0, write_plot=not args.no_write)
         if not args.no_write:
             write_section(text)

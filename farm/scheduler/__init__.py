@@ -12,10 +12,14 @@ One concern per module:
 * ``queue``: ``JobQueue``, queued jobs indexed by composition;
 * ``policy``: ``Policy``, the protocol's bookkeeping, and ``Slot``, a worker in one decision;
 * ``affinity``: ``AffinityScheduler``, the policy the farm runs;
+* ``fair``: fair share between submitters (weights) and runs, used by it: ``FlowQueue``
+  (the queue indexed by run and submitter too), ``FairShare`` (the ledger), the rules;
 * ``batch_plan``: the plan it follows for a batch (pure packing, and ``Following``);
 * ``baselines``: fifo, least_loaded and Ray Serve multiplexing, to measure it against;
 * ``sim`` and ``sim_bounds``: a discrete-event farm that drives any policy, and the lower
-  bounds no schedule beats (the scheduler benchmark and the tests use both; numpy, no Ray).
+  bounds no schedule beats (the scheduler benchmark and the tests use both; numpy, no Ray);
+  ``sim_fair``: workloads with several submitters and run arrivals, and their measures
+  (shares of rendering while all have queued work, per-run latency).
 
 Protocol. The policy owns the queue, indexed by composition, so a decision costs
 O(workers^2 + log queue), never a scan of the queue::

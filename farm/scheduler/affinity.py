@@ -8,16 +8,17 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .batch_plan import Following, Lane, make_plan
 from .costs import switch_cost
+from .fair import FairRules, FairShare, Flow, FlowQueue
 from .policy import Policy, Slot
 from .queue import NO_WORK
 from .types import QueuedJob, WorkerView
 
 
-class AffinityScheduler(Policy):
+class AffinityScheduler(FairRules, Policy):
     """LoRA affinity: a plan for a batch, greedy rules for arrivals, and an age bound.
 
     A batch (the queue as submitted, one priority level) is planned once by
@@ -36,8 +37,10 @@ class AffinityScheduler(Policy):
        made when jobs it does not cover reach ``replan_share`` of those it does (e.g.
        retries), a worker joins, a planned one dies, or the mean render or compose
        estimate moves by 1.5x;
-    3. without a plan (``batch_plan=False``, several priority levels queued, or jobs that
-       arrived while a plan ran, until the farm drains), the greedy rules:
+    3. without a plan (``batch_plan=False``, several priority levels or, with ``fair``,
+       several runs queued, or jobs that arrived while a plan ran, until the farm
+       drains), the greedy rules (with ``fair``, and two or more runs queued at the top
+       priority, first the fair-share rules of ``fair.py``):
        switch: compositions that want a worker, best first by (top priority, time to
        clear), each to its cheapest eligible worker. A composition nobody holds always
        wants one; a held one only while ``backlog * render / holders > switch + horizon``
@@ -60,6 +63,19 @@ class AffinityScheduler(Policy):
     composition is replicated up to about its share of the farm and no further).
     ``prefetch_lead_s`` (None: 8 x ``fetch_cost_s``): how early before a worker runs dry
     to hint its next composition (its next piece, under a plan).
+
+    Fair share (``fair.py``): ``fair`` (True: among runs of equal priority, workers are
+    shared between submitters by ``weights``, default 1 each, in worker-seconds of
+    rendering, by handing whole stretches of a composition to a submitter, and a small
+    run behind a large one gets workers after the job they are on. While two or more
+    runs have queued work at the top priority there is no batch plan and the greedy rules
+    run with quotas; with one run every decision is the same as with ``fair=False``).
+    ``fair_runs`` (True: runs are flows of their own, so the small-run rule applies
+    between one submitter's runs too; False: a submitter's runs are pooled).
+    ``fair_tolerance`` (0.05) and ``fair_quantum_s`` (None: 2 x (compose + render)): the
+    hysteresis of the shares, ``max(quantum, tolerance x usage)`` per unit of weight.
+    ``set_weights`` changes the weights while it runs; ``yields`` counts the workers taken
+    from unfinished work for fair share.
     """
 
     name = "affinity"
@@ -67,9 +83,17 @@ class AffinityScheduler(Policy):
     def __init__(
         self, *, max_wait_s: float | None = 600.0, horizon_s: float | None = None,
         prefetch_lead_s: float | None = None, batch_plan: bool = True, plan_slack: float = 0.05,
-        replan_share: float = 0.1, weigh_jobs: bool = True,
+        replan_share: float = 0.1, weigh_jobs: bool = True, fair: bool = True,
+        weights: Mapping[str, float] | None = None, fair_tolerance: float = 0.05,
+        fair_quantum_s: float | None = None, fair_runs: bool = True,
     ) -> None:
         super().__init__()
+        self.fair = fair
+        self.share = FairShare(weights, tolerance=fair_tolerance, quantum_s=fair_quantum_s)
+        self._tail_flow: dict[str, Flow] = {}  # worker -> the flow of the last job sent there
+        self.yields: Counter = Counter()  # workers taken from unfinished work for fair share (fair.py)
+        if fair:
+            self.queue = FlowQueue(by_run=fair_runs)
         self.prefetch_lead_s = prefetch_lead_s
         self.max_wait_s = max_wait_s
         self.horizon_s = horizon_s
@@ -82,6 +106,11 @@ class AffinityScheduler(Policy):
         self._plan_costs = (0.0, 0.0)  # mean render and compose seconds it was made with
         self._online = False  # jobs arrived while a plan ran: no plans until the farm drains
         self.plans_made = 0
+
+    # ---- fair share (fair.py) ---------------------------------------------------------
+    def set_weights(self, weights: Mapping[str, float] | None) -> None:
+        """New submitter weights (e.g. the farm config reloaded); usage so far is kept."""
+        self.share.weights = FairShare(weights).weights
 
     # ---- the batch plan (batch_plan.py) ------------------------------------------------
     def submit(self, jobs: Iterable[QueuedJob]) -> None:
@@ -102,7 +131,8 @@ class AffinityScheduler(Policy):
         """Plan the queue when there is no plan, or it is stale (many jobs it does not cover),
         or a worker joined or a planned one died, or the costs moved; with ``ran_out`` (a
         worker's pieces ran out), rebalance toward the same end time."""
-        if not self.batch_plan or self._online or self.queue.priorities() != 1:
+        several = self.fair and isinstance(self.queue, FlowQueue) and len(self.queue.flows()) > 1
+        if not self.batch_plan or self._online or self.queue.priorities() != 1 or several:
             self._drop_plan()
             return
         alive = frozenset(s.view.worker_id for s in slots)
@@ -185,6 +215,9 @@ class AffinityScheduler(Policy):
         if self._following:
             self._take_loose(unplanned, holders, out)
             return out
+        fair = self._round(slots)
+        if fair is not None:  # two or more runs queued at the top priority: share the workers
+            self._fair_greedy(slots, holders, out, fair)
         self._switch(slots, unplanned, holders, out)
         for s in unplanned:
             while s.spare > 0 and self.queue.count(s.comp):

@@ -99,6 +99,16 @@ class JobQueue:
         """The best-ranked job of composition ``key`` (KeyError when it has none)."""
         return self._take(self._head(self._comps[key].by_rank))
 
+    def peek(self, key: str) -> str | None:
+        """The id of the job ``pop(key)`` would return, or None when ``key`` has none."""
+        comp = self._comps.get(key)
+        entry = self._head(comp.by_rank) if comp else None
+        return entry[-1] if entry else None
+
+    def top(self) -> float:
+        """The highest priority queued (``NO_WORK`` when the queue is empty): O(levels)."""
+        return max(self._prio) if self._prio else NO_WORK
+
     def pop_oldest(self, key: str) -> QueuedJob:
         return self._take(self._head(self._comps[key].by_age))
 

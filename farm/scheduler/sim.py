@@ -75,6 +75,8 @@ class SimResult:
     p95_wait: float
     mean_wait: float
     remote_fetches: int
+    # per finished job: (job, assigned, started on its worker, rendering began, finished); ``sim_fair`` reads it
+    trace: tuple[tuple[QueuedJob, float, float, float, float], ...] = field(default=(), repr=False, compare=False)
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -150,6 +152,8 @@ class Simulation:
         self.makespan = 0.0
         self.next_tick = -1.0
         self.warming: set[tuple[_Worker, str]] = set()
+        self.trace: list[tuple[QueuedJob, float, float, float, float]] = []
+        self.assigned: dict[str, float] = {}  # job id -> when the policy assigned it
 
     def push(self, t: float, kind: str, data: object = None) -> None:
         self.order += 1
@@ -177,7 +181,7 @@ class Simulation:
             raise SimError(f"{self.policy.name}: {len(self.jobs) - self.finished} jobs never ran")
         w = np.array(self.waits) if self.waits else np.zeros(1)
         return SimResult(self.policy.name, self.makespan, self.recompositions,
-                         float(np.percentile(w, 95)), float(w.mean()), self.remote)
+                         float(np.percentile(w, 95)), float(w.mean()), self.remote, tuple(self.trace))
 
     def handle(self, now: float, kind: str, data: object) -> None:
         if kind == "arrive":
@@ -186,6 +190,8 @@ class Simulation:
             self.policy.submit(data)  # type: ignore[arg-type]
         elif kind == "finish":
             worker, job, compose_s, fetch_s = data  # type: ignore[misc]
+            began = now - self.farm.render_s * job.work
+            self.trace.append((job, self.assigned.pop(job.job_id), began - fetch_s - compose_s, began, now))
             if worker.costs is not None:  # as the dispatcher learns from the job's result row
                 worker.costs.observe(compose_s=compose_s, render_s=self.farm.render_s, fetch_s=fetch_s)
             self.policy.done(job.job_id)
@@ -223,6 +229,7 @@ class Simulation:
             if job is None:
                 raise SimError(f"{self.policy.name} assigned {job_id} twice or before it arrived")
             room[wid] -= 1
+            self.assigned[job_id] = now
             if room[wid] < 0:
                 raise SimError(f"{self.policy.name} overfilled {wid}")
             self.by_id[wid].queue.append(job)

@@ -44,7 +44,9 @@ class Pool:
 
     def __post_init__(self) -> None:
         if self.dispatcher is None:
-            self.dispatcher = Dispatcher({}, AffinityScheduler(), "", capacity=CAPACITY,
+            # fair share off in the farm for now: with it, the greedy fair rules move workers off
+            # compositions the next run also needs (issue 16's note); priority still orders runs
+            self.dispatcher = Dispatcher({}, AffinityScheduler(fair=False), "", capacity=CAPACITY,
                                          max_batch=self.options.max_batch, retries=self.options.retries)
 
     @property

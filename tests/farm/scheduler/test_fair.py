@@ -1,0 +1,199 @@
+"""Fair share between submitters and runs (farm/scheduler/fair.py) in the policy and the simulator:
+shares within the target at 1:1 and 1:2, no head-of-line blocking, today's decisions for one run."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from farm.scheduler.affinity import AffinityScheduler
+from farm.scheduler.fair import FairShare, FlowQueue
+from farm.scheduler.sim import FarmModel, make_workload, simulate
+from farm.scheduler.sim_fair import (
+    busy_windows, fair_shares, make_behind_workload, make_runs_workload, run_latency,
+)
+from farm.scheduler.types import QueuedJob, WorkerView
+
+
+class Recording(AffinityScheduler):
+    """The policy, keeping every ``assign`` answer (time, pairs) in order."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.log: list[tuple[float, list[tuple[str, str]]]] = []
+
+    def assign(self, workers, now):
+        out = super().assign(workers, now)
+        self.log.append((now, out))
+        return out
+
+
+def _relabel(jobs: list[QueuedJob], run: str, submitter: str) -> list[QueuedJob]:
+    return [QueuedJob(j.job_id, j.composition, j.loras, j.priority, j.enqueued_at, j.work, run=run,
+                      submitter=submitter) for j in jobs]
+
+
+@pytest.mark.parametrize("arrival,mixed,prior,label", [
+    ("batch", False, None, ("", "")), ("batch", True, None, ("run-1", "alice")),
+    ("bursty", False, None, ("", "")), ("bursty", True, 1.0, ("run-1", "alice")),
+    ("batch", False, 1.0, ("run-1", "bob")),
+])
+def test_one_run_one_submitter_assigns_exactly_as_fair_false(arrival, mixed, prior, label):
+    jobs = make_workload(400, 20, 1.0, 3, arrival=arrival, span_s=150.0, mixed_sizes=mixed)
+    jobs = _relabel(jobs, *label)
+    for workers, compose in ((3, 5.0), (8, 1.0)):
+        farm = FarmModel(workers, compose, 1.0, prior_s=prior)
+        fair, unfair = Recording(weights={"alice": 3.0, "bob": 0.5}), Recording(fair=False)
+        a, b = simulate(fair, jobs, farm), simulate(unfair, jobs, farm)
+        assert fair.log == unfair.log
+        assert (a.makespan, a.recompositions) == (b.makespan, b.recompositions)
+        assert fair.yields == {}
+
+
+@pytest.mark.parametrize("weights,workers,jobs,seed", [
+    ({"a": 1, "b": 1}, 4, 800, 1), ({"a": 1, "b": 2}, 4, 800, 1), ({"a": 1, "b": 2}, 8, 1200, 3),
+])
+def test_shares_follow_the_weights_while_both_have_queued_work(weights, workers, jobs, seed):
+    farm = FarmModel(workers, 2.0, 1.0)
+    work = make_runs_workload(jobs, 60, 0.9, seed, submitters=tuple(weights), span_s=40.0)
+    fair = fair_shares(simulate(AffinityScheduler(weights=weights), work, farm).trace, weights)
+    unfair = fair_shares(simulate(AffinityScheduler(fair=False), work, farm).trace, weights)
+    assert fair["window_s"] > 60  # a long stretch where both have queued work
+    assert fair["worst"] <= 0.10, fair
+    assert unfair["worst"] > 0.10, unfair  # without fair share the same workload misses it
+    for s, part in fair["submitters"].items():
+        assert part["target"] == pytest.approx(weights[s] / sum(weights.values()))
+
+
+@pytest.mark.parametrize("same_submitter", [False, True])
+@pytest.mark.parametrize("workers,compose", [(2, 1.0), (8, 1.0), (8, 20.0), (16, 5.0)])
+def test_a_small_run_behind_a_large_one_is_not_blocked(same_submitter, workers, compose):
+    farm = FarmModel(workers, compose, 1.0)
+    at = 50.0
+    work, alone = make_behind_workload(2000, 20, 0.9, 0, small=20, at_s=at, same_submitter=same_submitter)
+    by_itself = run_latency(simulate(AffinityScheduler(), alone, farm).trace)["small"]
+    fair = simulate(AffinityScheduler(), work, farm)
+    unfair = simulate(AffinityScheduler(fair=False), work, farm)
+    assert run_latency(fair.trace)["small"] <= 2.0 * by_itself
+    assert run_latency(unfair.trace)["small"] > 5.0 * by_itself  # head-of-line blocking without it
+    first = min((t for t in fair.trace if t[0].run == "small"), key=lambda t: t[2])
+    assert first[1] - at <= farm.render_s + 1e-9  # assigned once some worker has room: one job's time
+    assert first[2] - at <= 2 * farm.render_s + 1e-9  # and started behind at most the one queued there
+
+
+def test_priority_stays_first_whatever_the_weights():
+    jobs = [QueuedJob(f"a{i}", f"ca{i % 2}", (f"ua{i % 2}",), 0, 0.0, run="big", submitter="a") for i in range(60)]
+    jobs += [QueuedJob(f"b{i}", f"cb{i % 2}", (f"ub{i % 2}",), 5, 0.0, run="urgent", submitter="b") for i in range(10)]
+    r = simulate(AffinityScheduler(weights={"a": 100.0, "b": 1.0}), jobs, FarmModel(2, 2.0, 1.0))
+    start = {t[0].job_id: t[2] for t in r.trace}
+    assert max(start[f"b{i}"] for i in range(10)) < min(start[f"a{i}"] for i in range(60))
+
+
+def test_ledger_quotas_caps_and_no_banked_credit():
+    share = FairShare({"a": 1, "b": 2}, tolerance=0.0, quantum_s=10.0)
+    quota, cap, lead, _ = share.caps(["a", "b"], 3, 0.0)
+    assert quota == pytest.approx({"a": 1.0, "b": 2.0}) and cap == {"a": 1, "b": 2}
+    share.charge("a", 25.0)  # a is 2.5 quanta ahead of b: two workers fewer than its rounded-up quota
+    quota, cap, lead, _ = share.caps(["a", "b"], 5, 0.0)
+    assert lead == {"a": 25.0, "b": 0.0} and cap == {"a": max(0, 2 - 2), "b": 4}
+    share.charge("b", 100.0)  # b: 50 per unit of weight
+    share.caps(["b"], 5, 0.0)  # a's queue empties ...
+    share.charge("b", 400.0)
+    share.caps(["a", "b"], 5, 0.0)  # ... and fills again: it joins at b's usage, no credit for the gap
+    assert share.since("a") == 0.0 and share.usage["a"] == share.usage["b"] == 250.0
+
+
+def test_weights_are_checked_and_named():
+    with pytest.raises(ValueError, match=r"'bob': -1.*'eve': 'x'|'eve'.*'bob'"):
+        AffinityScheduler(weights={"alice": 2, "bob": -1, "eve": "x"})
+    policy = AffinityScheduler()
+    policy.set_weights({"alice": 3})
+    assert policy.share.weight("alice") == 3.0 and policy.share.weight("nobody") == 1.0
+    with pytest.raises(ValueError, match="'z': 0"):
+        policy.set_weights({"z": 0})
+
+
+def test_flow_queue_index_matches_its_jobs():
+    rng = random.Random(5)
+    q, live = FlowQueue(), {}
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.5 or not live:
+            job = QueuedJob(f"j{step}", f"c{rng.randint(0, 6)}", (), rng.randint(0, 1), float(step),
+                            run=f"r{rng.randint(0, 3)}", submitter=rng.choice("ab"))
+            q.add(job)
+            live[job.job_id] = job
+        elif op < 0.7:
+            job = live[rng.choice(sorted(live))]
+            assert q.pop_from(q.flow_id(job), job.composition).composition == job.composition
+            live = {j.job_id: j for j in live.values() if j.job_id in q}
+        elif op < 0.85:
+            del live[q.pop(rng.choice(sorted({j.composition for j in live.values()}))).job_id]
+        else:
+            q.remove(rng.choice(sorted(live)))
+            live = {j.job_id: j for j in live.values() if j.job_id in q}
+        if step % 100 == 0:
+            flows = {(j.submitter, j.run) for j in live.values()}
+            assert set(q.flows()) == flows and len(q) == len(live)
+            for f in flows:
+                mine = [j for j in live.values() if (j.submitter, j.run) == f]
+                assert len(q.flow(f)) == len(mine)
+                for key in {j.composition for j in mine}:
+                    assert q.flows_of(key)[f] == sum(j.composition == key for j in mine)
+            assert sorted(q.submitters()) == sorted({j.submitter for j in live.values()})
+    with pytest.raises(KeyError, match="no queued job"):
+        q.pop_from(("nobody", ""), "c0")
+
+
+def test_cancel_and_requeue_keep_the_flow_index():
+    policy = AffinityScheduler()
+    policy.submit([QueuedJob(f"{s}{i}", "c", ("u",), run=s, submitter=s) for s in "ab" for i in range(3)])
+    assert sorted(policy.cancel(["a0", "a1", "zz"])) == ["a0", "a1"]
+    views = [WorkerView("w0", capacity=1)]
+    (job_id, _), = policy.assign(views, 0.0)
+    policy.done(job_id, requeue=True)
+    assert sum(len(policy.queue.flow(f)) for f in policy.queue.flows()) == len(policy.queue) == 4
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_many_submitters_and_runs_keep_the_protocol(seed):
+    """The simulator checks the protocol (no job twice, none to a full worker, none left)."""
+    rng = random.Random(seed)
+    subs = tuple("abcd"[: rng.randint(2, 4)])
+    weights = {s: rng.choice((0.5, 1, 2, 3)) for s in subs}
+    work = make_runs_workload(rng.randint(50, 400), rng.randint(3, 30), rng.uniform(0.5, 1.5), seed,
+                              submitters=subs, span_s=rng.uniform(0, 200), run_jobs=(1, 60))
+    work = [QueuedJob(j.job_id, j.composition, j.loras, rng.choice((0, 0, 1)), j.enqueued_at, j.work, run=j.run,
+                      submitter=j.submitter) for j in work]
+    farm = FarmModel(rng.randint(1, 8), rng.uniform(0.2, 10), 1.0, capacity=rng.randint(1, 3))
+    r = simulate(AffinityScheduler(weights=weights, fair_runs=seed % 2 == 0), work, farm)
+    assert len(r.trace) == len(work)
+
+
+def test_busy_windows_and_shares_by_hand():
+    a = QueuedJob("a", "c", submitter="x", enqueued_at=0.0)
+    b = QueuedJob("b", "c", submitter="y", enqueued_at=2.0)
+    # (job, assigned, started, rendering began, finished)
+    trace = [(a, 5.0, 5.0, 6.0, 9.0), (b, 4.0, 4.0, 4.0, 8.0)]
+    assert busy_windows(trace) == [(2.0, 4.0)]  # both queued only while neither was assigned
+    trace = [(a, 5.0, 5.0, 6.0, 9.0), (b, 7.0, 7.0, 7.0, 8.0), (QueuedJob("c", "c", submitter="y"), 0, 0, 0.0, 7.0)]
+    shares = fair_shares(trace, {"y": 3})
+    assert shares["window_s"] == 3.0  # [2, 5]: x's job assigned at 5
+    assert shares["submitters"]["y"]["seconds"] == 3.0 and shares["submitters"]["x"]["seconds"] == 0.0
+    assert shares["submitters"]["y"]["target"] == 0.75 and shares["worst"] == 1.0
+
+
+def test_fair_benchmark_report_shape():
+    from benchmarks import scheduler_fair as sf
+
+    arrivals = [dict(sf.run_arrivals(0.9, 5.0, 4, w, 0, jobs=200, compositions=20), alpha=0.9, compose=5.0,
+                     workers=4, weights=label) for label, w in sf.WEIGHTS.items()]
+    behind = [dict(sf.run_behind(0.9, 5.0, 4, same, 0), alpha=0.9, compose=5.0, workers=4,
+                   submitter="same" if same else "other") for same in (False, True)]
+    text, summary = sf.report(arrivals, behind, "python -m benchmarks.scheduler --fair-sweep", "host", 1.0)
+    assert text.startswith(sf.SECTION + "\n") and "python -m benchmarks.scheduler --fair-sweep" in text
+    assert summary["1:2"]["configs"] == 1 and summary["behind, same submitter"]["configs"] == 1
+    for r in arrivals:
+        assert r["unfair"]["yields"] == 0 and r["fair"]["recomp_x_unfair"] == pytest.approx(
+            r["fair"]["recompositions"] / r["unfair"]["recompositions"], abs=1e-3)
+    assert all(r["fair"]["x_alone"] < r["unfair"]["x_alone"] for r in behind)
