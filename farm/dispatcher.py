@@ -79,7 +79,8 @@ class RunBook:
     on_rows: Callable[[list[ResultRow]], None]
     stats: RunStats = field(default_factory=RunStats)
     tickets: set[str] = field(default_factory=set)  # still queued or in flight
-    cancelled: int = 0  # queued jobs dropped by ``cancel_run``
+    cancelled: int = 0  # queued jobs dropped by ``cancel_run`` (and in-flight ones that failed after it)
+    cancelling: bool = False  # ``cancel_run`` was called: nothing of it is sent or retried again
 
 
 def ticket(run_id: str, job_id: str) -> str:
@@ -212,6 +213,7 @@ class Dispatcher:
         book = self.runs.get(run_id)
         if book is None:
             return 0
+        book.cancelling = True
         dropped = self.policy.cancel([t for t in book.tickets if t in self.jobs])
         for t in dropped:
             self._forget(t)
@@ -351,6 +353,13 @@ class Dispatcher:
             self._finish(t, ResultRow.failed(self.jobs[t], str(e)[:2000], worker_id=book.worker_id, transient=True))
 
     def _finish(self, t: str, row: ResultRow) -> None:
+        run = self.runs[self.run_of[t]]
+        if row.status != "ok" and row.transient and run.cancelling:  # would be retried: dropped as queued ones are
+            self.policy.done(t)
+            self._forget(t)
+            run.cancelled += 1
+            self.stats.total -= 1
+            return
         if row.status != "ok" and row.transient and self.attempts[t] <= self.retries:
             self.stats.retried += 1
             self.runs[self.run_of[t]].stats.retried += 1

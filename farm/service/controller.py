@@ -30,21 +30,16 @@ import time
 from typing import Any
 
 from jobs.manifest import Manifest, ManifestError, validate_manifest
-from jobs.results import ResultsWriter, completed_jobs, existing_images, read_results
-from jobs.stamp import recover_rows
 
 from . import secrets
 from .config import FarmConfig, parse_farm_config
 from .pools import Pool
-from .runs import ActiveRun, record_status, run_status
+from .loop import RunLoop
+from .runs import ActiveRun, open_run, record_status, run_status
 from .state import RunRecord, StateStore, run_id_for
 
 log = logging.getLogger("farm.service.controller")
 
-FLUSH_S = 1.0  # rows reach the output root's parts at least this often
-RECORD_S = 2.0  # a run's counts reach its state record at least this often
-REVIVE_S = 2.0  # how often dead workers are probed
-STEP_S = 0.05  # the loop's wait for a finished call, per pool, while holding the lock
 ROOTS_ENV = "LORA_FARM_LORA_ROOTS"
 #: A submitted manifest's directory is no LoRA root on a shared farm (it would allow any local
 #: path a submitter names): validation and workers use the operator's roots only.
@@ -55,11 +50,14 @@ class SubmitRefused(ValueError):
     """A manifest the farm will not take; the message says why (and is safe to print)."""
 
 
-class FarmController:
+class FarmController(RunLoop):
     """Everything the farm does; the Ray actor is this class made remote (see ``actors.py``)."""
 
     def __init__(self, config: dict | FarmConfig, *, backend_factories: dict | None = None, start_loop: bool = True):
-        # a FarmConfig object: built in code by a trusted caller (a benchmark's measurement pool)
+        # a FarmConfig object: built in code by a trusted caller (a benchmark's measurement pool);
+        # after a restart, the config last applied (a reconcile's), not the first one
+        if not isinstance(config, FarmConfig):
+            config = secrets.load_config() or config
         self.config: FarmConfig = config if isinstance(config, FarmConfig) else parse_farm_config(config)
         roots = tuple(self.config.lora_roots)
         if roots:  # this process validates manifests: it sees the farm's roots as its workers do
@@ -102,6 +100,10 @@ class FarmController:
             for name in [n for n in self.pools if n not in {p.name for p in config.pools}]:
                 self._close_pool(self.pools.pop(name))
             self.config = config
+            try:
+                secrets.save_config(config.to_dict())
+            except TypeError:  # a config built in code that JSON cannot hold (a benchmark's): not kept
+                pass
             return {p.name: len(p.handles) for p in self.pools.values()}
 
     def reconcile(self, config: dict) -> dict:
@@ -109,8 +111,10 @@ class FarmController:
         return self.apply_config(parse_farm_config(config))
 
     def _close_pool(self, pool: Pool) -> None:
-        for rid in [r for r, run in self.runs.items() if run.pool is pool]:
-            self._cancel(rid)
+        """A pool removed, or its model changed: its runs fail (nothing will render them), workers go."""
+        pool.dispatcher.cancel_in_flight()
+        for run in [r for r in self.runs.values() if r.pool is pool]:
+            self._abandon(run, f"pool {pool.name!r} was removed or changed by `farm up`; resubmit to render the rest")
         for name in list(pool.handles):
             pool.retire(name)
 
@@ -147,12 +151,15 @@ class FarmController:
                 m = validate_manifest({**manifest, "storage_options": opts}, base_dir=NO_MANIFEST_DIR)
             except ManifestError as e:
                 raise SubmitRefused("bad manifest:\n  " + "\n  ".join(e.problems)) from None
-        pool = self._pool_for(m)
         stored = m.to_dict()
         stored["storage_options"] = {}
         run_id = run_id_for(stored, m.output)
         with self.lock:
+            pool = self._pool_for(m)  # under the lock: a reconcile may be closing pools
             if run_id in self.runs:
+                if self.runs[run_id].cancelling:
+                    raise SubmitRefused(f"run {run_id} is being cancelled (in-flight jobs finishing); "
+                                        "resubmit once `farm status` says cancelled")
                 return {**run_status(self.runs[run_id]), "resubmitted": True}
             busy = next((r for r in self.runs.values() if _same_root(r.record.output, m.output)), None)
             if busy is not None:
@@ -167,7 +174,14 @@ class FarmController:
             if opts:
                 secrets.put(run_id, opts)
             self._save(record)  # durable before acknowledged
-            run = self.start_run(record, m, pool)
+            try:
+                run = self.start_run(record, m, pool)
+            except Exception as e:  # noqa: BLE001 - its output root cannot be read: the run fails, said so
+                record.state, record.error = "failed", f"output {m.output!r}: {type(e).__name__}: {e}"[:2000]
+                self._save(record)
+                if opts:
+                    secrets.delete(run_id)
+                raise SubmitRefused(record.error) from None
             return run_status(run)
 
     def _pool_for(self, m: Manifest) -> Pool:
@@ -185,16 +199,8 @@ class FarmController:
 
     def start_run(self, record: RunRecord, m: Manifest, pool: Pool) -> ActiveRun:
         """Queue what of ``m`` is not done in its output root (a new run or a recovered one)."""
+        run, todo = open_run(record, m, pool)
         opts = m.storage_options
-        writer = ResultsWriter(m.output, opts)
-        earlier = read_results(m.output, opts)
-        images = existing_images(m.output, opts)
-        recovered = recover_rows(m.output, m.jobs, m.model, opts, earlier, images)
-        if recovered:  # images whose rows died with a controller: recorded, not redrawn
-            writer.append(recovered)
-        done = completed_jobs(m.output, opts, earlier + recovered, images)
-        todo = [j for j in m.jobs if j.job_id not in done]
-        run = ActiveRun(record, m, pool, writer, done_before={j.job_id for j in m.jobs if j.job_id in done})
         with self.lock:
             self.runs[record.run_id] = run
             record.state = "running" if todo else "done"
@@ -209,6 +215,10 @@ class FarmController:
         for record in self.store.list():
             self.records[record.run_id] = record
             if not record.active:
+                continue
+            if record.cancel_requested:  # cancelled while jobs were in flight: their rows landed or not, it stays cancelled
+                record.state, record.updated_at = "cancelled", time.time()
+                self._save(record)
                 continue
             try:
                 opts = secrets.get(record.run_id) if record.has_secrets else {}
@@ -231,91 +241,16 @@ class FarmController:
 
     def _cancel(self, run_id: str) -> None:
         run = self.runs[run_id]
-        run.cancelling = True
+        run.cancelling = run.record.cancel_requested = True
+        self._save(run.record)  # a controller restarted meanwhile does not start it again
         run.pool.dispatcher.cancel_run(run_id)
         self._finish_if_done(run)
-
-    # ---- the loop --------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:  # noqa: BLE001 - the loop must outlive any one bad step
-                log.exception("farm loop step failed")
-                time.sleep(0.5)
-
-    def tick(self) -> None:
-        """One round: each pool steps, then the book-keeping that is due."""
-        busy = False
-        for pool in list(self.pools.values()):
-            with self.lock:
-                pool.poll_warm()
-                d = pool.dispatcher
-                if d.busy():
-                    busy = True
-                    if self.draining:
-                        d._collect(STEP_S)  # finish what is in flight, send nothing new
-                    else:
-                        d.step(STEP_S)
-                for run in [r for r in self.runs.values() if r.pool is pool and d.finished(r.record.run_id)]:
-                    self._finish_if_done(run)  # done when its last row lands, not at the next flush
-        now = time.monotonic()
-        if now - self._last["flush"] >= FLUSH_S:
-            self._last["flush"] = now
-            with self.lock:
-                for run in list(self.runs.values()):
-                    run.flush()
-                    self._finish_if_done(run)
-        if now - self._last["record"] >= RECORD_S:
-            self._last["record"] = now
-            with self.lock:
-                for run in list(self.runs.values()):
-                    self._put_record(run)
-        if now - self._last["revive"] >= REVIVE_S:
-            self._last["revive"] = now
-            self._revive()
-        if not busy:
-            time.sleep(STEP_S)
-
-    def _finish_if_done(self, run: ActiveRun) -> None:
-        rid = run.record.run_id
-        d = run.pool.dispatcher
-        if not d.finished(rid):
-            return
-        run.flush()
-        run.writer.finalize()
-        run.record.state = "cancelled" if run.cancelling else ("failed" if run.failed else "done")
-        self._put_record(run)
-        d.drop_run(rid)
-        del self.runs[rid]
-        if run.record.has_secrets and not run.cancelling:
-            secrets.delete(rid)  # a cancelled run may be resubmitted: it keeps them until then
-
-    def _put_record(self, run: ActiveRun) -> None:
-        r = run.record
-        ok = len(run.ok | run.done_before)
-        r.ok, r.failed, r.updated_at = ok, len(run.failed - run.ok), time.time()
-        self._save(r)
-
-    def _save(self, record: RunRecord) -> None:
-        self.store.put(record)
-        self.records[record.run_id] = record
 
     def _record(self, run_id: str) -> RunRecord:
         record = self.records.get(run_id)
         if record is None:
             raise SubmitRefused(f"no run {run_id!r}")
         return record
-
-    def _revive(self) -> None:
-        """Probe workers the dispatcher gave up on (Ray restarts them); those that answer rejoin empty."""
-        for pool in list(self.pools.values()):
-            with self.lock:
-                dead = pool.given_up()
-            answering = pool.answering(dead)  # no lock: a probe waits up to a second
-            with self.lock:
-                for name in answering:
-                    pool.dispatcher.revive(name)
 
     # ---- what the farm shows -----------------------------------------------------------------
     def status(self, run_id: str | None = None) -> Any:
@@ -330,30 +265,9 @@ class FarmController:
 
     def workers(self) -> list[dict]:
         """Each worker's own report (``RenderWorker.state``) plus its pool and what the farm knows of it."""
-        import ray
-
         with self.lock:
-            items = [(p, name, h, p.dispatcher.books.get(name)) for p in self.pools.values()
-                     for name, h in p.handles.items()]
-        refs = [h.state.remote() for _, _, h, _ in items]
-        out = []
-        for (pool, name, _, book), ref in zip(items, refs):
-            try:
-                st = ray.get(ref, timeout=10)
-                alive = True
-            except Exception as e:  # noqa: BLE001 - a dead or restarting worker is listed, not hidden
-                st, alive = {"error": f"{type(e).__name__}"}, False
-            adapters = st.get("adapters", [])
-            out.append({
-                **{k: v for k, v in st.items() if k != "adapters"},
-                "worker_id": name, "pool": pool.name, "node": st.get("node"), "alive": alive and bool(book and book.alive),
-                "ready": book is not None, "composition": st.get("composition"),
-                "adapters": [a["sha256"] for a in adapters], "adapters_bytes": sum(a["bytes"] for a in adapters),
-                "jobs_done": st.get("jobs_done", 0), "model_loads": st.get("model_loads", 0),
-                "compositions": st.get("compositions", st.get("switches", 0)),
-                "inflight": book.inflight if book else 0,
-            })
-        return out
+            snapshot = [(p, dict(p.handles), dict(p.dispatcher.books)) for p in self.pools.values()]
+        return [w for pool, handles, books in snapshot for w in pool.reports(handles, books)]
 
     # ---- stopping ----------------------------------------------------------------------------
     def shutdown(self, now: bool = False, timeout_s: float = 600.0) -> dict:
@@ -379,11 +293,12 @@ class FarmController:
         with self.lock:
             left = []
             for run in list(self.runs.values()):
-                run.flush()
-                run.writer.finalize()
-                self._put_record(run)
-                if not run.pool.dispatcher.finished(run.record.run_id):
-                    left.append(run.record.run_id)
+                if run.pool.dispatcher.finished(run.record.run_id):
+                    self._guarded(run, self._finish_if_done)
+                    continue
+                self._guarded(run, lambda r: (r.flush(), r.writer.finalize(), self._put_record(r)))
+                left.append(run.record.run_id)
+            secrets.drop_config()
             for pool in self.pools.values():
                 for name in list(pool.handles):
                     pool.retire(name)

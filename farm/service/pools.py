@@ -140,6 +140,31 @@ class Pool:
             out.append(name)
         return out
 
+    def reports(self, handles: dict, books: dict) -> list[dict]:
+        """`farm workers` entries of this pool: each worker's ``state()`` and the dispatcher's view of it
+        (``handles`` / ``books``: snapshots taken under the controller's lock; the calls run without it)."""
+        import ray
+
+        refs = {name: h.state.remote() for name, h in handles.items()}
+        out = []
+        for name, ref in refs.items():
+            book = books.get(name)
+            try:
+                st, alive = ray.get(ref, timeout=10), True
+            except Exception as e:  # noqa: BLE001 - a dead or restarting worker is listed, not hidden
+                st, alive = {"error": f"{type(e).__name__}"}, False
+            adapters = st.get("adapters", [])
+            out.append({
+                **{k: v for k, v in st.items() if k != "adapters"},
+                "worker_id": name, "pool": self.name, "node": st.get("node"), "alive": alive and bool(book and book.alive),
+                "ready": book is not None, "composition": st.get("composition"),
+                "adapters": [a["sha256"] for a in adapters], "adapters_bytes": sum(a["bytes"] for a in adapters),
+                "jobs_done": st.get("jobs_done", 0), "model_loads": st.get("model_loads", 0),
+                "compositions": st.get("compositions", st.get("switches", 0)),
+                "inflight": book.inflight if book else 0,
+            })
+        return out
+
     @property
     def ready(self) -> bool:
         return not self.warming and all(n in self.dispatcher.books for n in self.handles)

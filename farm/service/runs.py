@@ -10,8 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.manifest import Manifest
-from jobs.results import ResultsWriter
+from jobs.manifest import Job, Manifest
+from jobs.results import ResultsWriter, completed_jobs, existing_images, read_results
+from jobs.stamp import recover_rows
 
 from .state import RunRecord
 
@@ -27,6 +28,7 @@ class ActiveRun:
     failed: set[str] = field(default_factory=set)
     buffer: list = field(default_factory=list)
     cancelling: bool = False
+    errors: int = 0  # book-keeping steps in a row that raised (its output root failing)
 
     def on_rows(self, rows: list) -> None:
         for r in rows:
@@ -35,9 +37,26 @@ class ActiveRun:
         self.buffer.extend(rows)
 
     def flush(self) -> None:
+        """Append the buffered rows as one part; they stay buffered until the write succeeded."""
         if self.buffer:
-            rows, self.buffer = self.buffer, []
-            self.writer.append(rows)
+            n = len(self.buffer)
+            self.writer.append(self.buffer[:n])
+            del self.buffer[:n]
+
+
+def open_run(record: RunRecord, m: Manifest, pool: Any) -> tuple[ActiveRun, list[Job]]:
+    """The run and its jobs not yet done in its output root: rows of images whose rows died with a
+    controller are recorded from their stamps, not redrawn (a new run and a recovered one alike)."""
+    opts = m.storage_options
+    writer = ResultsWriter(m.output, opts)
+    earlier = read_results(m.output, opts)
+    images = existing_images(m.output, opts)
+    recovered = recover_rows(m.output, m.jobs, m.model, opts, earlier, images)
+    if recovered:
+        writer.append(recovered)
+    done = completed_jobs(m.output, opts, earlier + recovered, images)
+    todo = [j for j in m.jobs if j.job_id not in done]
+    return ActiveRun(record, m, pool, writer, done_before={j.job_id for j in m.jobs if j.job_id in done}), todo
 
 
 def run_status(run: ActiveRun, detail: bool = False) -> dict:

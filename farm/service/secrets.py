@@ -1,4 +1,5 @@
-"""A run's ``storage_options`` (its secrets) kept in Ray's own key-value store, not the state root.
+"""What the farm keeps in Ray's own key-value store: a run's ``storage_options`` (its secrets,
+never in the state root) and the farm config the controller last applied.
 
 The state root is any fsspec URL, often shared storage that more people read than may
 read a run's credentials. Ray's internal KV lives in the cluster's GCS: whoever can read
@@ -37,3 +38,28 @@ def delete(run_id: str) -> None:
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_del(_key(run_id), namespace=NAMESPACE)
+
+
+CONFIG_KEY = b"config"
+
+
+def save_config(config: dict) -> None:
+    """The config `farm up` last applied (a reconcile included): a controller Ray restarts comes
+    back with it, not with the arguments it was first created with."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(CONFIG_KEY, json.dumps(config).encode(), overwrite=True, namespace=NAMESPACE)
+
+
+def load_config() -> dict | None:
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(CONFIG_KEY, namespace=NAMESPACE)
+    return json.loads(raw) if raw else None
+
+
+def drop_config() -> None:
+    """`farm down`: the next `farm up` on this cluster starts from its own config."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(CONFIG_KEY, namespace=NAMESPACE)

@@ -103,6 +103,7 @@ _FIELD_CHECKS: dict[str, tuple[Any, str]] = {
     "updated_at": (_is_number, "a finite number"),
     "error": (lambda v: isinstance(v, str), "a string"),
     "has_secrets": (lambda v: isinstance(v, bool), "a boolean"),
+    "cancel_requested": (lambda v: isinstance(v, bool), "a boolean"),
 }
 _REQUIRED = ("run_id", "manifest", "output")
 
@@ -124,6 +125,7 @@ class RunRecord:
     updated_at: float = 0.0
     error: str = ""          # why the run failed as a whole, if it did
     has_secrets: bool = False  # it came with storage_options (kept by the controller, not here)
+    cancel_requested: bool = False  # `farm cancel` was asked while jobs were in flight: never started again
 
     @property
     def active(self) -> bool:

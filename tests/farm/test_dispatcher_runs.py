@@ -146,3 +146,21 @@ def test_a_row_for_a_job_the_call_did_not_carry_is_ignored_and_a_missing_one_ret
     drain(d)
     assert sorted(r.job_id for r in rows) == sorted(j.job_id for j in jobs), "exactly one row per job"
     assert all(r.status == "ok" for r in rows)
+
+
+def test_a_cancelled_runs_in_flight_job_that_fails_transiently_is_dropped_not_retried():
+    jobs = make_jobs(4, sets=((),))
+    w = RootWorker("w0", faults=[WorkerLost("ActorDiedError: gone")], seconds=5.0)
+    d, _ = service([w])
+    rows: list[ResultRow] = []
+    d.add_run("r", jobs, "memory://r", on_rows=rows.extend)
+    d.step(timeout=0)  # the first call is in flight; it will come back lost
+    dropped = d.cancel_run("r")
+    drain(d)
+    lost = len(w.calls[0])
+    sent = [jid for call in w.calls for jid in call]
+    assert len(sent) == len(set(sent)), "no job of a cancelled run is sent twice"
+    counts = d.run_counts("r")
+    assert counts["cancelled"] == dropped + lost and counts["queued"] == counts["running"] == 0
+    assert {r.job_id for r in rows}.isdisjoint(w.calls[0]), "a lost job of a cancelled run gets no row"
+    assert d.finished("r") and not d.busy()
