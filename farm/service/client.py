@@ -38,10 +38,9 @@ class FarmUnavailable(RuntimeError):
 
 def connect(address: str | None, *, must: bool = True) -> str | None:
     """ray.init onto ``address`` or the local farm's head; the address joined (None: no local head)."""
-    import ray
-
     from farm.cluster import LOOPBACK_ENV
 
+    extra = {}
     if address is None:
         head = local.recorded()
         if head is None:
@@ -50,10 +49,16 @@ def connect(address: str | None, *, must: bool = True) -> str | None:
                                       "--address reaches one on a cluster)")
             return None
         address = head.address
+        # before ray is imported: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import, and
+        # with it on maps a 127.0.0.1 address to this machine's outbound IP, where no GCS listens
         for k, v in LOOPBACK_ENV.items():
             os.environ.setdefault(k, v)
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        extra["_node_ip_address"] = "127.0.0.1"
+    import ray
+
     if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False, **extra)
     return address
 
 
@@ -250,10 +255,10 @@ def workers(address: str | None, as_json: bool) -> int:
 
 
 def down(address: str | None, now: bool) -> int:
+    head = local.recorded() if address is None else None
+    connect(address)  # before ray is imported here (see connect)
     import ray
 
-    head = local.recorded() if address is None else None
-    connect(address)
     h = controller_handle()
     if h is not None:
         r = call(h, "shutdown", now, timeout=900)
