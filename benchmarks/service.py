@@ -43,10 +43,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from benchmarks import sim_validate
 from benchmarks.common import machine, write_section
 
 TITLE = "Farm service"
-ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 #: Warm farm time to first image may be this much over one render of its first batch plus dispatch.
 FIRST_IMAGE_SLACK = 1.1
 #: Loads at or above this many seconds use ``--slow-manifests`` (each one-shot manifest pays L).
@@ -125,19 +125,9 @@ def probe_overhead(t_submit: float, row: Any) -> float:
 # ---- Ray -------------------------------------------------------------------------------------
 def start_ray(gpus: int) -> tuple[bool, float]:
     """A local cluster on loopback with ``gpus`` logical GPUs unless one is up: (started here, seconds)."""
-    for k, v in ENV.items():
-        os.environ.setdefault(k, v)
-    import ray
-
-    if ray.is_initialized():
-        have = float(ray.cluster_resources().get("GPU", 0))
-        if have < gpus:
-            raise RuntimeError(f"the running Ray cluster has {have} GPUs; this benchmark needs {gpus} (one per worker)")
-        return False, 0.0
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, _node_ip_address="127.0.0.1", namespace="lora-farm")
-    return True, time.perf_counter() - t0
+    started = sim_validate.start_ray(gpus, namespace="lora-farm")
+    return started, (time.perf_counter() - t0) if started else 0.0
 
 
 def wait_gpus_free(timeout_s: float = 60.0) -> None:

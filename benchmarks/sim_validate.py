@@ -77,7 +77,7 @@ def measure_fetch_load(path: str, cache_dir: str) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
-def start_ray(gpus: int) -> bool:
+def start_ray(gpus: int, namespace: str | None = None) -> bool:
     """Start a local cluster unless one is up; True when started here."""
     for k, v in ENV.items():
         os.environ.setdefault(k, v)
@@ -89,7 +89,7 @@ def start_ray(gpus: int) -> bool:
             raise RuntimeError(f"the running Ray cluster has {have} GPUs, {gpus} needed (one per worker)")
         return False
     ray.init(address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False, logging_level="WARNING",
-             log_to_driver=False, _node_ip_address="127.0.0.1")
+             log_to_driver=False, _node_ip_address="127.0.0.1", namespace=namespace)
     return True
 
 

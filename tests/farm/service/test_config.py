@@ -277,3 +277,16 @@ def test_yaml_alias_bomb_is_bounded(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(FarmConfigError, match="aliases expand past"):
         load_farm_config(str(path))
+
+
+def test_the_example_farm_config_parses_and_points_at_the_demo_loras():
+    import os
+
+    from farm.service.config import load_farm_config
+
+    examples = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples")
+    c = load_farm_config(os.path.join(examples, "farms", "demo.yaml"))
+    assert [p.name for p in c.pools] == ["tiny"] and c.pools[0].workers == 2
+    assert c.lora_roots == (os.path.realpath(os.path.join(examples, "loras")),) or \
+        c.lora_roots == (os.path.abspath(os.path.join(examples, "loras")),)
+    assert c.state == os.path.abspath(os.path.join(examples, "..", "farm-state"))
