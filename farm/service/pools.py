@@ -55,7 +55,7 @@ class Pool:
 
     @property
     def options(self) -> FarmOptions:
-        return FarmOptions(**self.config.options)
+        return self.config.farm_options()
 
     def option_clash(self, manifest: FarmOptions) -> list[str]:
         """The worker-level options a manifest set (away from the default) to other values than this pool's."""
