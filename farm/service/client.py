@@ -29,7 +29,8 @@ mark = ""
 
 
 def emit(text: str) -> None:
-    print(text, file=stdout, flush=True)
+    stdout.write(text + "\n")  # one write: nothing another thread prints lands inside a line of it
+    stdout.flush()
 
 
 class FarmUnavailable(RuntimeError):

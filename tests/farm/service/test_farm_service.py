@@ -18,6 +18,8 @@ import yaml
 from farm.cli import main as farm_main
 from jobs.results import read_results
 
+from .cli import out_json, run_id_line
+
 SECRET = "s3cr3t-farm-service-4b1e"
 
 
@@ -57,19 +59,11 @@ def manifest(path, loras, comps, per_comp, out, *, size=64, steps=2, seed0=0, ex
     return str(path)
 
 
-def out_json(capsys, argv):
-    capsys.readouterr()
-    code = farm_main(argv)
-    text = capsys.readouterr().out
-    assert code == 0, text
-    return json.loads(text)
-
-
 def submit(capsys, path, *more):
     capsys.readouterr()
     code = farm_main(["submit", path, "--no-progress", *more])
     cap = capsys.readouterr()
-    return code, cap.out.splitlines()[0].strip() if cap.out.strip() else "", cap.err
+    return code, run_id_line(cap.out), cap.err
 
 
 def wait_for(capsys, run_id, pred, timeout=240):

@@ -4,13 +4,13 @@ run renders on the farm's warm workers. A real `ray start --head` on loopback; t
 brought up on it with `farm up --address`."""
 from __future__ import annotations
 
-import json
-
 import yaml
 
 from farm.cli import main as farm_main
 from jobs.results import read_results
 from tests.farm.conftest import start_ray_head
+
+from .cli import out_json
 
 
 def test_jobs_api_submit_goes_to_the_farm(tmp_path, capsys):
@@ -33,9 +33,7 @@ def test_jobs_api_submit_goes_to_the_farm(tmp_path, capsys):
             rows = read_results(str(out))
             assert sorted(r.status for r in rows) == ["ok"] * 3
             assert {r.worker_id for r in rows} == {"lora-farm-tiny-0"}  # the farm's worker rendered it
-            capsys.readouterr()
-            assert farm_main(["status", first, "--address", head.address, "--json"]) == 0
-            st = json.loads(capsys.readouterr().out)
+            st = out_json(capsys, ["status", first, "--address", head.address, "--json"])
             assert (st["state"], st["ok"], st["submitter"]) == ("done", 3, "carol")
         finally:
             farm_main(["down", "--now", "--address", head.address])

@@ -3,7 +3,6 @@ loopback (``ray.cluster_utils.Cluster``), one tiny-model worker on each (one log
 node), a run in flight when the second node is removed; every job lands exactly once."""
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -11,6 +10,8 @@ import yaml
 
 from farm.cli import main as farm_main
 from jobs.results import read_results
+
+from .cli import out_json, run_id_line
 
 
 @pytest.fixture
@@ -35,16 +36,12 @@ def two_node_farm(tmp_path, capsys):
 
 
 def status(capsys, address, run_id):
-    capsys.readouterr()
-    assert farm_main(["status", run_id, "--address", address, "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    return out_json(capsys, ["status", run_id, "--address", address, "--json"])
 
 
 def test_a_node_leaving_mid_run_loses_no_job(two_node_farm, tmp_path, capsys):
     cluster, node = two_node_farm
-    capsys.readouterr()
-    assert farm_main(["workers", "--address", cluster.address, "--json"]) == 0
-    ws = json.loads(capsys.readouterr().out)
+    ws = out_json(capsys, ["workers", "--address", cluster.address, "--json"])
     assert len({w["node"] for w in ws}) == 2, "one worker on each node"
     out = tmp_path / "out"
     m = tmp_path / "m.yaml"
@@ -52,7 +49,7 @@ def test_a_node_leaving_mid_run_loses_no_job(two_node_farm, tmp_path, capsys):
                                  "output": str(out), "jobs": [{"prompt": f"p{i}", "seed": i} for i in range(16)]}))
     capsys.readouterr()
     assert farm_main(["submit", str(m), "--address", cluster.address, "--no-progress"]) == 0
-    rid = capsys.readouterr().out.splitlines()[0].strip()
+    rid = run_id_line(capsys.readouterr().out)
     deadline = time.monotonic() + 120
     while status(capsys, cluster.address, rid)["ok"] < 3:
         assert time.monotonic() < deadline
