@@ -211,9 +211,11 @@ class WarmFarm:
     up_s: float
 
     @classmethod
-    def up(cls, pool: Any, state_dir: str, roots: Sequence[str], factory: Callable | None = None) -> "WarmFarm":
+    def up(cls, pool: Any, state_dir: str, roots: Sequence[str], factory: Callable | None = None,
+           **config: Any) -> "WarmFarm":
         """Start the controller with ``pool`` (its workers built by ``factory`` when given: the
-        sleep backend, which no manifest may name) and wait until every worker has its model."""
+        sleep backend, which no manifest may name) and wait until every worker has its model.
+        ``config``: more ``FarmConfig`` fields (``submitters``, ``fair_share``)."""
         import ray
 
         from farm.service.actors import controller_handle, start_controller
@@ -222,7 +224,7 @@ class WarmFarm:
         if controller_handle() is not None:
             raise RuntimeError("a farm is already up on this Ray cluster; the benchmark brings up its own")
         t0 = time.perf_counter()
-        h = start_controller(FarmConfig(pools=(pool,), state=state_dir, lora_roots=tuple(roots)),
+        h = start_controller(FarmConfig(pools=(pool,), state=state_dir, lora_roots=tuple(roots), **config),
                              backend_factories={pool.name: factory} if factory is not None else None)
         farm = cls(h, 0.0)
         try:

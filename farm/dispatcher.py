@@ -20,72 +20,16 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from jobs.results import ResultRow
 
+from .books import RunBook, RunStats, WorkerBook, ticket
 from .scheduler.costs import CostEstimate, job_work
 from .scheduler.types import QueuedJob, WorkerView
 from .transport import Ref, Transport, TransportError, WorkerLost
 
-
-@dataclass
-class WorkerBook(CostEstimate):
-    """What the dispatcher knows of one worker, from what it sent and got back."""
-
-    worker_id: str
-    handle: Any
-    node_id: str = ""
-    composition: str | None = None
-    adapters: set[str] = field(default_factory=set)
-    inflight: int = 0
-    alive: bool = True
-    deaths_in_a_row: int = 0
-    last_key: str | None = None
-    switches: int = 0
-    retired: bool = False  # removed from the farm: never revived
-
-    def learn(self, row: ResultRow, work: float = 1.0) -> None:
-        """One result row; ``work``: its job's render cost relative to the run's mean job."""
-        self.observe(compose_s=row.compose_s, render_s=row.render_s / work, fetch_s=row.fetch_s)
-        key = row.composition_key
-        if key and key != self.last_key:
-            self.switches += 1
-            self.last_key = key
-
-
-@dataclass
-class RunStats:
-    total: int = 0
-    ok: int = 0
-    failed: int = 0
-    retried: int = 0
-    interrupted: bool = False
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
-
-
-@dataclass
-class RunBook:
-    """One run as the dispatcher carries it: where its jobs write and where its rows go."""
-
-    run_id: str
-    output_root: str
-    storage_options: dict
-    on_rows: Callable[[list[ResultRow]], None]
-    stats: RunStats = field(default_factory=RunStats)
-    tickets: set[str] = field(default_factory=set)  # still queued or in flight
-    cancelled: int = 0  # queued jobs dropped by ``cancel_run`` (and in-flight ones that failed after it)
-    cancelling: bool = False  # ``cancel_run`` was called: nothing of it is sent or retried again
-
-
-def ticket(run_id: str, job_id: str) -> str:
-    """The dispatcher's and the policy's id for one job of one run."""
-    return f"{run_id}/{job_id}" if run_id else job_id
+__all__ = ["Dispatcher", "RunBook", "RunStats", "WorkerBook", "ticket"]
 
 
 class Dispatcher:
@@ -155,7 +99,8 @@ class Dispatcher:
             WorkerView(worker_id=b.worker_id, node_id=b.node_id, composition=b.composition,
                        adapters=frozenset(b.adapters), node_disk=frozenset(disk[b.node_id]), inflight=b.inflight,
                        capacity=self.capacity, compose_cost_s=b.compose_s, render_cost_s=b.render_s,
-                       fetch_cost_s=b.fetch_s, load_cost_s=b.load_s, alive=b.alive)
+                       fetch_cost_s=b.fetch_s, load_cost_s=b.load_s, alive=b.alive,
+                       prepared=frozenset(b.prepared), swap_cost_s=b.swap_s)
             for b in self.books.values()
         ]
 
@@ -182,7 +127,7 @@ class Dispatcher:
         book = self.books.get(worker_id)
         if book is not None and not book.retired:
             book.alive, book.deaths_in_a_row = True, 0
-            book.composition, book.adapters = None, set()
+            book.forget()
 
     # ---- runs ----------------------------------------------------------------------------
     def add_run(self, run_id: str, jobs: Sequence[Any], output_root: str, *, storage_options: dict | None = None,
@@ -347,7 +292,7 @@ class Dispatcher:
         """A worker died (or its call broke) with these jobs in hand: retry them elsewhere."""
         if isinstance(e, WorkerLost):
             book.deaths_in_a_row += 1
-            book.composition, book.adapters = None, set()  # a restarted actor comes back empty
+            book.forget()  # a restarted actor comes back empty
             book.alive = book.deaths_in_a_row < 3
         for t in ids:
             self._finish(t, ResultRow.failed(self.jobs[t], str(e)[:2000], worker_id=book.worker_id, transient=True))

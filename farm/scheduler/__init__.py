@@ -49,7 +49,8 @@ returns a job twice (an assigned job leaves the queue until ``done(requeue=True)
 ``submit`` of an id that is queued or assigned raises ``ValueError``.
 
 Costs: a switch costs ``compose_cost_s`` plus, per adapter not in the worker's memory,
-``load_cost_s`` (on its node's disk) or ``fetch_cost_s`` (remote): ``switch_cost``.
+``load_cost_s`` (on its node's disk) or ``fetch_cost_s`` (remote); to a composition the
+worker keeps prepared (``prepared``: its branch cache), ``swap_cost_s``: ``switch_cost``.
 ``AffinityScheduler`` documents its decisions; ``JobQueue`` is the shared index.
 
 The names below are re-exported so ``from farm.scheduler import X`` keeps working; code

@@ -112,6 +112,13 @@ class AffinityScheduler(FairRules, Policy):
         """New submitter weights (e.g. the farm config reloaded); usage so far is kept."""
         self.share.weights = FairShare(weights).weights
 
+    def set_fair(self, on: bool) -> None:
+        """Switch fair share on or off while it runs (a scheduler built with ``fair=True``: its
+        queue keeps the flows either way; off, every decision is the one ``fair=False`` makes)."""
+        if on and not isinstance(self.queue, FlowQueue):
+            raise ValueError("set_fair(True) needs a scheduler built with fair=True (its queue tracks flows)")
+        self.fair = bool(on)
+
     # ---- the batch plan (batch_plan.py) ------------------------------------------------
     def submit(self, jobs: Iterable[QueuedJob]) -> None:
         if self._following:  # arrivals while a plan runs: jobs trickle in, the greedy rules serve them

@@ -41,13 +41,15 @@ class MeasuredRow(JobShape, Protocol):
 
 @dataclass(kw_only=True)
 class CostEstimate:
-    """A worker's seconds per compose, per rendered job and per remote fetch: a prior until
+    """A worker's seconds per compose, per rendered job, per remote fetch and per swap to a
+    prepared composition: a prior until
     the first measurement, then an EWMA (weight 0.3) of the measurements. The dispatcher
     and the simulator share it."""
 
     compose_s: float = 1.0
     render_s: float = 1.0
     fetch_s: float = 1.0
+    swap_s: float = 0.05  # a switch to a composition the worker keeps prepared
     _measured: frozenset[str] = frozenset()  # the fields that left their prior
 
     @property
@@ -61,9 +63,11 @@ class CostEstimate:
         the fetch estimate capped at 0.1 s."""
         return min(self.fetch_s, 0.1)
 
-    def observe(self, *, compose_s: float = 0.0, render_s: float = 0.0, fetch_s: float = 0.0) -> None:
+    def observe(self, *, compose_s: float = 0.0, render_s: float = 0.0, fetch_s: float = 0.0,
+                swap_s: float = 0.0) -> None:
         """One finished job's measured seconds; 0 means not measured (no switch, no fetch)."""
-        for name, value in (("compose_s", compose_s), ("render_s", render_s), ("fetch_s", fetch_s)):
+        for name, value in (("compose_s", compose_s), ("render_s", render_s), ("fetch_s", fetch_s),
+                            ("swap_s", swap_s)):
             if value > 0:
                 old = getattr(self, name) if name in self._measured else value
                 setattr(self, name, 0.7 * old + 0.3 * value)
@@ -71,9 +75,14 @@ class CostEstimate:
 
 
 def switch_cost(worker: WorkerView, composition: str, loras: Iterable[str], current: str | None) -> float:
-    """Estimated seconds for ``worker``, holding ``current``, to start on ``composition``."""
+    """Estimated seconds for ``worker``, holding ``current``, to start on ``composition``: what it
+    holds is a set of tiers, each at its own cost: the composition itself (0), one it keeps
+    prepared (a swap of tensors), else a compose plus each adapter's way into memory (in
+    memory already, on the node's disk, or remote)."""
     if current == composition:
         return 0.0
+    if composition in worker.prepared:
+        return worker.swap_cost_s
     cost = worker.compose_cost_s
     for uri in loras:
         if uri not in worker.adapters:

@@ -37,7 +37,7 @@ decision is the one ``fair=False`` makes):
   whose submitter is furthest under its cap, its own flow among equals (a composition
   shared by several flows serves them all without a recomposition).
 
-``FlowQueue`` is a ``JobQueue`` that also indexes its jobs by flow.
+``FlowQueue`` (``flows.py``) is a ``JobQueue`` that also indexes its jobs by flow.
 """
 from __future__ import annotations
 
@@ -48,12 +48,11 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from .costs import switch_cost
+from .flows import Flow, FlowQueue
 from .policy import Slot
-from .queue import NO_WORK, JobQueue
+from .queue import NO_WORK
 from .types import QueuedJob
 
-Flow = tuple[str, str]  # (submitter, run)
-_EMPTY = JobQueue()
 SMALL_RUN = 0.5  # a run is small with at most this share of one worker's part of the queued work
 
 
@@ -71,78 +70,6 @@ def check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
     if bad:
         raise ValueError(f"submitter weights must be positive numbers; bad: {', '.join(bad)}")
     return out
-
-
-class FlowQueue(JobQueue):
-    """A ``JobQueue`` that also keeps, per flow, a ``JobQueue`` of that flow's jobs, and per
-    composition the flows with jobs of it. The composition-wide operations are the base
-    class's, unchanged; every removal (pop, cancel) goes through ``remove``."""
-
-    def __init__(self, by_run: bool = True) -> None:
-        super().__init__()
-        self.by_run = by_run  # False: one flow per submitter, its runs pooled
-        self._flows: dict[Flow, JobQueue] = {}
-        self._by_key: dict[str, Counter[Flow]] = {}
-        self._submitters: Counter[str] = Counter()
-
-    def add(self, job: QueuedJob) -> None:
-        super().add(job)
-        f = self.flow_id(job)
-        sub = self._flows.get(f)
-        if sub is None:
-            sub = self._flows[f] = JobQueue()
-        sub.add(job)
-        self._by_key.setdefault(job.composition, Counter())[f] += 1
-        self._submitters[job.submitter] += 1
-
-    def remove(self, job_id: str) -> QueuedJob | None:
-        job = super().remove(job_id)
-        if job is None:
-            return None
-        f = self.flow_id(job)
-        sub = self._flows[f]
-        sub.remove(job_id)
-        if not len(sub):
-            del self._flows[f]
-        flows = self._by_key[job.composition]
-        flows[f] -= 1
-        if not flows[f]:
-            del flows[f]
-            if not flows:
-                del self._by_key[job.composition]
-        self._submitters[job.submitter] -= 1
-        if not self._submitters[job.submitter]:
-            del self._submitters[job.submitter]
-        return job
-
-    def flow_id(self, job: QueuedJob) -> Flow:
-        return (job.submitter, job.run if self.by_run else "")
-
-    def flows(self) -> list[Flow]:
-        """The flows with queued jobs."""
-        return list(self._flows)
-
-    def flow(self, f: Flow) -> JobQueue:
-        """Flow ``f``'s own queue (read only: remove through this queue, never that one)."""
-        return self._flows.get(f, _EMPTY)
-
-    def flows_of(self, key: str | None) -> Mapping[Flow, int]:
-        """The flows with queued jobs of composition ``key``, and how many each has."""
-        return self._by_key.get(key, {}) if key is not None else {}
-
-    def submitters(self) -> list[str]:
-        return list(self._submitters)
-
-    def queued_of(self, submitter: str) -> int:
-        return self._submitters.get(submitter, 0)
-
-    def pop_from(self, f: Flow, key: str) -> QueuedJob:
-        """Flow ``f``'s best-ranked job of composition ``key`` (KeyError when it has none)."""
-        job_id = self.flow(f).peek(key)
-        job = self.remove(job_id) if job_id is not None else None
-        if job is None:
-            raise KeyError(f"flow {f!r} has no queued job of composition {key!r}")
-        return job
 
 
 class FairShare:
@@ -311,6 +238,8 @@ class FairRules:
             if holders[key] > 0 and (self.queue.work(key) * rate / holders[key]
                                      <= cost + self._fair_horizon(f, r, len(slots), held, rate, compose)):
                 continue  # its holders clear it soon enough
+            if self.queue.count(slot.comp) and self._dries_soon(slots, slot):
+                continue  # a worker running dry takes it next round: no composition is left unfinished
             if self.queue.count(slot.comp):  # it leaves work of its composition: a yield
                 self.yields[(f[0], holders[slot.comp] > 1, holders[key] > 0)] += 1
             for _ in range(min(slot.spare, self.queue.count(key))):
@@ -352,10 +281,12 @@ class FairRules:
 
     def _yields(self, s: Slot, f: Flow, r: Round, holders: Counter) -> bool:
         """Slot ``s`` should leave its composition for flow ``f``: every flow with jobs of what
-        ``s`` holds is either another submitter's, at its cap and a quantum ahead of ``f``'s
-        (which fits under its own), or a sibling run of ``f`` with more workers while ``f`` is
-        a small run short of its even part and ``s``'s composition has more than a quantum
-        of work left per holder (a small run behind a large one starts)."""
+        ``s`` holds is either another submitter's, at its cap even without ``s`` and a quantum
+        ahead of ``f``'s (which fits under its own; no lead is asked while ``f``'s submitter
+        has no worker at all: one that joins starts after the job its worker is on), or a
+        sibling run of ``f`` with more workers while ``f`` is a small run short of its even
+        part and ``s``'s composition has more than a quantum of work left per holder (a
+        small run behind a large one starts)."""
         soon = self.queue.work(s.comp) * s.view.render_cost_s <= r.quantum * max(1, holders[s.comp])
         mine = r.serving.get(s.view.worker_id)
         for h in self.queue.flows_of(s.comp):
@@ -366,9 +297,18 @@ class FairRules:
             if h[0] == f[0]:  # a sibling: not when its composition ends within a quantum anyway
                 if soon or not (f in r.small and r.n[f] < r.even(f) and r.n[h] > max(1, r.n[f] + 1)):
                     return False
-            elif not r.fits(f) or r.fits(h, mine) or r.lead[h[0]] - r.lead[f[0]] <= r.quantum:
+            elif (not r.fits(f) or r.fits(h, mine)
+                  or (r.n_sub[f[0]] > 0 and r.lead[h[0]] - r.lead[f[0]] <= r.quantum)):
                 return False
         return True
+
+    def _dries_soon(self, slots: list[Slot], slot: Slot) -> bool:
+        """Another worker, busy, with no queued work of its composition left, is free about as
+        soon as ``slot`` could start (within one compose and one render of it): better that one
+        than taking ``slot`` off unfinished work, which someone must compose again."""
+        bound = slot.delay + slot.view.compose_cost_s + slot.view.render_cost_s
+        return any(s is not slot and s.spare <= 0 and not self.queue.count(s.comp) and s.delay <= bound
+                   for s in slots)
 
     def _fair_pick(self, s: Slot, key: str, r: Round) -> Flow:
         """Whose job of ``key`` slot ``s`` takes: a flow whose submitter fits under its cap,

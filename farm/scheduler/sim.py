@@ -16,6 +16,9 @@ Cost model (all in seconds; the same for every policy):
   fetching it and that ends sooner, else ``fetch_s`` (a remote fetch of its own, which
   then lands on the node's disk);
 * memory holds ``memory_adapters`` adapters (LRU); node disks keep everything;
+* with ``prepared`` > 0 a worker keeps that many compositions prepared (LRU, as the
+  low-rank branch cache does): switching back to one costs ``swap_s``, nothing composed
+  or fetched; it counts as a swap, not a recomposition;
 * prefetch hints download onto the node's disk in the background, one file at a time
   per node, then load into the hinted worker's memory (``load_s``), overlapping renders;
 * the policy is shown the true costs, or with ``prior_s``, what the dispatcher would
@@ -56,6 +59,8 @@ class FarmModel:
     capacity: int = 2
     per_node: int = 4
     memory_adapters: int = 12
+    prepared: int = 0  # compositions each worker keeps prepared (branch cache, LRU); 0: none
+    swap_s: float = 0.05  # a switch to one of them
     prior_s: float | None = None  # None: the policy sees the true costs; else learned from this prior
 
     @property
@@ -75,6 +80,7 @@ class SimResult:
     p95_wait: float
     mean_wait: float
     remote_fetches: int
+    swaps: int = 0  # switches to a composition the worker kept prepared (not recompositions)
     # per finished job: (job, assigned, started on its worker, rendering began, finished); ``sim_fair`` reads it
     trace: tuple[tuple[QueuedJob, float, float, float, float], ...] = field(default=(), repr=False, compare=False)
 
@@ -82,7 +88,7 @@ class SimResult:
         return {
             "makespan": round(self.makespan, 3), "recompositions": self.recompositions,
             "p95_wait": round(self.p95_wait, 3), "mean_wait": round(self.mean_wait, 3),
-            "remote_fetches": self.remote_fetches,
+            "remote_fetches": self.remote_fetches, "swaps": self.swaps,
         }
 
 
@@ -120,6 +126,7 @@ class _Worker:
     node: str
     comp: str | None = None
     mem: OrderedDict = field(default_factory=OrderedDict)
+    prep: OrderedDict = field(default_factory=OrderedDict)  # compositions kept prepared (LRU)
     queue: deque = field(default_factory=deque)
     busy: bool = False
     costs: CostEstimate | None = None  # what the dispatcher would have learned (FarmModel.prior_s)
@@ -148,7 +155,7 @@ class Simulation:
         self.order = 0
         self.pending: dict[str, QueuedJob] = {}
         self.waits: list[float] = []
-        self.recompositions = self.remote = self.finished = 0
+        self.recompositions = self.remote = self.finished = self.swaps = 0
         self.makespan = 0.0
         self.next_tick = -1.0
         self.warming: set[tuple[_Worker, str]] = set()
@@ -181,7 +188,7 @@ class Simulation:
             raise SimError(f"{self.policy.name}: {len(self.jobs) - self.finished} jobs never ran")
         w = np.array(self.waits) if self.waits else np.zeros(1)
         return SimResult(self.policy.name, self.makespan, self.recompositions,
-                         float(np.percentile(w, 95)), float(w.mean()), self.remote, tuple(self.trace))
+                         float(np.percentile(w, 95)), float(w.mean()), self.remote, self.swaps, tuple(self.trace))
 
     def handle(self, now: float, kind: str, data: object) -> None:
         if kind == "arrive":
@@ -189,11 +196,12 @@ class Simulation:
                 self.pending[job.job_id] = job
             self.policy.submit(data)  # type: ignore[arg-type]
         elif kind == "finish":
-            worker, job, compose_s, fetch_s = data  # type: ignore[misc]
+            worker, job, compose_s, fetch_s, swapped = data  # type: ignore[misc]
             began = now - self.farm.render_s * job.work
             self.trace.append((job, self.assigned.pop(job.job_id), began - fetch_s - compose_s, began, now))
             if worker.costs is not None:  # as the dispatcher learns from the job's result row
-                worker.costs.observe(compose_s=compose_s, render_s=self.farm.render_s, fetch_s=fetch_s)
+                worker.costs.observe(compose_s=0.0 if swapped else compose_s, swap_s=compose_s if swapped else 0.0,
+                                     render_s=self.farm.render_s, fetch_s=fetch_s)
             self.policy.done(job.job_id)
             self.finished += 1
             self.makespan = max(self.makespan, now)
@@ -218,6 +226,7 @@ class Simulation:
         return WorkerView(
             w.wid, w.node, w.comp, frozenset(w.mem), node.frozen, len(w.queue) + w.busy,
             f.capacity, compose, render, fetch, c.load_s if c else f.load, True,
+            frozenset(w.prep), c.swap_s if c else f.swap_s,
         )
 
     def dispatch(self, now: float) -> None:
@@ -268,12 +277,22 @@ class Simulation:
         job = w.queue.popleft()
         self.waits.append(now - job.enqueued_at)
         fetch = compose = 0.0
+        swapped = False
         if job.composition != w.comp:
-            fetch, compose = self.materialize(w, job.loras, now), self.farm.compose_s
-            self.recompositions += 1
+            if job.composition in w.prep:  # its prepared branches are swapped in
+                compose, swapped = self.farm.swap_s, True
+                self.swaps += 1
+            else:
+                fetch, compose = self.materialize(w, job.loras, now), self.farm.compose_s
+                self.recompositions += 1
             w.comp = job.composition
+            if self.farm.prepared > 0:
+                w.prep[job.composition] = True
+                w.prep.move_to_end(job.composition)
+                if len(w.prep) > self.farm.prepared:
+                    w.prep.popitem(last=False)
         w.busy = True
-        self.push(now + fetch + compose + self.farm.render_s * job.work, "finish", (w, job, compose, fetch))
+        self.push(now + fetch + compose + self.farm.render_s * job.work, "finish", (w, job, compose, fetch, swapped))
 
     def materialize(self, w: _Worker, loras: Sequence[str], now: float) -> float:
         """Seconds to get ``loras`` into the worker's memory (a sequential pull)."""

@@ -35,3 +35,7 @@ class WorkerView:
     fetch_cost_s: float = 1.0  # per adapter, remote storage -> node
     load_cost_s: float = 0.1  # per adapter, node disk -> memory
     alive: bool = True
+    #: compositions the worker keeps prepared (a low-rank branch cache: switching to one swaps
+    #: tensors, nothing composed or fetched) and what such a swap costs
+    prepared: frozenset[str] = frozenset()
+    swap_cost_s: float = 0.05

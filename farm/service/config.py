@@ -5,6 +5,7 @@ pools:
   - {name: qwen, model: {backend: tiny}, workers: 2}   # workers: N | per_gpu; gpus_per_worker: 1
 state: /var/lib/lora-farm          # any fsspec URL: runs recorded here survive restarts
 submitters: {alice: 1, bob: 2}     # optional weights for fair share (default 1)
+fair_share: true                   # optional: false serves runs of equal priority by affinity alone
 lora_roots: [/data/loras]          # optional: local dirs the farm's workers may read LoRA files from
 ```
 
@@ -27,7 +28,7 @@ from jobs.limits import Problems, ProblemsError, check_document
 from jobs.options import FarmOptions, option_fields
 from jobs.sources import base_dir_of, parse, read_bytes
 from jobs.validate import (
-    BAD, at, check_fields, check_int, check_list, check_mapping, check_model, check_number,
+    BAD, at, check_bool, check_fields, check_int, check_list, check_mapping, check_model, check_number,
     check_options, check_output, check_storage_options, check_str, describe, is_url, resolve_path,
 )
 
@@ -45,7 +46,7 @@ MAX_GPUS_PER_WORKER = 8.0
 #: ``workers: per_gpu``: as many workers as the cluster's GPUs hold (``PoolConfig.worker_count``).
 PER_GPU = "per_gpu"
 
-TOP_FIELDS = ("pools", "state", "submitters", "storage_options", "lora_roots")
+TOP_FIELDS = ("pools", "state", "submitters", "fair_share", "storage_options", "lora_roots")
 POOL_FIELDS = ("name", "model", "workers", "gpus_per_worker", "adapter_cache_mb",
                "node_cache_dir", "node_cache_mb", "options")
 _OPTION_NAMES = tuple(f.name for f in option_fields())
@@ -137,6 +138,9 @@ class FarmConfig:
     #: local directories LoRA files may be read from (absolute), on top of ``$LORA_FARM_LORA_ROOTS``;
     #: a submitted manifest's own directory is not one (on a shared farm it would allow any path)
     lora_roots: tuple[str, ...] = ()
+    #: share workers between submitters by weight among runs of equal priority (``farm.scheduler.fair``);
+    #: False: the affinity rules alone (the run whose compositions take longest to clear goes first)
+    fair_share: bool = True
 
     def pool_for(self, model: Mapping[str, Any]) -> PoolConfig | None:
         """The pool whose model is ``model`` (validation keeps pool models distinct), or None."""
@@ -155,6 +159,8 @@ class FarmConfig:
         out: dict[str, Any] = {"pools": [pool.to_dict() for pool in self.pools], "state": self.state}
         if self.submitters:
             out["submitters"] = dict(self.submitters)
+        if not self.fair_share:
+            out["fair_share"] = False
         if self.storage_options:
             out["storage_options"] = {proto: dict(opts) for proto, opts in self.storage_options.items()}
         if self.lora_roots:
@@ -347,10 +353,11 @@ def _parse(data: Any, base_dir: str | None, problems: Problems) -> FarmConfig:
     storage_options = check_storage_options(data["storage_options"], "storage_options", problems) \
         if data.get("storage_options") is not None else {}
     roots = _check_roots(data["lora_roots"], problems, base_dir) if data.get("lora_roots") is not None else ()
+    fair = check_bool(data["fair_share"], "fair_share", problems) if data.get("fair_share") is not None else True
     if len(problems):
         raise FarmConfigError(problems.items)
     return FarmConfig(pools=tuple(pools), state=state, submitters=submitters, storage_options=storage_options,
-                      lora_roots=roots)
+                      lora_roots=roots, fair_share=fair)
 
 
 def parse_farm_config(data: Any, base_dir: str | None = None) -> FarmConfig:

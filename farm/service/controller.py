@@ -94,8 +94,10 @@ class FarmController(RunLoop):
                 if pool is None or pool.config.model != pc.model:
                     if pool is not None:
                         self._close_pool(pool)
-                    pool = self.pools[pc.name] = Pool(pc, roots, self.backend_factories.get(pc.name))
+                    pool = self.pools[pc.name] = Pool(pc, roots, self.backend_factories.get(pc.name),
+                                                      fair=config.fair_share, weights=config.submitters)
                 pool.config = pc
+                pool.share(config.fair_share, config.submitters)
                 pool.scale(pc.worker_count(gpus))
             for name in [n for n in self.pools if n not in {p.name for p in config.pools}]:
                 self._close_pool(self.pools.pop(name))

@@ -41,13 +41,21 @@ class Pool:
     warming: dict[str, Any] = field(default_factory=dict)  # worker name -> its warm() call
     failed: dict[str, str] = field(default_factory=dict)  # worker name -> why it could not load its model
     dispatcher: Dispatcher = None  # type: ignore[assignment]
+    #: share the workers between submitters (``FarmConfig.fair_share``), by these weights
+    fair: bool = True
+    weights: Any = None
 
     def __post_init__(self) -> None:
         if self.dispatcher is None:
-            # fair share off in the farm for now: with it, the greedy fair rules move workers off
-            # compositions the next run also needs (issue 16's note); priority still orders runs
-            self.dispatcher = Dispatcher({}, AffinityScheduler(fair=False), "", capacity=CAPACITY,
+            policy = AffinityScheduler(weights=self.weights)  # runs as flows: fair share can be switched
+            policy.set_fair(self.fair)
+            self.dispatcher = Dispatcher({}, policy, "", capacity=CAPACITY,
                                          max_batch=self.options.max_batch, retries=self.options.retries)
+
+    def share(self, fair: bool, weights: Any) -> None:
+        """A reconciled config's fair-share switch and weights (the usage so far is kept)."""
+        self.dispatcher.policy.set_fair(fair)
+        self.dispatcher.policy.set_weights(weights)
 
     @property
     def name(self) -> str:

@@ -197,3 +197,64 @@ def test_fair_benchmark_report_shape():
         assert r["unfair"]["yields"] == 0 and r["fair"]["recomp_x_unfair"] == pytest.approx(
             r["fair"]["recompositions"] / r["unfair"]["recompositions"], abs=1e-3)
     assert all(r["fair"]["x_alone"] < r["unfair"]["x_alone"] for r in behind)
+
+
+def _views(*held, render=1.0, compose=2.0):
+    """WorkerViews w0, w1, ...: ``held`` is (composition, inflight) per worker, capacity 2."""
+    return [WorkerView(f"w{i}", composition=c, inflight=n, capacity=2, compose_cost_s=compose, render_cost_s=render)
+            for i, (c, n) in enumerate(held)]
+
+
+def _jobs(submitter, run, comp, n, prefix=None):
+    return [QueuedJob(f"{prefix or comp}-{i}", comp, (f"u-{comp}",), 0, 0.0, run=run, submitter=submitter)
+            for i in range(n)]
+
+
+def test_a_submitter_that_joins_with_no_worker_gets_one_without_a_lead():
+    pol = AffinityScheduler()
+    pol.submit(_jobs("alice", "ra", "ca0", 10) + _jobs("alice", "ra", "ca1", 10))
+    first = pol.assign(_views((None, 0), (None, 0)), 0.0)  # alice alone: one composition per worker
+    on = {w: {j.split("-")[0] for j, x in first if x == w} for w in ("w0", "w1")}
+    assert on["w0"] | on["w1"] == {"ca0", "ca1"} and all(len(v) == 1 for v in on.values()), first
+    for w in ("w0", "w1"):
+        pol.done(next(j for j, x in first if x == w))
+    pol.submit(_jobs("bob", "rb", "cb0", 10))  # bob joins level with alice (no lead): still one worker for him
+    held = [(next(iter(on["w0"])), 1), (next(iter(on["w1"])), 1)]
+    out = pol.assign(_views(*held), 1.0)
+    to_bob = [w for j, w in out if j.startswith("cb0")]
+    assert len(to_bob) == 1, out  # the worker that yields starts bob after the job it is on
+    assert pol.yields and all(k[0] == "bob" for k in pol.yields)
+
+
+def test_a_worker_running_dry_is_waited_for_rather_than_taking_one_off_unfinished_work():
+    pol = AffinityScheduler(batch_plan=False)  # greedy from the start: one composition per worker
+    pol.submit(_jobs("alice", "ra", "ca0", 2) + _jobs("alice", "ra", "ca1", 12))
+    first = pol.assign(_views((None, 0), (None, 0)), 0.0)
+    dry = next(w for j, w in first if j.startswith("ca0"))  # its composition has no queued job left
+    busy = "w1" if dry == "w0" else "w0"
+    assert sorted(j for j, w in first if w == dry) == ["ca0-0", "ca0-1"]
+    pol.done(next(j for j, w in first if w == busy))
+    pol.submit(_jobs("bob", "rb", "cb0", 10))
+    pol.share.observe(["alice", "bob"])
+    pol.share.charge("alice", 20.0)  # alice three quanta (2 x (compose + render)) ahead: her workers must yield
+    held = {dry: ("ca0", 2), busy: ("ca1", 1)}
+    out = pol.assign(_views(held["w0"], held["w1"]), 1.0)
+    assert out and all(j.startswith("ca1") and w == busy for j, w in out), out  # no yield: the dry one frees soon
+    for j in ("ca0-0", "ca0-1"):
+        pol.done(j)
+    held[dry] = ("ca0", 0)
+    held[busy] = ("ca1", 2)
+    out = pol.assign(_views(held["w0"], held["w1"]), 3.0)
+    assert {w for j, w in out if j.startswith("cb0")} == {dry}, out  # bob starts on the worker that ran dry
+    assert not pol.yields
+
+
+def test_set_fair_switches_the_rules_off_and_on():
+    work = make_runs_workload(300, 20, 0.9, 5, submitters=("a", "b"), span_s=20.0)
+    farm = FarmModel(3, 2.0, 1.0)
+    switched, unfair = Recording(), Recording(fair=False)
+    switched.set_fair(False)
+    simulate(switched, work, farm), simulate(unfair, work, farm)
+    assert switched.log == unfair.log  # off: fair=False's decisions exactly
+    with pytest.raises(ValueError, match="fair=True"):
+        AffinityScheduler(fair=False).set_fair(True)

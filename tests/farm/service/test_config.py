@@ -35,6 +35,7 @@ def test_design_example_loads(tmp_path):
     assert config.state == "/var/lib/lora-farm"
     assert config.weight("alice") == 1.0 and config.weight("bob") == 2.0
     assert config.weight("carol") == 1.0  # not listed: weighs 1
+    assert config.fair_share is True  # on unless the config says otherwise
 
 
 def test_every_problem_is_listed_at_once():
@@ -101,6 +102,7 @@ def test_every_problem_is_listed_at_once():
      "pools[1].model: same model as pools[0] ('qwen')"),
     ({"pools": [tiny_pool()], "state": "s", "submitters": ["alice"]}, "submitters: must be a mapping"),
     ({"pools": [tiny_pool()], "state": "s", "submitters": {"": 1}}, "submitters: a submitter name must be"),
+    ({"pools": [tiny_pool()], "state": "s", "fair_share": "yes"}, "fair_share: not a boolean"),
 ])
 def test_single_problems(data, problem):
     with pytest.raises(FarmConfigError) as info:
@@ -227,9 +229,11 @@ def test_round_trips(tmp_path):
         ],
         "state": "memory://state",
         "submitters": {"alice": 1, "bob": 2.5},
+        "fair_share": False,
         "storage_options": {"s3": {"key": "AKIA-SECRET", "endpoint_url": "http://127.0.0.1:9000"}},
     }
     config = parse_farm_config(data, str(tmp_path))
+    assert config.fair_share is False
     assert parse_farm_config(config.to_dict()) == config
     assert parse_farm_config(json.loads(json.dumps(config.to_dict()))) == config
     assert pickle.loads(pickle.dumps(config)) == config

@@ -1,0 +1,92 @@
+"""What a worker holds is a set of tiers, each at its own switch cost (issue 16): the
+composition itself, compositions it keeps prepared (its low-rank branch cache: a swap of
+tensors), adapters in memory, on its node's disk, remote. The dispatcher learns the prepared
+set and the swap's seconds from the rows; the simulator models the cache; the policy sends a
+composition that comes back to a worker that still has it prepared."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.scheduler_prepared import Blind, table
+from farm.books import PREPARED_GUESS, WorkerBook
+from farm.scheduler.affinity import AffinityScheduler
+from farm.scheduler.costs import switch_cost
+from farm.scheduler.sim import FarmModel, simulate
+from farm.scheduler.types import QueuedJob, WorkerView
+from jobs.results import ResultRow
+
+
+def test_switch_cost_prices_each_tier():
+    w = WorkerView("w0", composition="a", adapters=frozenset({"u1"}), node_disk=frozenset({"u2"}),
+                   compose_cost_s=10.0, fetch_cost_s=3.0, load_cost_s=0.5, prepared=frozenset({"p"}),
+                   swap_cost_s=0.02)
+    assert switch_cost(w, "a", ("u9",), "a") == 0.0  # held
+    assert switch_cost(w, "p", ("u9",), "a") == 0.02  # prepared: a swap, nothing fetched
+    assert switch_cost(w, "b", ("u1",), "a") == 10.0  # adapters in memory: the compose alone
+    assert switch_cost(w, "b", ("u1", "u2"), "a") == 10.5  # + one from the node's disk
+    assert switch_cost(w, "b", ("u1", "u2", "u3"), "a") == 13.5  # + one remote
+
+
+def row(key: str, mode: str = "lowrank", compose_s: float = 0.0, status: str = "ok") -> ResultRow:
+    return ResultRow("j", status, composition_key=key, lora_mode=mode, compose_s=compose_s, render_s=1.0,
+                     error="" if status == "ok" else "boom")
+
+
+def test_the_book_learns_what_is_prepared_and_what_a_swap_costs():
+    book = WorkerBook("w0", None)
+    book.learn(row("a", compose_s=4.0))  # composed a (low-rank): a's branches are now cached
+    book.learn(row("b", compose_s=4.0))
+    assert list(book.prepared) == ["a", "b"] and book.compose_s == 4.0 and "swap_s" not in book.measured
+    book.learn(row("a", compose_s=0.03))  # back to a: a swap, learned as one, not as a compose
+    assert book.swap_s == pytest.approx(0.03) and book.compose_s == 4.0
+    assert list(book.prepared) == ["b", "a"]  # newest last
+    book.learn(row("b", mode="merge", compose_s=5.0))  # merged: no branch of b is held any more
+    assert "b" not in book.prepared
+    book.learn(row("c", mode="lowrank+merge", compose_s=5.0))  # diffs were merged: not a pure swap
+    assert "c" not in book.prepared
+    book.learn(row("d", status="failed"))
+    assert "d" not in book.prepared
+    for i in range(PREPARED_GUESS + 3):
+        book.learn(row(f"k{i}", compose_s=4.0))
+    assert len(book.prepared) == PREPARED_GUESS and f"k{PREPARED_GUESS + 2}" in book.prepared
+    book.forget()  # a restarted actor comes back empty
+    assert not book.prepared and book.composition is None
+
+
+def test_assign_sends_a_composition_to_the_worker_that_kept_it_prepared():
+    views = [WorkerView("w0", composition="c", adapters=frozenset({"u"}), compose_cost_s=10.0),
+             WorkerView("w1", composition="d", adapters=frozenset({"u"}), compose_cost_s=10.0,
+                        prepared=frozenset({"a"}), swap_cost_s=0.05)]
+    for policy, to in ((AffinityScheduler(), "w1"), (Blind(), "w0")):  # blind: a tie, the first worker
+        policy.submit([QueuedJob("a0", "a", ("u",))])
+        assert {w for _, w in policy.assign(views, 0.0)} == {to}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_runs_that_bring_compositions_back_compose_less_with_the_tier(seed):
+    from farm.scheduler.sim_fair import make_runs_workload
+
+    work = make_runs_workload(600, 30, 0.9, seed, submitters=("a",), span_s=300.0)
+    fewer = 0
+    for workers, compose in ((4, 5.0), (8, 20.0)):
+        farm = FarmModel(workers, compose_s=compose, render_s=1.0, prepared=4, swap_s=0.05)
+        seen, blind = simulate(AffinityScheduler(), work, farm), simulate(Blind(), work, farm)
+        assert seen.recompositions <= blind.recompositions and seen.swaps >= blind.swaps, (seen, blind)
+        fewer += blind.recompositions - seen.recompositions
+    assert fewer > 0
+
+
+def test_without_a_cache_nothing_is_a_swap():
+    jobs = [QueuedJob(f"{c}{i}-{at}", c, (f"u-{c}",), 0, at) for at, comps in ((0.0, "ab"), (10.0, "c"), (20.0, "a"))
+            for c in comps for i in range(4)]
+    r = simulate(AffinityScheduler(), jobs, FarmModel(2, compose_s=5.0, render_s=1.0))
+    assert r.swaps == 0 and r.as_dict()["swaps"] == 0
+
+
+def test_the_benchmark_table_names_every_configuration():
+    from benchmarks.scheduler_prepared import one
+
+    rows = [one(0.9, 5.0, 2, jobs=200), one(1.2, 20.0, 4, jobs=200)]
+    text = table(rows, "python -m benchmarks.scheduler_prepared")
+    assert "python -m benchmarks.scheduler_prepared" in text and text.count("\n| 0.9 | 5 | 2 |") == 1
+    assert all(r["tier"]["recompositions"] + r["tier"]["swaps"] > 0 for r in rows)
