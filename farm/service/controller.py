@@ -67,6 +67,8 @@ class FarmController(RunLoop):
         self.lock = threading.RLock()
         self.pools: dict[str, Pool] = {}
         self.runs: dict[str, ActiveRun] = {}
+        #: runs accepted and being opened (their output root read) outside the lock
+        self.opening: dict[str, RunRecord] = {}
         #: every run's record as last written: the state root is read once, at start (``_recover``)
         self.records: dict[str, RunRecord] = {}
         self.draining = False
@@ -156,35 +158,45 @@ class FarmController(RunLoop):
         stored = m.to_dict()
         stored["storage_options"] = {}
         run_id = run_id_for(stored, m.output)
-        with self.lock:
-            pool = self._pool_for(m)  # under the lock: a reconcile may be closing pools
+        with self.lock:  # checks and the reservation under the lock; the roots' I/O after it
+            pool = self._pool_for(m)  # a reconcile may be closing pools
             if run_id in self.runs:
                 if self.runs[run_id].cancelling:
                     raise SubmitRefused(f"run {run_id} is being cancelled (in-flight jobs finishing); "
                                         "resubmit once `farm status` says cancelled")
                 return {**run_status(self.runs[run_id]), "resubmitted": True}
-            busy = next((r for r in self.runs.values() if _same_root(r.record.output, m.output)), None)
+            if run_id in self.opening:
+                return {**record_status(self.opening[run_id]), "resubmitted": True}
+            writing = [(r.record.run_id, r.record.state, r.record.output) for r in self.runs.values()]
+            writing += [(r.run_id, r.state, r.output) for r in self.opening.values()]
+            busy = next((w for w in writing if _same_root(w[2], m.output)), None)
             if busy is not None:
-                raise SubmitRefused(f"output {m.output!r} is being written by run {busy.record.run_id} "
-                                    f"({busy.record.state}); wait for it, `farm cancel {busy.record.run_id}`, "
-                                    "or choose another output")
+                raise SubmitRefused(f"output {m.output!r} is being written by run {busy[0]} ({busy[1]}); wait "
+                                    f"for it, `farm cancel {busy[0]}`, or choose another output")
             old = self.records.get(run_id)
             now = time.time()
             record = RunRecord(run_id=run_id, manifest=stored, output=m.output, submitter=submitter or "default",
                                priority=int(priority), state="queued", total=len(m.jobs),
                                created_at=old.created_at if old else now, updated_at=now, has_secrets=bool(opts))
+            self.opening[run_id] = record
+        try:
             if opts:
                 secrets.put(run_id, opts)
             self._save(record)  # durable before acknowledged
             try:
-                run = self.start_run(record, m, pool)
+                run, todo = open_run(record, m, pool)  # reads its output root: no lock held meanwhile
             except Exception as e:  # noqa: BLE001 - its output root cannot be read: the run fails, said so
                 record.state, record.error = "failed", f"output {m.output!r}: {type(e).__name__}: {e}"[:2000]
                 self._save(record)
                 if opts:
                     secrets.delete(run_id)
                 raise SubmitRefused(record.error) from None
-            return run_status(run)
+            with self.lock:
+                self._register(run, todo)
+                return run_status(run) if self.runs.get(run_id) is run else record_status(run.record)
+        finally:
+            with self.lock:
+                self.opening.pop(run_id, None)
 
     def _pool_for(self, m: Manifest) -> Pool:
         pc = self.config.pool_for(m.model)
@@ -202,13 +214,29 @@ class FarmController(RunLoop):
     def start_run(self, record: RunRecord, m: Manifest, pool: Pool) -> ActiveRun:
         """Queue what of ``m`` is not done in its output root (a new run or a recovered one)."""
         run, todo = open_run(record, m, pool)
-        opts = m.storage_options
         with self.lock:
+            return self._register(run, todo)
+
+    def _register(self, run: ActiveRun, todo: list) -> ActiveRun:
+        """An opened run joins the farm (under the lock): its jobs ``todo`` go to its pool's queue.
+        What happened while it was opened without the lock wins: a cancel leaves it cancelled, a
+        pool closed by a reconcile fails it."""
+        record, m = run.record, run.manifest
+        if record.cancel_requested:
+            record.state, record.updated_at = "cancelled", time.time()
+            run.writer.finalize()
+            self._save(record)
+            return run
+        if self.pools.get(run.pool.name) is not run.pool:
             self.runs[record.run_id] = run
-            record.state = "running" if todo else "done"
-            pool.dispatcher.add_run(record.run_id, todo, m.output, storage_options=opts, on_rows=run.on_rows,
-                                    priority=record.priority, submitter=record.submitter)
-            self._put_record(run)
+            self._abandon(run, f"pool {run.pool.name!r} was removed or changed by `farm up` while the run was "
+                               "submitted; resubmit it")
+            return run
+        self.runs[record.run_id] = run
+        record.state = "running" if todo else "done"
+        run.pool.dispatcher.add_run(record.run_id, todo, m.output, storage_options=m.storage_options,
+                                    on_rows=run.on_rows, priority=record.priority, submitter=record.submitter)
+        self._put_record(run)
         return run
 
     def _recover(self) -> list[str]:
@@ -236,6 +264,9 @@ class FarmController(RunLoop):
 
     def cancel(self, run_id: str) -> dict:
         with self.lock:
+            if run_id in self.opening:  # being opened: it is cancelled as it joins (``_register``)
+                self.opening[run_id].cancel_requested = True
+                return {**record_status(self.opening[run_id]), "cancelling": True}
             if run_id not in self.runs:
                 return record_status(self._record(run_id))
             self._cancel(run_id)
@@ -260,9 +291,11 @@ class FarmController(RunLoop):
             if run_id is not None:
                 if run_id in self.runs:
                     return run_status(self.runs[run_id], detail=True)
+                if run_id in self.opening:
+                    return record_status(self.opening[run_id])
                 return record_status(self._record(run_id))
             active = {rid: run_status(run) for rid, run in self.runs.items()}
-            records = sorted(self.records.values(), key=lambda r: r.created_at)
+            records = sorted({**self.records, **self.opening}.values(), key=lambda r: r.created_at)
         return [active.get(r.run_id) or record_status(r) for r in records]
 
     def workers(self) -> list[dict]:
