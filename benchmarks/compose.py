@@ -1,6 +1,7 @@
 """Benchmark of the LoRA switch: ours against diffusers + PEFT, and against the floor.
 
     python -m benchmarks.compose --json [--blocks 2] [--repeats 3] [--threads 1]
+        [--ranks 16 64] [--sizes 1 3] [--modes merge lowrank svdq] [--no-write]
 
 Model: diffusers ``QwenImageTransformer2DModel`` at Qwen-Image's real width (its installed
 defaults: 24 heads x 128 = 3072, MLP 12288, joint_attention_dim 3584) with ``--blocks``
@@ -51,6 +52,7 @@ from .compose_svdq import run_svdq
 
 RANKS = (16, 64)
 SIZES = (1, 3)
+MODES = ("merge", "lowrank", "svdq")
 FILES_PER_RANK = 6  # X uses 0..n-1, Y uses 3..3+n-1
 
 
@@ -71,10 +73,11 @@ def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     load_before = os.getloadavg()
     ours = S.build_model(args.blocks)
-    peer = copy.deepcopy(ours)
     shapes = S.target_shapes(ours)
     names = sorted(shapes)
-    dense = Dense(ours, peer, names, args.blocks, args.repeats, args.merge_repeats)
+    dense_on = bool({"merge", "lowrank"} & set(args.modes))  # the dense model's cells (and its peer)
+    peer = copy.deepcopy(ours) if dense_on else None
+    dense = Dense(ours, peer, names, args.blocks, args.repeats, args.merge_repeats) if dense_on else None
     rows: list[dict] = []
     adapters_by_rank = {}
     phases: dict[str, float] = {"build": time.perf_counter() - t_start}
@@ -91,18 +94,21 @@ def run(args: argparse.Namespace) -> dict:
             ads = phase("load adapters (ours)", lambda: [lora_core.load_adapter(p) for p in paths])
             adapters_by_rank[rank] = ads
             pnames = [f"r{rank}_{i}" for i in range(FILES_PER_RANK)]
-            for p, nm in zip(paths, pnames):
+            for p, nm in zip(paths, pnames if dense_on else ()):
                 phase("load adapters (peer)", S.peer_load, peer, p, nm)
             for n in args.sizes:
                 X = [(ads[i], S.STRENGTHS_X[i]) for i in range(n)]
                 Y = [(ads[3 + i], S.STRENGTHS_Y[i]) for i in range(n)]
                 px, py = pnames[:n], pnames[3 : 3 + n]
-                big = args.profile and rank == max(args.ranks) and n == max(args.sizes)
-                rows += phase("merge cycle", dense.merge_cycle, paths[:n], X, Y, py, rank, profile=big)
-                rows += phase("lowrank", dense.lowrank, X, Y, px, py, rank)
-            phase("peer unload", dense.peer_clean)
+                if "merge" in args.modes:
+                    rows += phase("merge cycle", dense.merge_cycle, paths[:n], X, Y, py, rank,
+                                  profile=args.profile and profiled(args, rank, n))
+                if "lowrank" in args.modes:
+                    rows += phase("lowrank", dense.lowrank, X, Y, px, py, rank)
+            if dense_on:
+                phase("peer unload", dense.peer_clean)
     del dense, ours, peer
-    if not args.no_svdq:
+    if "svdq" in args.modes and not args.no_svdq:
         rows += phase("svdq", run_svdq, args.blocks, adapters_by_rank, args.sizes, args.repeats)
         if args.steady_allocator and S.steady_allocator():  # last: it is not undone
             by_key = {key(r): r for r in rows}
@@ -124,10 +130,16 @@ def run(args: argparse.Namespace) -> dict:
             "warm_switch_le_3x_floor_all": all(r["le_3x_floor"] for r in warm),
             "all_checks_ok": all(r["check"]["ok"] for r in rows),
         },
-        "profile_warm_merge": next((r.pop("profile") for r in rows if "profile" in r), None),
+        "profile_warm_merge": {f"r{r['rank']}x{r['loras']}": r.pop("profile") for r in rows if "profile" in r},
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
         "total_s": time.perf_counter() - t_start,
     }
+
+
+def profiled(args: argparse.Namespace, rank: int, n: int) -> bool:
+    """The merge cells whose warm switch is profiled: the smallest (fixed costs show most
+    beside its floor) and the largest rank x composition."""
+    return (rank, n) in {(min(args.ranks), min(args.sizes)), (max(args.ranks), max(args.sizes))}
 
 
 def key(r: dict) -> str:
@@ -162,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=(1, 2, 3))
-    ap.add_argument("--no-svdq", action="store_true")
+    ap.add_argument("--no-svdq", action="store_true", help="the same as leaving svdq out of --modes")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                    help="which cells to run (default all); the others are skipped, to measure a few in less time")
     ap.add_argument("--no-steady-allocator", dest="steady_allocator", action="store_false",
                     help="skip measuring the svdq rows a second time with glibc malloc's thresholds fixed")
     ap.add_argument("--no-profile", dest="profile", action="store_false")

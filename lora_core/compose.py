@@ -97,15 +97,36 @@ def plan(pairs: Sequence[tuple[Adapter, float]], index: ModelIndex, where: Where
 @dataclass(frozen=True, eq=False)
 class _Term:
     """One file layer's part of a module: ΔW += scale x b @ a (b unscaled, any float dtype;
-    scale 1.0 where b is already the scaled fp32 product)."""
+    scale 1.0 where b is already the scaled fp32 product). With ``offset``, b holds only the
+    rows ``offset ..`` of the module's ``out`` rows (a component of a fused module; zero
+    elsewhere): it is written straight into its rows of the stacked B, never widened to all
+    of them first."""
 
     a: torch.Tensor  # (r, in)
-    b: torch.Tensor  # (out, r)
+    b: torch.Tensor  # (out, r), or (rows, r) at ``offset``
     scale: float
+    offset: int | None = None
+    out: int = 0
 
     def scaled(self) -> torch.Tensor:
-        """scale x b as a new fp32 tensor."""
-        return self.b.to(torch.float32, copy=True).mul_(self.scale)
+        """scale x b as a new fp32 tensor of all the module's rows."""
+        if self.offset is None:
+            return self.b.to(torch.float32, copy=True).mul_(self.scale)
+        full = self.b.new_zeros(self.out, self.b.shape[1], dtype=torch.float32)
+        full[self.offset : self.offset + self.b.shape[0]].copy_(self.b).mul_(self.scale)
+        return full
+
+    def write(self, out: torch.Tensor) -> None:
+        """scale x b into ``out`` (out, r) (zeros outside b's rows already there): computed
+        in fp32, rounded once to ``out``'s dtype."""
+        if self.offset is not None:
+            out = out[self.offset : self.offset + self.b.shape[0]]
+        if self.b.dtype == out.dtype and self.b.device == out.device:
+            torch.mul(self.b, self.scale, out=out)  # in fp32 for fp32 and narrower floats, rounded once
+        elif out.dtype == torch.float32 and self.b.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            out.copy_(self.b).mul_(self.scale)  # an exact widening, then the fp32 product
+        else:
+            out.copy_(self.b.to(torch.float32, copy=True).mul_(self.scale))
 
 
 def _stack(name: str, kind: str, terms: list[_Term], to: tuple[torch.dtype, torch.device] | None) -> ModuleUpdate:
@@ -113,19 +134,16 @@ def _stack(name: str, kind: str, terms: list[_Term], to: tuple[torch.dtype, torc
     along dim 1 takes a slow generic path on CPU for tall, narrow factors)."""
     dtype, device = to if to is not None else (torch.float32, terms[0].b.device)
     rank = sum(t.a.shape[0] for t in terms)
+    n_out = max(t.out if t.offset is not None else t.b.shape[0] for t in terms)
     A = torch.empty(rank, terms[0].a.shape[1], dtype=dtype, device=device)
-    B = torch.empty(terms[0].b.shape[0], rank, dtype=dtype, device=device)
+    # a component of a fused module fills only its rows: the rest are zeros
+    new = torch.zeros if any(t.offset is not None for t in terms) else torch.empty
+    B = new(n_out, rank, dtype=dtype, device=device)
     at = 0
     for t in terms:
         r = t.a.shape[0]
         A[at : at + r].copy_(t.a)  # exact, or one rounding to the target dtype
-        out = B[:, at : at + r]
-        if t.b.dtype == dtype and t.b.device == out.device:
-            torch.mul(t.b, t.scale, out=out)  # computed in fp32, rounded once (as ``scaled()`` then a cast)
-        elif dtype == torch.float32 and t.b.dtype in (torch.float16, torch.bfloat16, torch.float32):
-            out.copy_(t.b).mul_(t.scale)  # an exact widening, then the fp32 product
-        else:
-            out.copy_(t.scaled())
+        t.write(B[:, at : at + r])  # the scale applied in fp32, rounded once (as ``scaled()`` then a cast)
         at += r
     return ModuleUpdate(name, kind, A, B)
 
@@ -179,11 +197,15 @@ def _term(p: Placement, A: torch.Tensor, B: torch.Tensor, scale: float, index: M
         raise ShapeMismatchError(
             f"LoRA up has {src.shape[0]} outputs but module {p.module!r} gives {n_out}", source=source, key=target
         )
+    if p.offset is not None and p.offset + src.shape[0] > n_out:
+        raise ShapeMismatchError(f"LoRA up rows {p.offset}..{p.offset + src.shape[0]} fall outside module "
+                                 f"{p.module!r}'s {n_out} outputs", source=source, key=target)
     if p.offset is None and not p.swap_halves and not index.interleaved(p.module):
         return _Term(a, src, scale)  # scaled as it is stacked, in the dtype the module wants
-    if p.offset is not None and not p.swap_halves:  # scaled straight into its rows of the fused module
-        b = src.new_zeros(n_out, src.shape[1], dtype=torch.float32)
-        b[p.offset : p.offset + src.shape[0]].copy_(src).mul_(scale)
+    if p.offset is not None and not p.swap_halves and not index.interleaved(p.module):
+        return _Term(a, src, scale, p.offset, n_out)  # scaled straight into its rows of the fused module
+    if p.offset is not None and not p.swap_halves:
+        b = _Term(a, src, scale, p.offset, n_out).scaled()
     else:
         b = src.to(torch.float32, copy=True).mul_(scale)  # one new fp32 tensor, scaled in place
         if p.swap_halves:
