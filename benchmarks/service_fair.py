@@ -8,8 +8,8 @@ logical GPU per worker), one pool of ``workers`` sleep-backend workers (a render
 per image, a switch C; the farm's real fetch, bind and merge of PEFT files run too), with
 ``fair_share`` on and then off, on the same workload, one after the other in one run.
 
-The workload: alice submits one run of ``alice_compositions`` x ``alice_jobs`` jobs, bob
-right after one run of ``bob_compositions`` x ``bob_jobs``, every composition distinct.
+The workload: alice submits one run of 2 compositions x 40 jobs (64 px, 2 steps), bob right
+after one run of 2 x 24, every composition distinct; R = 0.2 s, C = 0.4 s, 2 workers.
 Alice's compositions have more work each, so the affinity rules alone (longest to clear
 first) give every worker to alice and bob waits: the measure below can tell the two apart.
 
@@ -156,6 +156,7 @@ def run(workers: int = 2) -> dict:
 def table(result: dict, command: str) -> str:
     lines = [f"Command: `{command}`  ", f"Machine: {result['machine']}", "",
              "Workload: " + __doc__.split("The workload: ", 1)[1].split("\n\n", 1)[0].replace("\n", " "), "",
+             "Measure: " + __doc__.split("The measure ", 1)[1].split("\n\n", 1)[0].replace("\n", " "), "",
              "| fair_share | window (s) | alice share | bob share | worst deviation | within ±15% | "
              "alice last image (s) | bob last image (s) | compositions alice / bob |",
              "|---|---|---|---|---|---|---|---|---|"]

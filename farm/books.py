@@ -18,6 +18,15 @@ PREPARED_MODES = ("lowrank",)
 PREPARED_GUESS = 8
 
 
+def prepared_guess(branch_cache_mb: float) -> int:
+    """The prepared compositions to credit a worker with, for its ``branch_cache_mb``."""
+    return PREPARED_GUESS if branch_cache_mb > 0 else 0
+
+
+#: A switch to a composition believed prepared that took at least this share of a compose was one.
+SWAP_AT_MOST = 0.5
+
+
 @dataclass
 class WorkerBook(CostEstimate):
     """What the dispatcher knows of one worker, from what it sent and got back."""
@@ -34,21 +43,31 @@ class WorkerBook(CostEstimate):
     switches: int = 0
     retired: bool = False  # removed from the farm: never revived
 
-    #: compositions it keeps prepared (its low-rank branch cache), newest last, as its rows tell
+    #: compositions it keeps prepared (its low-rank branch cache), newest last, as its rows tell;
+    #: keyed like the policy's compositions (the jobs' routing keys, not the rows' content keys)
     prepared: OrderedDict = field(default_factory=OrderedDict)
+    prepared_guess: int = PREPARED_GUESS  # 0: the workers keep no branch cache (branch_cache_mb 0)
+    _last_routing: str | None = None
 
-    def learn(self, row: ResultRow, work: float = 1.0) -> None:
-        """One result row; ``work``: its job's render cost relative to the run's mean job. A row
-        that switched to a composition the worker kept prepared measures a swap, not a compose."""
+    def learn(self, row: ResultRow, work: float = 1.0, *, routing_key: str | None = None,
+              first: bool = True) -> None:
+        """One result row; ``work``: its job's render cost relative to the run's mean job;
+        ``routing_key``: its job's composition as the policy knows it; ``first``: the first row
+        of its composition in its call (the rows of one group repeat the group's compose
+        seconds: learned once). A switch to a composition the worker kept prepared, rendered low
+        rank and quicker than half a compose, measures a swap, not a compose."""
         key = row.composition_key
-        swapped = bool(key) and key != self.last_key and key in self.prepared
-        self.observe(compose_s=0.0 if swapped else row.compose_s, swap_s=row.compose_s if swapped else 0.0,
+        compose_s = row.compose_s if first else 0.0
+        swapped = (routing_key is not None and routing_key != self._last_routing and routing_key in self.prepared
+                   and row.lora_mode in PREPARED_MODES and compose_s < SWAP_AT_MOST * self.compose_s)
+        self.observe(compose_s=0.0 if swapped else compose_s, swap_s=compose_s if swapped else 0.0,
                      render_s=row.render_s / work, fetch_s=row.fetch_s)
         if key and key != self.last_key:
             self.switches += 1
             self.last_key = key
-        if row.status == "ok" and key:
-            self._keep(key, row.lora_mode in PREPARED_MODES)
+        if routing_key is not None and row.status == "ok":
+            self._last_routing = routing_key
+            self._keep(routing_key, row.lora_mode in PREPARED_MODES)
 
     def _keep(self, key: str, prepared: bool) -> None:
         """A low-rank render leaves its branches in the worker's cache (``branch_cache_mb``); a
@@ -60,13 +79,14 @@ class WorkerBook(CostEstimate):
             return
         self.prepared[key] = True
         self.prepared.move_to_end(key)
-        while len(self.prepared) > PREPARED_GUESS:
+        while len(self.prepared) > self.prepared_guess:
             self.prepared.popitem(last=False)
 
     def forget(self) -> None:
         """A restarted actor comes back empty."""
         self.composition, self.adapters = None, set()
         self.prepared.clear()
+        self._last_routing = None
 
 
 @dataclass

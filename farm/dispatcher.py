@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from jobs.results import ResultRow
 
-from .books import RunBook, RunStats, WorkerBook, ticket
+from .books import PREPARED_GUESS, RunBook, RunStats, WorkerBook, ticket
 from .scheduler.costs import CostEstimate, job_work
 from .scheduler.types import QueuedJob, WorkerView
 from .transport import Ref, Transport, TransportError, WorkerLost
@@ -48,10 +48,11 @@ class Dispatcher:
         max_batch: int = 4,
         priors: CostEstimate | None = None,
         transport: Transport | None = None,
+        prepared_guess: int = PREPARED_GUESS,
     ):
         p = self._priors = priors or CostEstimate()  # each worker's estimates start here (``costs_from_rows``)
-        self.books = {wid: WorkerBook(wid, h, node_id=(node_of or {}).get(wid, ""), compose_s=p.compose_s,
-                                      render_s=p.render_s, fetch_s=p.fetch_s) for wid, h in workers.items()}
+        self._prepared_guess = prepared_guess  # how many prepared compositions a worker is credited with
+        self.books = {wid: self._book(wid, h, (node_of or {}).get(wid, "")) for wid, h in workers.items()}
         self.policy = policy
         self.output_root = output_root
         self.storage_options = storage_options or {}
@@ -111,9 +112,12 @@ class Dispatcher:
     # ---- workers joining and leaving (the farm service) -----------------------------------
     def add_worker(self, worker_id: str, handle: Any, node_id: str = "") -> None:
         """A new worker (or a replaced handle): it starts empty, with this dispatcher's priors."""
+        self.books[worker_id] = self._book(worker_id, handle, node_id)
+
+    def _book(self, worker_id: str, handle: Any, node_id: str) -> WorkerBook:
         p = self._priors
-        self.books[worker_id] = WorkerBook(worker_id, handle, node_id=node_id, compose_s=p.compose_s,
-                                           render_s=p.render_s, fetch_s=p.fetch_s)
+        return WorkerBook(worker_id, handle, node_id=node_id, compose_s=p.compose_s, render_s=p.render_s,
+                          fetch_s=p.fetch_s, prepared_guess=self._prepared_guess)
 
     def remove_worker(self, worker_id: str) -> None:
         """Send it nothing more; what it has in flight still lands."""
@@ -274,12 +278,15 @@ class Dispatcher:
             self._lost(book, ids, e)
             return
         sent = set(ids)
+        learned: set[str] = set()  # compositions whose compose seconds this call has taught
         for row in rows:
             t = ticket(run_id, row.job_id)
             if t not in sent:
                 continue  # not a job this call carried (a misbehaving worker): never a row for another job
             sent.discard(t)
-            book.learn(row, self.work.get(t, 1.0))
+            key = self.jobs[t].routing_key
+            book.learn(row, self.work.get(t, 1.0), routing_key=key, first=key not in learned)
+            learned.add(key)
             if row.status == "ok":
                 book.adapters.update(r.uri for r in self.jobs[t].loras)
             self._finish(t, row)

@@ -27,12 +27,15 @@ decision is the one ``fair=False`` makes):
   of the quota), those of submitters furthest under their cap first, each to its
   cheapest eligible worker: today's (no work of its own at that priority), or one that
   *yields*: every flow with jobs of what it holds is another submitter's, at its cap and
-  a quantum ahead, or, for a *small* run (at most ``SMALL_RUN / K`` of the queued work)
+  a quantum ahead (no lead asked for a submitter that has no worker and a quantum of
+  queued work), or, for a *small* run (at most ``SMALL_RUN / K`` of the queued work)
   with fewer workers than its even part of its submitter's quota, a sibling run with
   more workers than it, on a composition with more than a quantum of work left per
-  holder (else its natural switch comes soon enough). Among those, a worker whose composition has other holders first
-  (they finish it: nothing is composed twice for it). A small run behind a large one so
-  starts after the job its worker is on;
+  holder (else its natural switch comes soon enough). Among those, a worker whose
+  composition has other holders first (they finish it: nothing is composed twice for
+  it). A small run behind a large one so starts after the job its worker is on. No
+  worker yields (but for a small run) while another, busy, with no queued work of its
+  composition left, frees about as soon: that one takes the flow next round;
 * continue: a worker takes more of its own composition, from the flow with jobs of it
   whose submitter is furthest under its cap, its own flow among equals (a composition
   shared by several flows serves them all without a recomposition).
@@ -144,6 +147,7 @@ class Round:
     cap: dict[str, int]
     lead: dict[str, float]  # submitter -> usage ahead of the lowest
     quantum: float
+    sub_work: Counter = field(default_factory=Counter)  # submitter -> its queued work at ``priority`` (units)
     serving: dict[str, Flow] = field(default_factory=dict)  # worker id -> flow it serves
     n: Counter = field(default_factory=Counter)  # flow -> workers serving it
     n_sub: Counter = field(default_factory=Counter)  # submitter -> workers serving it
@@ -198,6 +202,8 @@ class FairRules:
         work = {f: q.flow(f).work_at_least(top) for f in active}
         limit = SMALL_RUN * sum(work.values()) / len(slots)
         r = Round(top, set(active), {f for f in active if work[f] <= limit}, quota, cap, lead, quantum)
+        for f in active:
+            r.sub_work[f[0]] += work[f]
         for s in slots:
             f = self._tail_flow.get(s.view.worker_id)  # type: ignore[attr-defined]
             if f in r.flows and s.comp is not None and q.flow(f).count(s.comp):
@@ -238,8 +244,8 @@ class FairRules:
             if holders[key] > 0 and (self.queue.work(key) * rate / holders[key]
                                      <= cost + self._fair_horizon(f, r, len(slots), held, rate, compose)):
                 continue  # its holders clear it soon enough
-            if self.queue.count(slot.comp) and self._dries_soon(slots, slot):
-                continue  # a worker running dry takes it next round: no composition is left unfinished
+            if f not in r.small and self.queue.count(slot.comp) and self._dries_soon(slots, slot):
+                continue  # a worker running dry takes it next round (a small run does not wait for it)
             if self.queue.count(slot.comp):  # it leaves work of its composition: a yield
                 self.yields[(f[0], holders[slot.comp] > 1, holders[key] > 0)] += 1
             for _ in range(min(slot.spare, self.queue.count(key))):
@@ -283,12 +289,15 @@ class FairRules:
         """Slot ``s`` should leave its composition for flow ``f``: every flow with jobs of what
         ``s`` holds is either another submitter's, at its cap even without ``s`` and a quantum
         ahead of ``f``'s (which fits under its own; no lead is asked while ``f``'s submitter
-        has no worker at all: one that joins starts after the job its worker is on), or a
+        has no worker at all and a quantum of queued work: one that joins starts after the job
+        its worker is on, and a trickle of one-job runs does not pull workers off), or a
         sibling run of ``f`` with more workers while ``f`` is a small run short of its even
         part and ``s``'s composition has more than a quantum of work left per holder (a
         small run behind a large one starts)."""
         soon = self.queue.work(s.comp) * s.view.render_cost_s <= r.quantum * max(1, holders[s.comp])
         mine = r.serving.get(s.view.worker_id)
+        # a submitter with no worker and a turn's worth of queued work is not asked for a lead
+        joining = r.n_sub[f[0]] == 0 and r.sub_work[f[0]] * s.view.render_cost_s >= r.quantum
         for h in self.queue.flows_of(s.comp):
             if h not in r.flows:
                 continue  # lower priority work
@@ -297,8 +306,7 @@ class FairRules:
             if h[0] == f[0]:  # a sibling: not when its composition ends within a quantum anyway
                 if soon or not (f in r.small and r.n[f] < r.even(f) and r.n[h] > max(1, r.n[f] + 1)):
                     return False
-            elif (not r.fits(f) or r.fits(h, mine)
-                  or (r.n_sub[f[0]] > 0 and r.lead[h[0]] - r.lead[f[0]] <= r.quantum)):
+            elif not r.fits(f) or r.fits(h, mine) or (not joining and r.lead[h[0]] - r.lead[f[0]] <= r.quantum):
                 return False
         return True
 

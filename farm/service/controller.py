@@ -179,6 +179,7 @@ class FarmController(RunLoop):
                                priority=int(priority), state="queued", total=len(m.jobs),
                                created_at=old.created_at if old else now, updated_at=now, has_secrets=bool(opts))
             self.opening[run_id] = record
+        joined = False
         try:
             if opts:
                 secrets.put(run_id, opts)
@@ -186,17 +187,23 @@ class FarmController(RunLoop):
             try:
                 run, todo = open_run(record, m, pool)  # reads its output root: no lock held meanwhile
             except Exception as e:  # noqa: BLE001 - its output root cannot be read: the run fails, said so
-                record.state, record.error = "failed", f"output {m.output!r}: {type(e).__name__}: {e}"[:2000]
-                self._save(record)
-                if opts:
-                    secrets.delete(run_id)
+                with self.lock:
+                    self.opening.pop(run_id, None)
+                    self._end(record, "failed", f"output {m.output!r}: {type(e).__name__}: {e}")
                 raise SubmitRefused(record.error) from None
-            with self.lock:
-                self._register(run, todo)
-                return run_status(run) if self.runs.get(run_id) is run else record_status(run.record)
-        finally:
-            with self.lock:
+            with self.lock:  # one step: out of ``opening`` and into the farm (a cancel sees one or the other)
                 self.opening.pop(run_id, None)
+                joined = True
+                self._register(run, todo)
+                if self.runs.get(run_id) is run:
+                    return run_status(run)
+                if record.state == "failed" and self.draining:
+                    raise SubmitRefused(record.error)
+                return record_status(record)
+        finally:
+            if not joined:
+                with self.lock:
+                    self.opening.pop(run_id, None)
 
     def _pool_for(self, m: Manifest) -> Pool:
         pc = self.config.pool_for(m.model)
@@ -211,6 +218,17 @@ class FarmController(RunLoop):
                                 "the pool's options; drop them from the manifest or submit to a pool that has them")
         return pool
 
+    def _end(self, record: RunRecord, state: str, error: str = "") -> None:
+        """A run that never joined (or left) the farm: its final record saved, its secrets gone."""
+        record.state, record.updated_at = state, time.time()
+        if error:
+            record.error = error[:2000]
+        try:
+            self._save(record)
+        finally:
+            if record.has_secrets:
+                secrets.delete(record.run_id)
+
     def start_run(self, record: RunRecord, m: Manifest, pool: Pool) -> ActiveRun:
         """Queue what of ``m`` is not done in its output root (a new run or a recovered one)."""
         run, todo = open_run(record, m, pool)
@@ -222,10 +240,16 @@ class FarmController(RunLoop):
         What happened while it was opened without the lock wins: a cancel leaves it cancelled, a
         pool closed by a reconcile fails it."""
         record, m = run.record, run.manifest
-        if record.cancel_requested:
-            record.state, record.updated_at = "cancelled", time.time()
-            run.writer.finalize()
-            self._save(record)
+        if record.cancel_requested or self.draining:
+            try:
+                run.writer.finalize()  # rows recovered from stamps while it was opened
+            except Exception as e:  # noqa: BLE001 - the run ends either way; its images keep their stamps
+                log.warning("run %s: recovered rows not written: %s", record.run_id, e)
+            if record.cancel_requested:
+                self._end(record, "cancelled")
+            else:
+                self._end(record, "failed", "the farm began draining (`farm down`) while the run was submitted; "
+                                            "resubmit it once a farm is up")
             return run
         if self.pools.get(run.pool.name) is not run.pool:
             self.runs[record.run_id] = run
@@ -265,8 +289,10 @@ class FarmController(RunLoop):
     def cancel(self, run_id: str) -> dict:
         with self.lock:
             if run_id in self.opening:  # being opened: it is cancelled as it joins (``_register``)
-                self.opening[run_id].cancel_requested = True
-                return {**record_status(self.opening[run_id]), "cancelling": True}
+                record = self.opening[run_id]
+                record.cancel_requested = True
+                self._save(record)  # a controller restarted before it joins does not start it
+                return {**record_status(record), "cancelling": True}
             if run_id not in self.runs:
                 return record_status(self._record(run_id))
             self._cancel(run_id)

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm.books import prepared_guess
 from farm.dispatcher import Dispatcher
 from farm.scheduler.affinity import AffinityScheduler
 from jobs.options import FarmOptions
@@ -49,8 +50,9 @@ class Pool:
         if self.dispatcher is None:
             policy = AffinityScheduler(weights=self.weights)  # runs as flows: fair share can be switched
             policy.set_fair(self.fair)
-            self.dispatcher = Dispatcher({}, policy, "", capacity=CAPACITY,
-                                         max_batch=self.options.max_batch, retries=self.options.retries)
+            self.dispatcher = Dispatcher({}, policy, "", capacity=CAPACITY, max_batch=self.options.max_batch,
+                                         retries=self.options.retries,
+                                         prepared_guess=prepared_guess(self.options.branch_cache_mb))
 
     def share(self, fair: bool, weights: Any) -> None:
         """A reconciled config's fair-share switch and weights (the usage so far is kept)."""

@@ -197,6 +197,11 @@ def test_fair_benchmark_report_shape():
         assert r["unfair"]["yields"] == 0 and r["fair"]["recomp_x_unfair"] == pytest.approx(
             r["fair"]["recompositions"] / r["unfair"]["recompositions"], abs=1e-3)
     assert all(r["fair"]["x_alone"] < r["unfair"]["x_alone"] for r in behind)
+    for r in arrivals:  # against the bounds: nothing beats them
+        assert r["lb_recompositions"] == r["compositions"]
+        for name in ("fair", "unfair"):
+            assert r[name]["recomp_x_lb"] >= 1.0 and r[name]["makespan_x_lb"] >= 1.0
+    assert "**Arrivals against the lower bounds**" in text and "| 1:2 | fair |" in text
 
 
 def _views(*held, render=1.0, compose=2.0):

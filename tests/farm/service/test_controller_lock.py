@@ -121,3 +121,33 @@ def test_a_pool_closed_while_the_root_is_read_fails_the_run(farm):
     t.join(60)
     assert result["ok"]["state"] == "failed" and "removed or changed" in result["ok"].get("error", "")
     assert c.status(rid)["state"] == "failed" and rid not in c.runs
+
+
+def test_a_run_cancelled_while_opened_keeps_no_secret_and_stays_cancelled(farm):
+    from farm.service import secrets
+
+    c, gate, entered, tmp = farm
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("ok", c.submit(
+        manifest(tmp / "out"), {"file": {"auto_mkdir": True}}, "alice")), daemon=True)
+    t.start()
+    assert entered.wait(60)
+    rid = answers(c.status)[0]["run_id"]
+    assert secrets.get(rid) == {"file": {"auto_mkdir": True}}
+    answers(c.cancel, rid)
+    assert c.store.get(rid).cancel_requested  # recorded at once: a restart before it joins keeps it cancelled
+    gate.set()
+    t.join(60)
+    assert out["ok"]["state"] == "cancelled" and secrets.get(rid) == {}
+
+
+def test_a_submit_opened_across_a_shutdown_is_refused(farm):
+    c, gate, entered, tmp = farm
+    t, result = submitting(c, manifest(tmp / "out"))
+    assert entered.wait(60)
+    assert answers(c.shutdown) == {"unfinished_runs": []}
+    gate.set()
+    t.join(60)
+    assert isinstance(result.get("error"), C.SubmitRefused) and "draining" in str(result["error"])
+    (st,) = c.status()
+    assert st["state"] == "failed" and not c.runs  # nothing joined a farm that is gone
