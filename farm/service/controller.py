@@ -4,7 +4,8 @@ It runs as a named, detached, threaded Ray actor (``farm/service/actors.py`` mak
 this module is the logic. A loop thread steps each pool's dispatcher (one policy per pool:
 a pool is one model, and a composition a worker holds for one run serves the next); the
 actor's other threads answer ``submit``, ``status``, ``cancel``, ``workers``, ``reconcile``
-and ``shutdown``, all under one lock with the loop.
+and ``shutdown``, all under one lock with the loop (a submit reads its run's output root
+without it: the run is reserved in ``opening`` meanwhile and joins in one locked step).
 
 Durable and exactly-once, by construction:
 
