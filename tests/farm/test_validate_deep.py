@@ -216,3 +216,39 @@ def test_deep_names_a_diff_for_another_model_by_its_key(tmp_path):
                             "diff has 9216 rows but the model's components add up to 384") for p in problems), problems
     assert any(p.startswith(f"{flux}: key diffusion_model.single_blocks.0.linear1.diff: TargetNotFoundError")
                for p in problems), problems
+
+
+def test_a_composition_that_fails_only_as_a_whole_is_a_problem_naming_its_jobs(tmp_path, monkeypatch):
+    """The guard for a composition of sound files that cannot be composed together. Today's
+    plan has no such case (every file that binds alone binds beside others), so the plan is
+    made to refuse one composition, as a future rule might: the line names the composition
+    (files and strengths) and its jobs, the files are not listed as problems of their own, the
+    other compositions pass, and `farm validate --deep` exits 2 without rendering."""
+    import lora_core.compose as compose
+    from farm.deep_validate import deep_problems
+    from jobs.manifest import load_manifest
+    from lora_core.errors import CorruptFileError
+
+    good = _tiny_lora(tmp_path / "good.safetensors", kohya=True)
+    other = _tiny_lora(tmp_path / "other.safetensors", seed=3)
+    jobs = [{"id": f"j{i}", "prompt": "a cat", "seed": i, "loras": ls}
+            for i, ls in enumerate([[good], [other], [good, other], [other, good]])]
+    (tmp_path / "m.json").write_text(json.dumps({"model": {"backend": "tiny"}, "output": str(tmp_path / "out"),
+                                                 "jobs": jobs}))
+    real_plan = compose.plan
+
+    def together_refused(pairs, index, where=None):
+        if len(pairs) > 1:
+            raise CorruptFileError("these two cannot share a module (file stand-in)")
+        return real_plan(pairs, index, where)
+
+    monkeypatch.setattr(compose, "plan", together_refused)
+    problems, notes = deep_problems(load_manifest(str(tmp_path / "m.json")), cache_dir=str(tmp_path / "cache"))
+    assert problems == [f"composition [{good} x1 + {other} x1] (2 job(s): j2, j3): CorruptFileError: "
+                        "these two cannot share a module"], problems
+    assert notes == []
+    from farm.cli import main as farm_main
+
+    monkeypatch.setenv("LORA_FARM_CACHE", str(tmp_path / "cache"))
+    assert farm_main(["validate", str(tmp_path / "m.json"), "--deep"]) == 2
+    assert not (tmp_path / "out").exists()
