@@ -48,26 +48,33 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 # id(kept original weight) -> (weakref to it, its version, max |value|), for the bound below.
-# Tensors compare elementwise, so a WeakKeyDictionary cannot hold them; the weakref and the
-# in-place version counter make sure a reused id or an edited tensor is never served stale.
+# Tensors compare elementwise, so a WeakKeyDictionary cannot hold them; the weakref makes sure
+# a reused id is never served stale, the version counter catches in-place edits through torch
+# ops. Writes that bypass the counter (``.data[...] =``, numpy views, a shared storage) are not
+# seen: kept originals are the restore source and are never written in place.
 _max_abs_of: dict[int, tuple[weakref.ref, int, float]] = {}
 
 
 def max_abs(t: torch.Tensor) -> float:
     """max |t| in one pass with no full-size temporary; NaN when ``t`` holds one. Memoized
     for the same tensor at the same version (a kept original is read by every switch)."""
-    hit = _max_abs_of.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
     if t.numel() == 0:
         return 0.0
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor keeps no version counter: computed, not memoized
+        version = None
+    hit = _max_abs_of.get(id(t))
+    if version is not None and hit is not None and hit[0]() is t and hit[1] == version:
+        return hit[2]
     try:
         lo, hi = torch.aminmax(t)
         value = float(torch.maximum(lo.abs(), hi.abs()).float())  # NaN stays NaN
     except RuntimeError:  # a dtype aminmax does not take: no bound, so the check runs
         return float("nan")
-    key = id(t)
-    _max_abs_of[key] = (weakref.ref(t, lambda _r, key=key: _max_abs_of.pop(key, None)), t._version, value)
+    if version is not None:
+        key = id(t)
+        _max_abs_of[key] = (weakref.ref(t, lambda _r, key=key: _max_abs_of.pop(key, None)), version, value)
     return value
 
 
@@ -76,7 +83,7 @@ def _cannot_overflow(src_max_abs: float | None, a: torch.Tensor, b: torch.Tensor
     |src + B @ A| <= max|src| + sum_k max|B[:, k]| * max|A[k, :]|, kept under half the
     largest finite value of ``dtype`` (and of fp32, where it is computed) so that rounding
     in the product, the sum and the cast cannot reach it. NaN or Inf anywhere fails it."""
-    if src_max_abs is None or not dtype.is_floating_point or a.numel() == 0:
+    if src_max_abs is None or not dtype.is_floating_point or a.numel() == 0 or b.numel() == 0:
         return False
     bound = src_max_abs + float((b.abs().amax(0) * a.abs().amax(1)).sum())
     return bound < min(torch.finfo(dtype).max, torch.finfo(torch.float32).max) / 2  # False for NaN

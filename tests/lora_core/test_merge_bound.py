@@ -72,3 +72,20 @@ def test_fp16_overflow_from_a_large_finite_original_is_caught_on_merge_and_on_re
     with pytest.raises(NonFiniteError):
         dense.remerge(m, u, originals)
     assert torch.equal(m.weight, originals["m"])  # back at the original after the refused remerge
+
+
+def test_merge_under_inference_mode_and_into_an_empty_weight():
+    # an inference tensor keeps no version counter: its max is computed, not memoized
+    m, ref = linear(torch.bfloat16), linear(torch.bfloat16)
+    with torch.inference_mode():
+        dense.merge(m, update(0.1), Ledger(), {})
+    dense.merge(ref, update(0.1), Ledger(), {})
+    assert torch.equal(m.weight, ref.weight)
+    with torch.inference_mode():
+        t = torch.tensor([1.0, -4.0])
+        assert dense.max_abs(t) == 4.0 and dense.max_abs(t) == 4.0
+    # no output rows: a no-op merge, as before the bound
+    empty = nn.Linear(64, 1, bias=False)
+    empty.weight = nn.Parameter(torch.zeros(0, 64), requires_grad=False)
+    dense.merge(empty, ModuleUpdate("m", "linear", torch.randn(4, 64), torch.zeros(0, 4)), Ledger(), {})
+    assert empty.weight.shape == (0, 64)
