@@ -12,8 +12,9 @@ One concern per module:
 * ``queue``: ``JobQueue``, queued jobs indexed by composition;
 * ``policy``: ``Policy``, the protocol's bookkeeping, and ``Slot``, a worker in one decision;
 * ``affinity``: ``AffinityScheduler``, the policy the farm runs;
-* ``fair``: fair share between submitters (weights) and runs, used by it: ``FlowQueue``
-  (the queue indexed by run and submitter too), ``FairShare`` (the ledger), the rules;
+* ``fair``: fair share between submitters (weights) and runs, used by it: ``FairShare``
+  (the ledger) and the rules; ``flows``: ``FlowQueue``, the queue indexed by run and
+  submitter too;
 * ``batch_plan``: the plan it follows for a batch (pure packing, and ``Following``);
 * ``baselines``: fifo, least_loaded and Ray Serve multiplexing, to measure it against;
 * ``sim`` and ``sim_bounds``: a discrete-event farm that drives any policy, and the lower
