@@ -287,10 +287,7 @@ class Simulation:
                 self.recompositions += 1
             w.comp = job.composition
             if self.farm.prepared > 0:
-                w.prep[job.composition] = True
-                w.prep.move_to_end(job.composition)
-                if len(w.prep) > self.farm.prepared:
-                    w.prep.popitem(last=False)
+                _touch(w.prep, job.composition, self.farm.prepared)
         w.busy = True
         self.push(now + fetch + compose + self.farm.render_s * job.work, "finish", (w, job, compose, fetch, swapped))
 
@@ -314,10 +311,15 @@ class Simulation:
         return cost
 
     def remember(self, w: _Worker, uri: str) -> None:
-        w.mem[uri] = True
-        w.mem.move_to_end(uri)
-        if len(w.mem) > self.farm.memory_adapters:
-            w.mem.popitem(last=False)
+        _touch(w.mem, uri, self.farm.memory_adapters)
+
+
+def _touch(lru: OrderedDict, key: str, size: int) -> None:
+    """``key`` used now in an LRU of ``size`` entries: newest last, the oldest dropped."""
+    lru[key] = True
+    lru.move_to_end(key)
+    if len(lru) > size:
+        lru.popitem(last=False)
 
 
 def simulate(policy: Policy, jobs: Sequence[QueuedJob], farm: FarmModel) -> SimResult:

@@ -97,8 +97,7 @@ class FarmController(RunLoop):
                 if pool is None or pool.config.model != pc.model:
                     if pool is not None:
                         self._close_pool(pool)
-                    pool = self.pools[pc.name] = Pool(pc, roots, self.backend_factories.get(pc.name),
-                                                      fair=config.fair_share, weights=config.submitters)
+                    pool = self.pools[pc.name] = Pool(pc, roots, self.backend_factories.get(pc.name))
                 pool.config = pc
                 pool.share(config.fair_share, config.submitters)
                 pool.scale(pc.worker_count(gpus))
@@ -218,17 +217,6 @@ class FarmController(RunLoop):
                                 f"({ {k: getattr(pool.options, k) for k in clash} }): a pool's workers render with "
                                 "the pool's options; drop them from the manifest or submit to a pool that has them")
         return pool
-
-    def _end(self, record: RunRecord, state: str, error: str = "") -> None:
-        """A run that never joined (or left) the farm: its final record saved, its secrets gone."""
-        record.state, record.updated_at = state, time.time()
-        if error:
-            record.error = error[:2000]
-        try:
-            self._save(record)
-        finally:
-            if record.has_secrets:
-                secrets.delete(record.run_id)
 
     def start_run(self, record: RunRecord, m: Manifest, pool: Pool) -> ActiveRun:
         """Queue what of ``m`` is not done in its output root (a new run or a recovered one)."""

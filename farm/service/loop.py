@@ -86,11 +86,9 @@ class RunLoop:
             run.writer.finalize()
         except Exception as e:  # noqa: BLE001 - the reason already says what failed
             log.warning("run %s: rows not written: %s", rid, e)
-        run.record.state, run.record.error = "failed", reason[:2000]
-        self._put_record(run)
+        self._count(run)
+        self._end(run.record, "failed", reason)
         self.runs.pop(rid, None)
-        if run.record.has_secrets:
-            secrets.delete(rid)
 
     def _finish_if_done(self, run: ActiveRun) -> None:
         rid = run.record.run_id
@@ -99,18 +97,31 @@ class RunLoop:
             return
         run.flush()
         run.writer.finalize()
-        run.record.state = "cancelled" if run.cancelling else ("failed" if run.failed else "done")
-        self._put_record(run)
+        self._count(run)
+        self._end(run.record, "cancelled" if run.cancelling else ("failed" if run.failed else "done"))
         d.drop_run(rid)
         del self.runs[rid]
-        if run.record.has_secrets:
-            secrets.delete(rid)  # a resubmission brings its own
+
+    def _count(self, run: ActiveRun) -> None:
+        """The run's record takes its counts (finished before this start included)."""
+        r = run.record
+        r.ok, r.failed = len(run.ok | run.done_before), len(run.failed - run.ok)
 
     def _put_record(self, run: ActiveRun) -> None:
-        r = run.record
-        ok = len(run.ok | run.done_before)
-        r.ok, r.failed, r.updated_at = ok, len(run.failed - run.ok), time.time()
-        self._save(r)
+        self._count(run)
+        run.record.updated_at = time.time()
+        self._save(run.record)
+
+    def _end(self, record: RunRecord, state: str, error: str = "") -> None:
+        """A run's last record (``state``, ``error``) saved, then its secrets deleted (a
+        resubmission brings its own). A save that fails leaves them: the stored record may
+        still say the run is active, and a restarted controller recovers it with them."""
+        record.state, record.updated_at = state, time.time()
+        if error:
+            record.error = error[:2000]
+        self._save(record)
+        if record.has_secrets:
+            secrets.delete(record.run_id)
 
     def _save(self, record: RunRecord) -> None:
         self.store.put(record)

@@ -42,20 +42,17 @@ class Pool:
     warming: dict[str, Any] = field(default_factory=dict)  # worker name -> its warm() call
     failed: dict[str, str] = field(default_factory=dict)  # worker name -> why it could not load its model
     dispatcher: Dispatcher = None  # type: ignore[assignment]
-    #: share the workers between submitters (``FarmConfig.fair_share``), by these weights
-    fair: bool = True
-    weights: Any = None
 
     def __post_init__(self) -> None:
         if self.dispatcher is None:
-            policy = AffinityScheduler(weights=self.weights)  # runs as flows: fair share can be switched
-            policy.set_fair(self.fair)
-            self.dispatcher = Dispatcher({}, policy, "", capacity=CAPACITY, max_batch=self.options.max_batch,
-                                         retries=self.options.retries,
+            # built with fair share (its queue tracks flows); ``share`` sets the config's switch and weights
+            self.dispatcher = Dispatcher({}, AffinityScheduler(), "", capacity=CAPACITY,
+                                         max_batch=self.options.max_batch, retries=self.options.retries,
                                          prepared_guess=prepared_guess(self.options.branch_cache_mb))
 
     def share(self, fair: bool, weights: Any) -> None:
-        """A reconciled config's fair-share switch and weights (the usage so far is kept)."""
+        """The config's fair-share switch and weights (``FarmConfig.fair_share`` / ``submitters``),
+        at start and on each reconcile (the usage so far is kept)."""
         self.dispatcher.policy.set_fair(fair)
         self.dispatcher.policy.set_weights(weights)
 
