@@ -19,14 +19,11 @@ import json
 from typing import Any, Mapping
 
 from jobs.manifest import Manifest
+from jobs.options import META_BACKENDS  # backends whose transformer builds from a config alone
 
 #: Composition problem lines shown at most (the rest summed up in one line), and job ids per line.
 MAX_COMPOSITIONS = 20
 MAX_JOBS_SHOWN = 5
-
-#: Backends whose transformer can be built from a config alone (the others: fetch, checksum
-#: and header checks only, and a note that binding was not checked).
-META_BACKENDS = ("tiny", "diffusers")
 
 
 def parse_model_spec(text: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@ and every breach is a manifest problem with its path (exit 2), never a crash.
 
 A manifest is untrusted input (it may come from any submitter on a shared farm). What is
 bounded here: how many bytes a manifest or jobs file may hold once decompressed (read in
-chunks and cut off past the limit, never inflated whole), how much YAML aliases may expand,
+chunks and cut off past the limit, never inflated whole), and fewer for YAML (the costly
+format to parse), how much YAML aliases may expand, how long a prompt (any text field) may be,
 how many jobs a manifest may make in all (jobs + jobs file + every matrix), how deeply values
 nest (parsers and validators recurse), text the results table cannot store (a lone UTF-16
 surrogate is valid JSON, ``"\\ud800"``, but not UTF-8), and how long one problem message may be.
@@ -30,6 +31,18 @@ MAX_NESTING = 32
 #: Bytes a manifest or jobs file may hold after decompression (``jobs.jsonl.gz``): 64 MiB,
 #: about 500,000 jobs in JSONL; ``LORA_FARM_MAX_MANIFEST_MB`` raises it for a bigger list.
 MAX_MANIFEST_BYTES = _env_int("LORA_FARM_MAX_MANIFEST_MB", 64 << 20, scale=1 << 20)
+#: Bytes of YAML a manifest, jobs file or farm config may hold: 8 MiB. Parsing YAML costs many
+#: times what JSON does, in time and in memory, so a big job list belongs in JSONL or Parquet
+#: (``jobs_file: jobs.jsonl``); ``LORA_FARM_MAX_YAML_MB``.
+MAX_YAML_BYTES = _env_int("LORA_FARM_MAX_YAML_MB", 8 << 20, scale=1 << 20)
+#: Nodes (scalars, lists, mappings) a YAML document may hold, counted from the parser's events
+#: before any node is built: a YAML's cost goes by its nodes, and 8 MiB of ``[1,1,1,...]`` is
+#: 4 million of them. 500,000 is 100,000 short jobs (5 nodes each, 7 MB); ``LORA_FARM_MAX_YAML_NODES``.
+MAX_YAML_NODES = _env_int("LORA_FARM_MAX_YAML_NODES", 500_000)
+#: Characters of a prompt or negative prompt (and of any other checked text field: a URI, a
+#: path): every image's row stores its prompt, so a megabyte prompt costs a megabyte per job;
+#: ``LORA_FARM_MAX_PROMPT_CHARS`` raises it.
+MAX_PROMPT_CHARS = _env_int("LORA_FARM_MAX_PROMPT_CHARS", 10_000)
 #: Jobs a manifest may make in all (jobs, jobs file and every matrix together), checked
 #: before anything is expanded; ``LORA_FARM_MAX_JOBS`` raises it.
 MAX_JOBS = _env_int("LORA_FARM_MAX_JOBS", 1_000_000)
@@ -122,5 +135,6 @@ def check_document(data: Any, what: str, problems: Problems, error: Callable[[li
 
 __all__ = [
     "MAX_ALIAS_NODES", "MAX_JOBS", "MAX_MANIFEST_BYTES", "MAX_NESTING", "MAX_PROBLEM_CHARS", "MAX_PROBLEMS",
+    "MAX_PROMPT_CHARS", "MAX_YAML_BYTES", "MAX_YAML_NODES",
     "Problems", "ProblemsError", "check_document", "lone_surrogate", "nesting_depth", "shorten",
 ]

@@ -203,7 +203,8 @@ def _job_entries(data: Mapping, problems: Problems, defaults: dict, base_dir: st
     if data.get("jobs_file") is not None:
         where = check_str(data["jobs_file"], "jobs_file", problems, nonempty=True)
         if where is not BAD:
-            sources.append(("jobs_file", read_jobs_file(resolve_path(where, base_dir), storage_options, problems)))
+            sources.append(("jobs_file", read_jobs_file(resolve_path(where, base_dir), storage_options, problems,
+                                                        base_dir=base_dir)))
     for path, raw_jobs in sources:
         items = check_list(raw_jobs, path, problems) if raw_jobs is not None else BAD
         if items is not BAD and len(entries) + len(items) > MAX_JOBS:  # before checking any of them

@@ -15,6 +15,11 @@ from lora_core.modes import APPLY_MODES, MERGE_STRATEGIES
 
 #: The model backends a manifest may name (``model.backend``).
 BACKENDS = ("tiny", "diffusers", "nunchaku")
+#: Backends whose weights live on disk: a manifest must give ``model.path``.
+PATH_BACKENDS = ("diffusers", "nunchaku")
+#: Backends whose transformer can be built from a config alone, on the meta device
+#: (``farm validate --deep`` binds LoRAs to it; the others: fetch, checksum and header only).
+META_BACKENDS = ("tiny", "diffusers")
 #: ``auto`` picks one of the apply modes per switch by measured cost (workers/automode.py).
 LORA_MODES = (*APPLY_MODES, "auto")
 
@@ -56,4 +61,6 @@ def option_fields() -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(FarmOptions)
 
 
-__all__ = ["BACKENDS", "LORA_MODES", "MERGE_STRATEGIES", "FarmOptions", "option_fields"]
+__all__ = [
+    "BACKENDS", "LORA_MODES", "META_BACKENDS", "PATH_BACKENDS", "MERGE_STRATEGIES", "FarmOptions", "option_fields",
+]

@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from storage.policy import cached_refusal, policy_for
 
-from .limits import Problems, lone_surrogate
-from .options import BACKENDS, FarmOptions, option_fields
+from .limits import MAX_PROMPT_CHARS, Problems, lone_surrogate
+from .options import BACKENDS, PATH_BACKENDS, FarmOptions, option_fields
 
 #: User-chosen job ids become file names (``images/<id>.png``): no ``/``, no ``..``.
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -142,6 +142,10 @@ def check_str(value: Any, path: str, problems: Problems, *, nonempty: bool = Fal
               choices: Iterable[str] | None = None) -> str | Any:
     if not isinstance(value, str):
         problems.add(path, f"not a string {describe(value)}")
+        return BAD
+    if len(value) > MAX_PROMPT_CHARS:  # first: every check below reads the whole string
+        problems.add(path, f"{len(value)} characters, more than {MAX_PROMPT_CHARS} (jobs.limits.MAX_PROMPT_CHARS; "
+                           f"set LORA_FARM_MAX_PROMPT_CHARS for more) {describe(value)}")
         return BAD
     if nonempty and not value.strip():
         problems.add(path, "must not be empty")
@@ -316,7 +320,7 @@ def check_model(value: Any, path: str, problems: Problems, base_dir: str | None)
     if raw.get("path") is not None:
         where = check_str(raw["path"], at(path, "path"), problems, nonempty=True)
         model["path"] = where if where is BAD else resolve_path(where, base_dir)
-    elif model["backend"] in ("diffusers", "nunchaku"):
+    elif model["backend"] in PATH_BACKENDS:
         problems.add(at(path, "path"), f"required for backend '{model['backend']}'")
     if raw.get("dtype") is not None:
         model["dtype"] = check_str(raw["dtype"], at(path, "dtype"), problems, choices=DTYPES)

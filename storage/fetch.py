@@ -31,7 +31,7 @@ from .localfs import hash_file  # re-exported: the store and its tests hash thro
 
 __all__ = [
     "classify_fetch_error", "with_retries", "hash_file", "identity", "ProgressLog", "TransferGuard", "guarded_get",
-    "MIN_RATE_BYTES_S", "RATE_WINDOW_S",
+    "guarded_info", "MIN_RATE_BYTES_S", "RATE_WINDOW_S",
 ]
 
 log = logging.getLogger("storage")
@@ -248,6 +248,35 @@ class TransferGuard(ProgressLog):
         self._mark = (now, got)
 
 
+def _on_loop(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for an async filesystem driven from sync code through fsspec's loop (http, s3, gcs)."""
+    return isinstance(fs, AsyncFileSystem) and not fs.asynchronous and fs.loop is not None
+
+
+def guarded_info(fs: fsspec.AbstractFileSystem, path: str, url: str, *, min_rate: float, window_s: float) -> dict:
+    """``fs.info(path)``, cut off (``SlowTransferError``) when it has not answered within one
+    rate window: the metadata request (an HTTP HEAD, an S3 HeadObject) is bounded like the
+    body (``TransferGuard``), so a server that trickles its headers a byte at a time (each
+    read well inside the per-read timeout) holds a try for about a window, not forever.
+    A window is far more than any honest answer of a few hundred bytes needs. Sync
+    filesystems (memory, local) answer without a network, unguarded; ``min_rate <= 0`` (the
+    floor turned off) leaves the per-read timeout alone to bound it, as for the body."""
+    if min_rate <= 0 or not _on_loop(fs):
+        return fs.info(path)
+
+    async def bounded() -> dict:
+        task = asyncio.ensure_future(fs._info(path))
+        done, _ = await asyncio.wait({task}, timeout=window_s)
+        if done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise SlowTransferError(f"no answer to the metadata request (info/HEAD) within {window_s:.1f}s, the rate "
+                                "window: a stalled or trickling server", source=url)
+
+    return sync(fs.loop, bounded)
+
+
 def guarded_get(fs: fsspec.AbstractFileSystem, path: str, local: str, guard: TransferGuard) -> None:
     """``fs.get_file(path, local)`` that ``guard`` can cut off even while no byte arrives.
 
@@ -256,7 +285,7 @@ def guarded_get(fs: fsspec.AbstractFileSystem, path: str, local: str, guard: Tra
     breach; a per-read timeout alone would let a server that sends a byte now and then
     hold the job forever. Sync filesystems (memory, local) only get the per-chunk check.
     """
-    if not (isinstance(fs, AsyncFileSystem) and not fs.asynchronous and fs.loop is not None):
+    if not _on_loop(fs):
         fs.get_file(path, local, callback=guard)
         return
     tick = max(0.05, min(1.0, guard.window_s / 4))

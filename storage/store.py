@@ -20,7 +20,8 @@ node at once, over links that fail now and then. ``LoraStore`` makes that cheap 
   backoff; permanent ones (404, 403, bad protocol) raise ``PermanentFetchError`` at once.
 * **Bounds**: a file over ``max_bytes`` is refused before its download when its size is
   announced, and cut off while streaming otherwise (``LoraTooLargeError``); a transfer below
-  ``min_rate_bytes_s`` over ``rate_window_s`` is cut (``SlowTransferError``, not retried here).
+  ``min_rate_bytes_s`` over ``rate_window_s`` is cut (``SlowTransferError``, not retried here), and
+  so is a metadata request (``info``, an HTTP HEAD) not answered within ``rate_window_s``.
 * **Budget**: blobs beyond ``budget_bytes`` are evicted least-recently-used first, except
   those in use. "In use" means leased: ``with store.lease(uri) as r:`` (or
   ``fetch(..., pin=True)`` then ``release(r.sha256)``). A plain ``fetch`` returns a path
@@ -51,8 +52,8 @@ import fsspec
 
 from .errors import ChecksumMismatch, FetchError, LoraTooLargeError, PermanentFetchError, TruncatedTransferError
 from .fetch import (
-    MIN_RATE_BYTES_S, RATE_WINDOW_S, TransferGuard, classify_fetch_error, guarded_get, hash_file, identity,
-    with_retries,
+    MIN_RATE_BYTES_S, RATE_WINDOW_S, TransferGuard, classify_fetch_error, guarded_get, guarded_info, hash_file,
+    identity, with_retries,
 )
 from .localfs import unlink_if_exists
 from .node_cache import DiskCache, default_cache_dir  # re-exported: where the farm's cache lives
@@ -241,7 +242,8 @@ class LoraStore:
 
     def _info(self, uri: str, fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
         fs.invalidate_cache(path)  # s3fs/http keep listings per instance: we need the truth
-        info = fs.info(path)
+        # bounded like the body: a HEAD whose headers trickle in is cut after a window
+        info = guarded_info(fs, path, uri, min_rate=self.min_rate_bytes_s, window_s=self.rate_window_s)
         if info.get("type") == "directory":
             raise PermanentFetchError("is a directory, not a file", source=uri)
         return info

@@ -36,6 +36,7 @@ from lora_core import Adapter
 from lora_core.adapter import load_adapter_file
 from lora_core.adapter_cache import AdapterCache
 from lora_core.errors import LoraError
+from storage.errors import shorten
 from storage.policy import UriPolicy, operator_policy
 from storage.store import default_cache_dir
 
@@ -155,7 +156,14 @@ class RenderWorker:
             self.uri_policy.check(ref.uri)  # here too: jobs need not have come through validation
             with self.store.lease(ref.uri, sha256=ref.sha256) as res:  # not evicted while we read it
                 self._paths[res.sha256] = res.path
-                pairs.append((self.adapters.get(res.sha256), float(ref.strength)))
+                try:
+                    adapter = self.adapters.get(res.sha256)
+                except LoraError as e:  # a remote file is read from its cache blob: name the URI instead
+                    renamed = _from_uri(e, res.path, ref.uri)
+                    if renamed is e:
+                        raise
+                    raise renamed from e
+                pairs.append((adapter, float(ref.strength)))
         return pairs, time.perf_counter() - t0
 
     def prefetch(self, loras: Sequence[Any]) -> int:
@@ -335,6 +343,19 @@ def _request(job):
 
     return RenderRequest(prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
                          width=job.width, height=job.height, guidance=job.guidance)
+
+
+def _from_uri(e: LoraError, path: str, uri: str) -> LoraError:
+    """``e`` (raised reading the local file ``path``) as the same error about ``uri``, the file
+    the user named: a remote LoRA is read from a cache blob whose name (``.../blobs/<sha256>``)
+    tells them nothing. ``e`` itself when it is not about ``path`` or ``path`` is ``uri``."""
+    if e.source != path or path == uri:
+        return e
+    renamed = type(e).__new__(type(e))  # the same class and fields (keys, ...), no __init__ to replay
+    renamed.__dict__.update(e.__dict__)
+    renamed.source = uri
+    renamed.args = (str(e).replace(f"file {shorten(path, 300)!r}", f"file {shorten(uri, 300)!r}", 1),)
+    return renamed
 
 
 def _failed(job: Job, worker_id: str, e: BaseException, fetch_s: float, compose_s: float) -> ResultRow:

@@ -133,3 +133,83 @@ def test_many_local_references_validate_quickly(layout):
     t0 = time.perf_counter()
     assert len(validate_manifest({"jobs": jobs}, base_dir=str(proj)).jobs) == 20000
     assert time.perf_counter() - t0 < 10
+
+
+# ---- jobs_file: the same policy, no echo, a bounded read -------------------------------------------
+SECRET = "DB_PASSWORD=hunter2: {x\nAWS_SECRET_ACCESS_KEY: wJalrXUtnFEMI\n"
+
+
+def test_a_jobs_file_under_a_denied_root_is_refused_before_it_is_read(layout, capsys):
+    """main before: /proc/self/environ was read and parsed (a ReaderError traceback, exit 1)."""
+    proj, _ = layout
+    path = write(proj / "m.yaml", {"model": {"backend": "tiny"}, "output": "out", "jobs_file": "/proc/self/environ"})
+    assert farm_main(["validate", path]) == 2
+    err = capsys.readouterr().err
+    assert "jobs_file: refused by the farm's URI policy (as for LoRAs): '/proc/self/environ'" in err, err
+    assert "under /proc" in err and "Traceback" not in err
+
+
+def test_a_jobs_file_that_is_no_job_list_never_echoes_its_lines(layout, capsys):
+    """main before: the YAML error quoted the line ("DB_PASSWORD=hunter2: {x"), and a mapping was
+    echoed as the value that is not a list. Now: what is wrong and where, none of the text."""
+    proj, _ = layout
+    (proj / "secret.env").write_text(SECRET)
+    (proj / "settings.yaml").write_text("DB_PASSWORD: hunter2\nAWS_SECRET_ACCESS_KEY: wJalrXUtnFEMI\n")
+    for name, reason in [("secret.env", "invalid YAML: while parsing a flow mapping did not find expected ',' or '}' "
+                                        "at line 2, column 22"),
+                         ("settings.yaml", f"{proj / 'settings.yaml'} holds no job list (got a dict)")]:
+        path = write(proj / "m.yaml", {"model": {"backend": "tiny"}, "output": "out", "jobs_file": name})
+        assert farm_main(["validate", path]) == 2
+        err = capsys.readouterr().err
+        assert f"jobs_file: {reason}" in err, err
+        assert "hunter2" not in err and "wJalr" not in err and "DB_PASS" not in err and "AWS_" not in err, err
+    (proj / "jobs.yaml").write_text("jobs:\n  - {prompt: a, seed: 1}\n")  # what is a job list still loads
+    m = load_manifest(write(proj / "m.yaml", {"model": {"backend": "tiny"}, "output": "out", "jobs_file": "jobs.yaml"}))
+    assert [j.prompt for j in m.jobs] == ["a"]
+
+
+def test_a_jobs_file_outside_the_manifest_dir_is_refused(layout):
+    """The manifest's directory and the operator's roots, as for LoRAs (``read_jobs_file``'s base_dir)."""
+    proj, elsewhere = layout
+    (elsewhere / "jobs.jsonl").write_text('{"prompt": "a", "seed": 1}\n')
+    from jobs.limits import Problems
+    from jobs.sources import read_jobs_file
+
+    problems = Problems()
+    assert read_jobs_file(str(elsewhere / "jobs.jsonl"), None, problems, base_dir=str(proj)) is None
+    (problem,) = problems.items
+    assert problem.startswith("jobs_file: refused by the farm's URI policy (as for LoRAs): ")
+    assert str(elsewhere / "jobs.jsonl") in problem and "not under an allowed LoRA root" in problem
+    assert read_jobs_file(str(elsewhere / "jobs.jsonl"), None, Problems(), base_dir=str(elsewhere)) == [
+        {"prompt": "a", "seed": 1}]
+    path = write(proj / "m.yaml", {"model": {"backend": "tiny"}, "jobs_file": str(elsewhere / "jobs.jsonl")})
+    with pytest.raises(ManifestError) as e:  # through load_manifest: needs jobs/manifest.py to pass base_dir
+        load_manifest(path)
+    assert any(p.startswith("jobs_file: refused by the farm's URI policy") for p in e.value.problems), e.value.problems
+
+
+def test_a_jobs_file_over_the_network_is_cut_when_it_trickles(layout, monkeypatch):
+    """main before: only fsspec's defaults (no rate floor): this trickle held validation 300 s, then
+    an FSTimeoutError with no message. Now it is read as a LoRA is downloaded: cut after a window."""
+    try:
+        from tests.storage.servers import FaultyHTTPServer
+    except ImportError:  # bare `pytest`
+        pytest.skip("run from the repository root (python -m pytest)")
+    from storage import fetch
+
+    proj, _ = layout
+    monkeypatch.setattr(fetch, "MIN_RATE_BYTES_S", 4096.0)  # a 1 s window of 4 KiB/s (the default: 30 s)
+    monkeypatch.setattr(fetch, "RATE_WINDOW_S", 1.0)
+    body = b"".join(b'{"prompt": "p%d", "seed": %d}\n' % (i, i) for i in range(300))
+    with FaultyHTTPServer() as server:
+        slow = server.add("/slow.jsonl", body, trickle_s=0.1)
+        fine = server.add("/fine.jsonl", body)
+        t0 = time.perf_counter()
+        with pytest.raises(ManifestError) as e:
+            load_manifest(write(proj / "m.yaml", {"model": {"backend": "tiny"}, "jobs_file": slow}))
+        elapsed = time.perf_counter() - t0
+        m = load_manifest(write(proj / "m.yaml", {"model": {"backend": "tiny"}, "jobs_file": fine}))
+    (problem,) = e.value.problems
+    assert problem.startswith(f"jobs_file: cannot read {slow}: SlowTransferError: transfer too slow"), problem
+    assert elapsed < 20, elapsed  # a trickle of 300 lines would take 100 s
+    assert len(m.jobs) == 300

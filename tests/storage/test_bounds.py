@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 
@@ -153,6 +154,72 @@ def test_server_that_sends_nothing_is_cut_by_the_watchdog(server, tmp_path):
     with pytest.raises(SlowTransferError):
         store.fetch(url)
     assert time.perf_counter() - t0 < 4
+    assert leftovers(store) == []
+
+
+class HeaderTrickle:
+    """A raw-socket loopback server that answers every request with its response *headers* one
+    byte every ``pause_s`` (each read well inside any per-read timeout), never a body."""
+
+    def __init__(self, pause_s: float = 0.2) -> None:
+        self.pause_s = pause_s
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/x.safetensors"
+        self.requests: list[bytes] = []
+        self.stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.requests.append(conn.recv(65536).split(b" ", 1)[0])
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nX-Pad: " + b"a" * 10_000:
+                    if self.stop.is_set():
+                        return
+                    conn.sendall(bytes([byte]))
+                    time.sleep(self.pause_s)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_metadata_request_whose_headers_trickle_is_cut_after_a_window(tmp_path):
+    """main before: info (the HEAD) had only the per-read timeout (2 s here, never reached by a
+    byte every 0.2 s): the fetch never ended. Now it is cut after one 1 s window, not retried."""
+    srv = HeaderTrickle()
+    store = LoraStore(tmp_path / "cache", retries=3, backoff_s=0.01, timeout_s=2,
+                      min_rate_bytes_s=4096, rate_window_s=1.0)
+    outcome: list[BaseException | str] = []
+
+    def fetch() -> None:
+        try:
+            store.fetch(srv.url)
+            outcome.append("served")
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            outcome.append(e)
+
+    t0 = time.perf_counter()
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(20)  # twenty windows
+    elapsed = time.perf_counter() - t0
+    srv.close()
+    assert not worker.is_alive(), f"still fetching after {elapsed:.0f}s"
+    (error,) = outcome
+    assert isinstance(error, SlowTransferError), error
+    assert srv.url in str(error) and "metadata request (info/HEAD)" in str(error) and "1.0s" in str(error)
+    assert len(srv.requests) == 1 and store.stats()["retries"] == 0  # not retried in place
     assert leftovers(store) == []
 
 

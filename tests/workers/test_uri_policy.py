@@ -77,3 +77,28 @@ def test_a_non_lora_file_never_echoes_its_bytes(files, tmp_path):
         window = SECRET[i : i + 6]
         assert window.decode() not in text and window.hex() not in text
     assert str(int.from_bytes(SECRET[:8], "little")) not in text, "not even decoded as a header length"
+
+
+def test_a_corrupt_remote_lora_names_its_uri_not_the_cache_blob(files, tmp_path):
+    """A remote LoRA is read from its cache blob (``.../blobs/<sha256>``); main before: its error named
+    that blob, which tells the user nothing. Now its URI; the other jobs render."""
+    import fsspec
+
+    root, f = files
+    mem = fsspec.filesystem("memory")
+    uri = "memory://fix14-worker/corrupt.safetensors"
+    mem.pipe("/fix14-worker/corrupt.safetensors", SECRET)  # not a LoRA, fetched like any remote file
+    try:
+        w = RenderWorker({"backend": "tiny", "seed": 0}, cache_dir=str(tmp_path / "cache"), num_threads=1,
+                         uri_policy=UriPolicy.build([str(root)]))  # seeded random weights: any tiny model will do
+        rows = {r.job_id: r for r in w.render([job("bad", uri), job("ok", f["good"]), job("base")],
+                                              str(tmp_path / "out"))}
+    finally:
+        mem.rm("/fix14-worker", recursive=True)
+    bad = rows["bad"]
+    assert bad.status == "failed" and not bad.transient, bad.error
+    assert bad.error.startswith("CorruptFileError") and f"file '{uri}'" in bad.error, bad.error
+    assert "blobs" not in bad.error and str(tmp_path / "cache") not in bad.error, bad.error
+    assert "hunter2" not in bad.error  # and still none of its bytes
+    assert rows["ok"].status == "ok" and rows["base"].status == "ok", (rows["ok"].error, rows["base"].error)
+    assert w.state()["store"]["downloads"] == 1  # it was fetched: the error came from reading the blob
