@@ -124,44 +124,6 @@ def profile_table(result: dict) -> str:
     return "\n\n".join(out)
 
 
-ISSUE_19 = """What issue 19 found (measured on this VM in one session; the tables above are regenerated \
-by every run, this note is not). Before/after figures are two runs of this command, the first on the \
-code before the change, the load differing (1.4-3.7 then 5.0-2.0):
-
-- *Merge warm switch, r16 x 1*, 3.2x its floor on the issue's run. Its profile before the change \
-(r16 x 1, 1.54 s under cProfile): `addmm_` 0.51 s, `copy_` 0.47 s, `sum` 0.47 s (30%). The per-block \
-finite check summed each bf16 block asking for an fp32 result, a slow widening path on CPU (390 us \
-against 79 us in the tensor's own dtype for one 3 MiB block, timed alone): it cost as much as the \
-product, which at rank 16 is cheap. Now the check sums in the weight's own dtype, and a merge skips it \
-when a bound rules NaN and Inf out: max\\|original\\| (one `aminmax` of the kept original, memoized, \
-reused by every switch) + sum_k max\\|B[:, k]\\| max\\|A[k, :]\\| under half the dtype's largest \
-value; otherwise the elementwise check runs as before (`tests/lora_core/test_merge_bound.py`). After: \
-1.04 s under cProfile, no `sum`; ms/block before -> after r16 x 1 769 -> 522, r16 x 3 1247 -> 1211, \
-r64 x 1 1670 -> 1271, r64 x 3 4036 -> 3344. What is left are the three passes a torch merge of bf16 \
-weights makes on CPU: widen the original's rows into the fp32 block, `addmm_`, round them back. The \
-fp32 B@A floor writes its whole product out and moves with the VM's load much more than our in-cache \
-blocks do (r16 x 1: 175 ms per block on the issue's run, 691 and 769 in this session's two), which is \
-most of the 3.2x: timed alone on a quieter moment, one 3 MiB block costs 200 us widening + 520 us \
-`addmm_` + 218 us rounding against 507 us for the product alone, so on a quiet machine expect r16 x 1 \
-near 2x its floor rather than under 1x.
-- *SVDQ new composition*, target <= 3x the copy floor: **not met** (9-17x above). Packing is an exact \
-permutation of 4-byte units (bf16 pairs) no two of which stay neighbours, and torch's CPU kernels move \
-such units at 1-5 ns each against ~0.2 ns for a copy. Tried, bit-exact, against the two-step packing \
-kept in `lora_core/nunchaku.py` (tiles into storage order in 32-byte units, then a gather inside each \
-tile): one gather with a precomputed whole-factor index (8 bytes of index per unit) was 1.5-3x faster \
-on rank-16 factors but slower on large ones (21 MB of index for one 9216 x 576 factor); one gather from \
-an overlapping per-tile window of the logical factor, with a single 128-entry index, 1.1-1.3x slower; \
-`index_put_`, `index_select` along bands, numpy `take`, a 6-D strided copy and a transpose of four \
-interleaved planes, 2-8x slower. What changed: the plan writes each q/k/v component of a fused module \
-straight into its rows of the stacked up factor in the branch dtype (it built a full-height fp32 copy \
-per component, then a second scaled one, then cast it). ms/block before -> after, ours: r16 x 1 25.4 -> \
-12.7, r16 x 3 38.3 -> 22.7, r64 x 1 65.2 -> 20.8, r64 x 3 285 -> 123; the seed loader moved too (it \
-plans with the same code, and the load changed): 83 -> 44, 101 -> 64, 141 -> 60, 336 -> 175; ours/peer \
-0.30-0.85 -> 0.29-0.70. The floor leaves out work the format needs: the fused qkv's block-diagonal up \
-factor (3x the file's bytes, 2/3 zeros), the base rank-32 tiles copied into each new branch, and fresh \
-pages for the kept branch (the steady-allocator rerun)."""
-
-
 def section(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     tg = result["targets"]
@@ -233,8 +195,6 @@ def section(result: dict) -> str:
         "Profile of our warm merge switch (cProfile, own time):",
         "",
         profile_table(result),
-        "",
-        ISSUE_19,
         "",
     ]
     return "\n".join(parts)

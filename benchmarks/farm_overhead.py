@@ -243,7 +243,7 @@ def _fast_dispatcher():
     class FastDispatcher(Dispatcher):
         """Dispatcher with the fixes this benchmark suggests, to measure their effect.
 
-        1. ``_collect`` takes every finished call per ``ray.wait`` (``num_returns=len``
+        1. ``collect`` takes every finished call per ``ray.wait`` (``num_returns=len``
            with ``timeout=0`` after the first), so one ``_send``/``_views``/``assign``/
            ``prefetch`` pass serves a batch of completions instead of one;
         2. ``_send`` skips ``policy.assign``/``prefetch`` (and the views) when no worker
@@ -256,11 +256,11 @@ def _fast_dispatcher():
                 return
             super()._send()
 
-        def _collect(self) -> None:
+        def collect(self, timeout: float = 0.5) -> None:
             if not self.pending:
                 return
             refs = list(self.pending)
-            ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
             if ready and len(refs) > 1:
                 got = set(ready)
                 more, _ = ray.wait([r for r in refs if r not in got], num_returns=len(refs) - len(ready), timeout=0)
@@ -419,7 +419,7 @@ def run(n: int, k: int, *, repeat: int = 3, compositions: int = 0, progress: boo
                 "loop_s_under_profiler": round(p["loop_s"], 4),
                 "driver_cpu_s": round(pstats.Stats(prof).total_tt, 4),  # type: ignore[attr-defined]
                 "cumulative_s": cumulative(prof, [
-                    "dispatcher.py:_send", "dispatcher.py:_collect", "dispatcher.py:_views", "dispatcher.py:_prefetch",
+                    "dispatcher.py:_send", "dispatcher.py:collect", "dispatcher.py:_views", "dispatcher.py:_prefetch",
                     "affinity.py:assign", "affinity.py:prefetch", "dispatcher.py:_record", "runner.py:__call__",
                     "worker.py:wait", "worker.py:get", "actor.py:_remote", "dispatcher.py:_queued",
                     "results.py:recorded", "results.py:append"]),

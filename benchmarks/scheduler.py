@@ -71,12 +71,12 @@ class ToldArrivals(AffinityScheduler):
 
     def __init__(self, jobs: list, **kw: Any) -> None:
         super().__init__(**kw)
-        self._coming = Counter(j.composition for j in jobs)  # jobs not yet arrived, per composition
+        self._coming = Counter(j.routing_key for j in jobs)  # jobs not yet arrived, per composition
         self.queue = _EveryComposition()  # rank them all, not only the largest few
 
     def submit(self, jobs) -> None:
         jobs = list(jobs)
-        self._coming.subtract(j.composition for j in jobs)
+        self._coming.subtract(j.routing_key for j in jobs)
         super().submit(jobs)
 
     def _rank(self, key: str, clear_s: float) -> Any:
@@ -138,7 +138,7 @@ def run_one(jobs: int, compositions: int, workers: int, alpha: float, compose: f
     span = 0.8 * (jobs * render + compositions * compose) / workers  # bursts keep the farm ~80% busy
     work = make_workload(jobs, compositions, alpha, seed, arrival=arrival, span_s=span, mixed_sizes=mixed)
     out: dict[str, Any] = {name: simulate(make(name), work, farm).as_dict() for name in POLICIES}
-    out["affinity_greedy"] = simulate(AffinityScheduler(batch_plan=False), work, farm).as_dict()  # ablation: no plan
+    out["affinity_greedy"] = simulate(AffinityScheduler(follow_plan=False), work, farm).as_dict()  # ablation: no plan
     if arrival == "bursty":  # ablation: told which compositions' jobs have all arrived
         out["affinity_told_arrivals"] = simulate(ToldArrivals(work), work, farm).as_dict()
     bounds = lower_bounds(work, farm)
@@ -205,7 +205,7 @@ def _both_met(r: dict[str, Any], policy: str) -> bool:
 def decision_cost(queued: int = 10_000, workers: int = 16, compositions: int = 200, steps: int = 4000) -> dict[str, float]:
     """Microseconds per assigned job with ``queued`` jobs waiting, one finish per call."""
     work = make_workload(queued + steps * 2 + 64, compositions, 1.0, 1)
-    comp_of = {j.job_id: j.composition for j in work}
+    comp_of = {j.job_id: j.routing_key for j in work}
     feed = iter(work)
     policy = AffinityScheduler()
     policy.submit(next(feed) for _ in range(queued))
@@ -299,7 +299,7 @@ def report(rows: list[dict[str, Any]], costs: list[dict[str, float]], command: s
         "| workload | configs | all 3 targets met | makespan / recomp. / speedup target met | "
         "makespan + recomp. targets reachable together | missed where reachable | "
         "worst makespan/LB | worst recomp./LB | speedup min / median | "
-        "makespan + recomp. met without the plan (`batch_plan=False`) | ... without job weights (`weigh_jobs=False`) | "
+        "makespan + recomp. met without the plan (`follow_plan=False`) | ... without job weights (`weigh_jobs=False`) | "
         "mean recomp./LB [told which compositions' jobs have all arrived] | "
         "makespan + recomp. met by a schedule told every arrival that holds compositions back [its mean recomp./LB] |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -44,7 +44,7 @@ def run_arrivals(alpha: float, compose: float, workers: int, weights: dict[str, 
     work = make_runs_workload(jobs, compositions, alpha, seed, submitters=tuple(weights),
                               span_s=jobs * farm.render_s / (workers * LOAD), mix=mix)
     lb = lower_bounds(work, farm)
-    out: dict[str, Any] = {"runs": len({j.run for j in work}), "compositions": len({j.composition for j in work}),
+    out: dict[str, Any] = {"runs": len({j.run for j in work}), "compositions": len({j.routing_key for j in work}),
                            "lb_makespan": round(lb["makespan"], 1), "lb_recompositions": lb["recompositions"]}
     for name, policy in (("fair", AffinityScheduler(weights=weights)),
                          ("fair_submitters_only", AffinityScheduler(weights=weights, fair_runs=False)),

@@ -52,11 +52,11 @@ def build_workload(n_jobs: int, n_compositions: int, alpha: float, seed: int, lo
     real_of = dict(zip(pool, files))
     jobs = []
     for i, q in enumerate(queued):
-        c = int(q.composition.lstrip("c"))
+        c = int(q.routing_key.lstrip("c"))
         strength = round(0.5 + 0.05 * c, 6)
         loras = tuple(LoraRef(real_of[u], strength) for u in q.loras)
         jobs.append(Job(q.job_id, f"prompt {i}", i, loras, 2, 64, 64, 1.0))
-    comps_sim = {q.composition for q in queued}
+    comps_sim = {q.routing_key for q in queued}
     comps_real = {j.routing_key for j in jobs}
     if len(comps_sim) != len(comps_real):
         raise AssertionError("the sim -> real mapping merged compositions")
@@ -216,7 +216,7 @@ def results_section(runs: list[dict], command: str) -> str:
     lines += ["", f"Worst |error|: **{100 * worst:.1f}%** ({'within' if worst <= TOLERANCE else 'outside'} the 10% "
                   f"target); mean error {100 * mean:+.1f}%. Recomposition counts are compared in the last column (same "
                   "policy, learning its cost estimates from the same priors in both). What the simulation leaves out is the farm's own per-job cost: writing each PNG "
-                  "(one fsync each) and the driver round trip per call, about 1-2 ms per job on this machine (see "
+                  "(one fsync each) and the driver round trip per call (per job: "
                   "\"Farm overhead\"), plus the real merge inside each switch (milliseconds here), so it is "
                   "slightly optimistic; with seconds-long renders that bias shrinks further."]
     return "\n".join(lines)

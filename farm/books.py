@@ -34,7 +34,7 @@ class WorkerBook(CostEstimate):
     worker_id: str
     handle: Any
     node_id: str = ""
-    composition: str | None = None
+    routing_key: str | None = None  # the composition it holds, by routing key ("" = base)
     adapters: set[str] = field(default_factory=set)
     inflight: int = 0
     alive: bool = True
@@ -84,7 +84,7 @@ class WorkerBook(CostEstimate):
 
     def forget(self) -> None:
         """A restarted actor comes back empty."""
-        self.composition, self.adapters = None, set()
+        self.routing_key, self.adapters = None, set()
         self.prepared.clear()
         self._last_routing = None
 

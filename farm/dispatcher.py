@@ -92,12 +92,24 @@ class Dispatcher:
             held[wid].extend(ids)
         return {wid: tuple(ids) for wid, ids in held.items()}
 
+    def worker_book(self, worker_id: str) -> WorkerBook | None:
+        """What the dispatcher keeps of one worker (None: not joined, or removed)."""
+        return self.books.get(worker_id)
+
+    def worker_books(self) -> dict[str, WorkerBook]:
+        """A snapshot (a new dict; the books themselves are live): worker id -> its book."""
+        return dict(self.books)
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether ``run_id`` is carried (added, not yet dropped)."""
+        return run_id in self.runs
+
     def _views(self) -> list[WorkerView]:
         disk: dict[str, set[str]] = defaultdict(set)
         for b in self.books.values():
             disk[b.node_id] |= b.adapters
         return [
-            WorkerView(worker_id=b.worker_id, node_id=b.node_id, composition=b.composition,
+            WorkerView(worker_id=b.worker_id, node_id=b.node_id, routing_key=b.routing_key,
                        adapters=frozenset(b.adapters), node_disk=frozenset(disk[b.node_id]), inflight=b.inflight,
                        capacity=self.capacity, compose_cost_s=b.compose_s, render_cost_s=b.render_s,
                        fetch_cost_s=b.fetch_s, load_cost_s=b.load_s, alive=b.alive,
@@ -205,7 +217,7 @@ class Dispatcher:
     def step(self, timeout: float = 0.5) -> None:
         """Send what the policy assigns, then collect calls that finish within ``timeout`` seconds."""
         self._send()
-        self._collect(timeout)
+        self.collect(timeout)
 
     def busy(self) -> bool:
         return bool(self.pending) or self._queued() > 0
@@ -244,7 +256,7 @@ class Dispatcher:
                     self.pending[ref] = (wid, chunk)
                     self._call_run[ref] = run_id
                     book.inflight += len(chunk)
-                book.composition = comp
+                book.routing_key = comp
         self._prefetch(views)
 
     def _prefetch(self, views: list[WorkerView]) -> None:
@@ -257,7 +269,8 @@ class Dispatcher:
             unique = list({r.uri: r for r in refs}.values())
             self.transport.submit(self.books[wid].handle, "prefetch", unique)  # best effort; errors surface at render
 
-    def _collect(self, timeout: float = 0.5) -> None:
+    def collect(self, timeout: float = 0.5) -> None:
+        """Collect calls that finish within ``timeout`` seconds and send nothing new (a drain)."""
         if not self.pending:
             if timeout > 0 and self._queued():
                 time.sleep(min(timeout, 0.05))  # queued work and no call out: the policy is waiting; do not spin

@@ -54,7 +54,7 @@ class _Progress:
         if self.bar is None:
             return
         self.bar.n = d.stats.ok + d.stats.failed
-        running = sum(len(ids) for _, ids in d.pending.values())
+        running = sum(len(ids) for ids in d.in_flight().values())
         self.bar.set_postfix(ok=d.stats.ok, failed=d.stats.failed, running=running, switches=d.switches, refresh=False)
         self.bar.refresh()
 

@@ -6,11 +6,11 @@ from .manifest import (
 )
 from .options import FarmOptions
 from .results import (
-    ResultRow, ResultsWriter, completed_jobs, image_uri, read_results, read_results_table, write_image_atomic,
+    ResultRow, ResultsWriter, completed_jobs, image_uri, read_results, read_results_table,
 )
 
 __all__ = [
     "Job", "LoraRef", "Manifest", "ManifestError", "routing_key_of", "job_content_id", "load_manifest",
     "validate_manifest", "FarmOptions", "ResultRow", "ResultsWriter", "completed_jobs", "image_uri", "read_results",
-    "read_results_table", "write_image_atomic",
+    "read_results_table",
 ]

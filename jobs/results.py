@@ -77,11 +77,6 @@ def image_uri(output_root: str, job_id: str) -> str:
         raise ValueError(f"image for job {job_id!r} would escape the output root {output_root!r}") from e
 
 
-def write_image_atomic(output_uri: str, png_bytes: bytes, storage_options: Mapping | None = None) -> str:
-    """Write a rendered PNG; returns ``output_uri``."""
-    return write_bytes_atomic(output_uri, png_bytes, storage_options)
-
-
 def _table_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
@@ -282,7 +277,7 @@ def completed_jobs(output_root: str, storage_options: Mapping | None = None,
 
 
 __all__ = [
-    "ResultRow", "ResultsWriter", "COLUMNS", "SCHEMA", "rows_to_table", "image_uri", "write_image_atomic",
+    "ResultRow", "ResultsWriter", "COLUMNS", "SCHEMA", "rows_to_table", "image_uri",
     "read_results", "read_results_table", "completed_jobs", "existing_images", "storable", "STATUSES", "MAX_ERROR_CHARS",
     "FINALIZE_TRIES", "FINALIZE_LOCK_TIMEOUT_S",
 ]

@@ -35,15 +35,28 @@ def sibling_temp(path: str) -> str:
 
 
 @contextmanager
-def atomic_local_file(path: str) -> Iterator[IO[bytes]]:
-    """A temp file in the target's directory, fsynced and renamed over ``path`` on success.
+def atomic_local_file(path: str, *, mode: int | None = None, tmp_dir: str | None = None) -> Iterator[IO[bytes]]:
+    """A temp file, fsynced and renamed over ``path`` on success (binary: write bytes).
 
-    A crash leaves at most a ``.<name>.<rand>.tmp`` file, never a truncated target.
+    A crash leaves at most the temp file, never a truncated target. The temp is
+    ``.<name>.<rand>.tmp`` beside ``path``, or ``<pid>-<rand>.tmp`` in ``tmp_dir`` (which
+    must be on the same filesystem; the pid lets a sweeper of that dir tell a live writer's
+    temp from a dead one's). ``mode``: the file's permission bits, set exactly and from the
+    start (no moment with wider ones); None: the umask's default.
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = sibling_temp(path)
+    if tmp_dir is None:
+        tmp = sibling_temp(path)
+    else:
+        tmp = os.path.join(tmp_dir, f"{os.getpid()}-{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        if mode is None:
+            f = open(tmp, "wb")
+        else:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
+            f = os.fdopen(fd, "wb")
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -37,7 +37,7 @@ from typing import Any, Iterable
 
 from filelock import FileLock
 
-from .localfs import ensure_private_dir, hash_file, unlink_if_exists
+from .localfs import atomic_local_file, ensure_private_dir, hash_file, unlink_if_exists
 
 __all__ = ["DiskCache", "pid_alive", "STALE_TEMP_S", "default_cache_dir"]
 
@@ -153,10 +153,8 @@ class DiskCache:
     def write_index(self, key: str, record: dict[str, Any]) -> None:
         """Write atomically: a reader sees the old record or the new one, never half."""
         final = os.path.join(self.root, "index", f"{key}.json")
-        tmp = self.new_temp(".json")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, sort_keys=True)
-        os.replace(tmp, final)
+        with atomic_local_file(final, tmp_dir=os.path.join(self.root, "tmp")) as f:
+            f.write(json.dumps(record, sort_keys=True).encode("utf-8"))
 
     def new_temp(self, suffix: str = ".part") -> str:
         """A fresh temp path inside the cache (same filesystem, so os.replace is atomic)."""
@@ -221,10 +219,8 @@ class DiskCache:
             return False
 
     def _mark_verified(self, sha256: str, st: os.stat_result) -> None:
-        tmp = self.new_temp(".json")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(_stamp(st), f)
-        os.replace(tmp, self._marker_path(sha256))
+        with atomic_local_file(self._marker_path(sha256), tmp_dir=os.path.join(self.root, "tmp")) as f:
+            f.write(json.dumps(_stamp(st)).encode("utf-8"))
 
     def _marker_path(self, sha256: str) -> str:
         return os.path.join(self.root, "verified", sha256)

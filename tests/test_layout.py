@@ -88,6 +88,57 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+# docs/INTERFACES.md "Who may import whom": the importing package (longest prefix wins) -> what of
+# ours it may import besides itself (a module, or a package and everything under it)
+ALLOWED_IMPORTS = {
+    "storage": (),
+    "lora_core": ("storage",),
+    "jobs": ("storage", "lora_core.modes"),
+    "workers": ("lora_core", "storage", "jobs"),
+    "farm": ("lora_core", "storage", "jobs", "workers"),
+    "farm.scheduler": (),
+}
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def forbidden_imports(graph: dict[str, set[str]], rules: dict[str, tuple[str, ...]]) -> list[str]:
+    """``importer -> imported`` for each edge of ``graph`` that ``rules`` do not allow; a module
+    is ruled by the longest rule prefix it falls under, and may always import its own part."""
+    bad = []
+    for name in sorted(graph):
+        owners = [r for r in rules if _under(name, r)]
+        if not owners:
+            continue
+        own = max(owners, key=len)
+        for m in sorted(graph[name]):
+            if not (_under(m, own) or any(_under(m, ok) for ok in rules[own])):
+                bad.append(f"{name} -> {m}")
+    return bad
+
+
+def test_each_package_imports_only_what_interfaces_allows():
+    modules = library_modules()
+    graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
+    bad = forbidden_imports(graph, ALLOWED_IMPORTS)
+    assert not bad, f"imports docs/INTERFACES.md does not allow: {bad}"
+
+
+def test_the_import_rules_catch_a_forbidden_import():
+    graph = {
+        "storage.fetch": {"storage.errors", "lora_core.errors"},
+        "jobs.options": {"lora_core.modes", "storage.output"},
+        "jobs.validate": {"lora_core.api"},
+        "farm.dispatcher": {"farm.scheduler.types", "workers.worker"},
+        "farm.scheduler.sim": {"farm.scheduler.affinity", "farm.books"},
+        "other.mod": {"farm.cli"},
+    }
+    assert forbidden_imports(graph, ALLOWED_IMPORTS) == [
+        "farm.scheduler.sim -> farm.books", "jobs.validate -> lora_core.api", "storage.fetch -> lora_core.errors"]
+
+
 def test_no_library_module_over_the_size_limit():
     long = {name: n for name, path in library_modules().items()
             if (n := sum(1 for _ in open(path, encoding="utf-8"))) > MAX_LINES}

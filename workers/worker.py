@@ -30,13 +30,14 @@ import torch
 
 from jobs.manifest import Job
 from jobs.options import FarmOptions
-from jobs.results import ResultRow, image_uri, write_image_atomic
+from jobs.results import ResultRow, image_uri
 from jobs.stamp import stamp_png
 from lora_core import Adapter
 from lora_core.adapter import load_adapter_file
 from lora_core.adapter_cache import AdapterCache
 from lora_core.errors import LoraError
 from storage.errors import shorten
+from storage.output import write_bytes_atomic
 from storage.policy import UriPolicy, operator_policy
 from storage.store import default_cache_dir
 
@@ -84,7 +85,7 @@ class RenderWorker:
         uri_policy: UriPolicy | None = None,  # what LoRA URIs may reach (storage.policy); default: the operator's env
         backend_factory: Callable[..., Any] | None = None,  # instead of the registry's (see workers.backends.registry)
         overlap_output: bool = True,  # encode/write PNGs off the model lock; False: inside it (the old, serial order)
-        image_writer: Callable[[str, bytes, dict], Any] | None = None,  # (uri, png, opts) -> None; write_image_atomic
+        image_writer: Callable[[str, bytes, dict], Any] | None = None,  # (uri, png, opts) -> None; write_bytes_atomic
     ):
         self.model_spec = dict(model or {"backend": "tiny"})
         self.backend_factory = backend_factory
@@ -101,7 +102,7 @@ class RenderWorker:
         self._store = None
         self._prefetcher: ThreadPoolExecutor | None = None
         self.overlap_output = bool(overlap_output)
-        self.image_writer = image_writer or write_image_atomic
+        self.image_writer = image_writer or write_bytes_atomic
         self._writer: ThreadPoolExecutor | None = None
         self._writer_lock = threading.Lock()
         self._store_lock = threading.Lock()

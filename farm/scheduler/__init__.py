@@ -38,8 +38,8 @@ O(workers^2 + log queue), never a scan of the queue::
         retryable failure, dead actor:     policy.done(job_id, requeue=True)
         cancel queued jobs:                policy.cancel(job_ids) -> the ids it removed
 
-Snapshot rules. ``inflight`` counts jobs sent and not yet finished. ``composition`` is
-what the worker has loaded (None before its first; "" is the base model); while
+Snapshot rules. ``inflight`` counts jobs sent and not yet finished. ``routing_key`` is
+the composition the worker has loaded (None before its first; "" is the base model); while
 ``inflight > 0`` the policy uses the composition of the last job it sent there instead,
 since that is what the worker holds once its local queue drains. Dead workers
 (``alive=False``) get nothing; their jobs come back through ``done(requeue=True)`` and

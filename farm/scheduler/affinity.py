@@ -37,7 +37,7 @@ class AffinityScheduler(FairRules, Policy):
        made when jobs it does not cover reach ``replan_share`` of those it does (e.g.
        retries), a worker joins, a planned one dies, or the mean render or compose
        estimate moves by 1.5x;
-    3. without a plan (``batch_plan=False``, several priority levels or, with ``fair``,
+    3. without a plan (``follow_plan=False``, several priority levels or, with ``fair``,
        several runs queued, or jobs that arrived while a plan ran, until the farm
        drains), the greedy rules (with ``fair``, and two or more runs queued at the top
        priority, first the fair-share rules of ``fair.py``):
@@ -53,7 +53,7 @@ class AffinityScheduler(FairRules, Policy):
 
     Options: ``max_wait_s`` (None: no age bound). Age is counted against the newest job
     already assigned, not the clock, so a batch submitted at once is never reordered.
-    ``batch_plan`` (True: plan a batch; False: the greedy rules only), ``plan_slack``
+    ``follow_plan`` (True: plan a batch; False: the greedy rules only), ``plan_slack``
     (0.05: the plan may end up to 5% later than the earliest it found, to split fewer
     compositions), ``replan_share`` (0.1),
     ``weigh_jobs`` (True: the plan counts a job as its ``work`` units, e.g. pixels x
@@ -82,7 +82,7 @@ class AffinityScheduler(FairRules, Policy):
 
     def __init__(
         self, *, max_wait_s: float | None = 600.0, horizon_s: float | None = None,
-        prefetch_lead_s: float | None = None, batch_plan: bool = True, plan_slack: float = 0.05,
+        prefetch_lead_s: float | None = None, follow_plan: bool = True, plan_slack: float = 0.05,
         replan_share: float = 0.1, weigh_jobs: bool = True, fair: bool = True,
         weights: Mapping[str, float] | None = None, fair_tolerance: float = 0.05,
         fair_quantum_s: float | None = None, fair_runs: bool = True,
@@ -97,7 +97,7 @@ class AffinityScheduler(FairRules, Policy):
         self.prefetch_lead_s = prefetch_lead_s
         self.max_wait_s = max_wait_s
         self.horizon_s = horizon_s
-        self.batch_plan, self.plan_slack, self.replan_share = batch_plan, plan_slack, replan_share
+        self.follow_plan, self.plan_slack, self.replan_share = follow_plan, plan_slack, replan_share
         self.weigh_jobs = weigh_jobs
         self._following = Following({}, self.queue.count)  # the plan, while one runs
         self._plan_for: frozenset[str] = frozenset()  # the workers the plan was made for
@@ -126,20 +126,20 @@ class AffinityScheduler(FairRules, Policy):
             self._drop_plan()
         for job in jobs:
             super().submit((job,))
-            self._following.joined(job.composition)
+            self._following.joined(job.routing_key)
 
     def done(self, job_id: str, *, requeue: bool = False) -> None:
         item = self._running.get(job_id)
         super().done(job_id, requeue=requeue)
         if item is not None and requeue:
-            self._following.joined(item[1].composition)
+            self._following.joined(item[1].routing_key)
 
     def _replan(self, slots: list[Slot], dead: set[str], now: float, *, ran_out: bool = False) -> None:
         """Plan the queue when there is no plan, or it is stale (many jobs it does not cover),
         or a worker joined or a planned one died, or the costs moved; with ``ran_out`` (a
         worker's pieces ran out), rebalance toward the same end time."""
         several = self.fair and isinstance(self.queue, FlowQueue) and len(self.queue.flows()) > 1
-        if not self.batch_plan or self._online or self.queue.priorities() != 1 or several:
+        if not self.follow_plan or self._online or self.queue.priorities() != 1 or several:
             self._drop_plan()
             return
         alive = frozenset(s.view.worker_id for s in slots)

@@ -138,14 +138,14 @@ class ServeMultiplexPolicy(Policy):
                 continue
             del self._routing[job_id]
             self._give(req.job, slot, out)
-            self._load(slot.view.worker_id, req.job.composition)
+            self._load(slot.view.worker_id, req.job.routing_key)
             room -= 1
         if room > 0 and self._routing:
             self._wake = min(r.next_try for r in self._routing.values())
         return out
 
     def _route(self, req: _Routing, slots: list[Slot], now: float) -> Slot | None:
-        model = req.job.composition
+        model = req.job.routing_key
         if not req.tried:
             cands = [s for s in slots if model in self._models.get(s.view.worker_id, ())]
             if cands:

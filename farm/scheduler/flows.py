@@ -30,7 +30,7 @@ class FlowQueue(JobQueue):
         if sub is None:
             sub = self._flows[f] = JobQueue()
         sub.add(job)
-        self._by_key.setdefault(job.composition, Counter())[f] += 1
+        self._by_key.setdefault(job.routing_key, Counter())[f] += 1
         self._submitters[job.submitter] += 1
 
     def remove(self, job_id: str) -> QueuedJob | None:
@@ -42,12 +42,12 @@ class FlowQueue(JobQueue):
         sub.remove(job_id)
         if not len(sub):
             del self._flows[f]
-        flows = self._by_key[job.composition]
+        flows = self._by_key[job.routing_key]
         flows[f] -= 1
         if not flows[f]:
             del flows[f]
             if not flows:
-                del self._by_key[job.composition]
+                del self._by_key[job.routing_key]
         self._submitters[job.submitter] -= 1
         if not self._submitters[job.submitter]:
             del self._submitters[job.submitter]

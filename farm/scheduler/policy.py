@@ -73,22 +73,22 @@ class Policy:
                 continue
             seen.add(w.worker_id)
             tail = self._tail.get(w.worker_id)
-            slots.append(Slot(w, tail[0] if tail and w.inflight > 0 else w.composition))
+            slots.append(Slot(w, tail[0] if tail and w.inflight > 0 else w.routing_key))
         return slots
 
     def _give(self, job: QueuedJob, slot: Slot, out: list[tuple[str, str]], holders: Counter | None = None) -> None:
         if slot.spare <= 0:
             raise RuntimeError(f"policy {self.name} overfilled worker {slot.view.worker_id}")  # a bug, never input
-        if holders is not None and slot.comp != job.composition:
+        if holders is not None and slot.comp != job.routing_key:
             holders[slot.comp] -= 1
-            holders[job.composition] += 1
-        if slot.comp != job.composition:
+            holders[job.routing_key] += 1
+        if slot.comp != job.routing_key:
             slot.delay += slot.view.compose_cost_s
         slot.spare -= 1
-        slot.comp = job.composition
+        slot.comp = job.routing_key
         slot.delay += slot.view.render_cost_s
         wid = slot.view.worker_id
-        self._tail[wid] = (job.composition, tuple(job.loras))
+        self._tail[wid] = (job.routing_key, tuple(job.loras))
         self._running[job.job_id] = (wid, job)
         self._newest = max(self._newest, job.enqueued_at)
         out.append((job.job_id, wid))

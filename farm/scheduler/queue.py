@@ -52,9 +52,9 @@ class JobQueue:
             raise ValueError(f"job {job.job_id!r} is already queued")
         self._seq += 1
         self._live[job.job_id] = (job, self._seq)
-        comp = self._comps.get(job.composition)
+        comp = self._comps.get(job.routing_key)
         if comp is None:
-            comp = self._comps[job.composition] = _Comp(tuple(job.loras))
+            comp = self._comps[job.routing_key] = _Comp(tuple(job.loras))
         entry = (-job.priority, job.enqueued_at, self._seq, job.job_id)
         heapq.heappush(comp.by_rank, entry)
         heapq.heappush(comp.by_age, (job.enqueued_at, self._seq, job.job_id))
@@ -63,7 +63,7 @@ class JobQueue:
         self._prio_work[job.priority] = self._prio_work.get(job.priority, 0.0) + job.work
         comp.count += 1
         comp.work += job.work
-        self._touch(job.composition, comp)
+        self._touch(job.routing_key, comp)
 
     def remove(self, job_id: str) -> QueuedJob | None:
         item = self._live.pop(job_id, None)
@@ -74,10 +74,10 @@ class JobQueue:
         self._prio_work[job.priority] -= job.work
         if not self._prio[job.priority]:
             del self._prio[job.priority], self._prio_work[job.priority]
-        comp = self._comps[job.composition]
+        comp = self._comps[job.routing_key]
         comp.count -= 1
         comp.work -= job.work
-        self._touch(job.composition, comp)
+        self._touch(job.routing_key, comp)
         if len(self._rank) > 2 * len(self._live) + 1024:
             self._rank = [e for e in self._rank if self._is_live(e)]
             heapq.heapify(self._rank)

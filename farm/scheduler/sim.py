@@ -278,16 +278,16 @@ class Simulation:
         self.waits.append(now - job.enqueued_at)
         fetch = compose = 0.0
         swapped = False
-        if job.composition != w.comp:
-            if job.composition in w.prep:  # its prepared branches are swapped in
+        if job.routing_key != w.comp:
+            if job.routing_key in w.prep:  # its prepared branches are swapped in
                 compose, swapped = self.farm.swap_s, True
                 self.swaps += 1
             else:
                 fetch, compose = self.materialize(w, job.loras, now), self.farm.compose_s
                 self.recompositions += 1
-            w.comp = job.composition
+            w.comp = job.routing_key
             if self.farm.prepared > 0:
-                _touch(w.prep, job.composition, self.farm.prepared)
+                _touch(w.prep, job.routing_key, self.farm.prepared)
         w.busy = True
         self.push(now + fetch + compose + self.farm.render_s * job.work, "finish", (w, job, compose, fetch, swapped))
 

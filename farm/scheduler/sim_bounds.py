@@ -62,7 +62,7 @@ def lower_bounds(jobs: Sequence[QueuedJob], farm: FarmModel) -> dict[str, float]
     later: set[str] = set()  # compositions of the jobs arriving at or after a
     work_after = 0.0  # their summed work
     for i in range(len(ordered) - 1, -1, -1):
-        later.add(ordered[i].composition)
+        later.add(ordered[i].routing_key)
         work_after += ordered[i].work
         a = ordered[i].enqueued_at
         if i == 0 or ordered[i - 1].enqueued_at != a:
@@ -106,14 +106,14 @@ def _composed_twice(jobs: Sequence[QueuedJob], farm: FarmModel, makespan: float)
     times = sorted({j.enqueued_at for j in jobs})
     most = 0.0
     for a in times[1:]:
-        later = {j.composition for j in jobs if j.enqueued_at >= a}
+        later = {j.routing_key for j in jobs if j.enqueued_at >= a}
         room = K * (makespan - a) - R * sum(j.work for j in jobs if j.enqueued_at >= a) - C * max(0, len(later) - K)
         if room < 0:
             return math.inf
         early: Counter[str] = Counter()
         for j in jobs:
-            if j.enqueued_at < a and j.composition in later:
-                early[j.composition] += j.work
+            if j.enqueued_at < a and j.routing_key in later:
+                early[j.routing_key] += j.work
         waiting = sorted(early.values(), reverse=True)[K:]  # the K largest are held across a
         left, twice = R * sum(waiting), 0
         while left > room + 1e-9:
@@ -126,5 +126,5 @@ def _composed_twice(jobs: Sequence[QueuedJob], farm: FarmModel, makespan: float)
 def _work_per_composition(jobs: Sequence[QueuedJob]) -> dict[str, float]:
     out: Counter[str] = Counter()
     for j in jobs:
-        out[j.composition] += j.work
+        out[j.routing_key] += j.work
     return dict(out)

@@ -85,7 +85,7 @@ def make_behind_workload(
     mine = [comps[n_compositions + i] for i in range(small_compositions)]
     late = [QueuedJob(f"small-{i:04d}", *mine[i % len(mine)], 0, at_s, 1.0, run="small", submitter=who)
             for i in range(small)]
-    alone = [QueuedJob(j.job_id, j.composition, j.loras, 0, 0.0, 1.0, run="small", submitter=who) for j in late]
+    alone = [QueuedJob(j.job_id, j.routing_key, j.loras, 0, 0.0, 1.0, run="small", submitter=who) for j in late]
     return large + late, alone
 
 

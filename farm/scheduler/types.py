@@ -12,7 +12,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class QueuedJob:
     job_id: str
-    composition: str  # routing key; "" = base model, no LoRA
+    routing_key: str  # the job's ``Job.routing_key``; "" = base model, no LoRA (not the results' content key)
     loras: tuple[str, ...] = ()  # adapter uris the composition needs
     priority: int = 0  # higher first
     enqueued_at: float = 0.0  # seconds, same clock as ``now``
@@ -25,7 +25,7 @@ class QueuedJob:
 class WorkerView:
     worker_id: str
     node_id: str = ""
-    composition: str | None = None  # loaded now; None = nothing yet, "" = base model
+    routing_key: str | None = None  # the composition loaded now, by routing key; None = nothing yet, "" = base
     adapters: frozenset[str] = frozenset()  # uris in the worker's memory cache
     node_disk: frozenset[str] = frozenset()  # uris on its node's disk cache
     inflight: int = 0  # sent and not finished

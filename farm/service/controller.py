@@ -128,7 +128,7 @@ class FarmController(RunLoop):
         with self.lock:
             for p in self.pools.values():
                 p.poll_warm()
-            counts = {p.name: [sum(n in p.dispatcher.books for n in p.handles), len(p.handles)]
+            counts = {p.name: [sum(p.dispatcher.worker_book(n) is not None for n in p.handles), len(p.handles)]
                       for p in self.pools.values()}
             failed = {n: why for p in self.pools.values() for n, why in p.failed.items()}
             return {"ready": all(p.ready for p in self.pools.values()) and not failed, "workers": counts,
@@ -316,7 +316,7 @@ class FarmController(RunLoop):
     def workers(self) -> list[dict]:
         """Each worker's own report (``RenderWorker.state``) plus its pool and what the farm knows of it."""
         with self.lock:
-            snapshot = [(p, dict(p.handles), dict(p.dispatcher.books)) for p in self.pools.values()]
+            snapshot = [(p, dict(p.handles), p.dispatcher.worker_books()) for p in self.pools.values()]
         return [w for pool, handles, books in snapshot for w in pool.reports(handles, books)]
 
     # ---- stopping ----------------------------------------------------------------------------
@@ -334,7 +334,7 @@ class FarmController(RunLoop):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self.lock:
-                if not any(p.dispatcher.pending for p in self.pools.values()):
+                if not any(p.dispatcher.in_flight() for p in self.pools.values()):
                     break
             time.sleep(0.1)
         self._stop.set()

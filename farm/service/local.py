@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from farm.cluster import LOOPBACK_ENV
+from storage.localfs import atomic_local_file
 
 HOME_ENV = "LORA_FARM_HOME"
 START_TIMEOUT_S = 90.0
@@ -95,11 +96,8 @@ def start(num_gpus: float, num_cpus: int | None = None) -> LocalHead:
             stop(head)
             raise RuntimeError(f"the local Ray head did not come up (exit code {proc.poll()}); see {log_path}")
         time.sleep(0.3)
-    path = _record_path()
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(asdict(head), f)
-    os.replace(path + ".tmp", path)
+    with atomic_local_file(_record_path(), mode=0o600) as f:  # 0600 from the start: it names our head
+        f.write(json.dumps(asdict(head)).encode("utf-8"))
     return head
 
 

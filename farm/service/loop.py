@@ -43,7 +43,7 @@ class RunLoop:
                 if d.busy():
                     busy = True
                     if self.draining:
-                        d._collect(STEP_S)  # finish what is in flight, send nothing new
+                        d.collect(STEP_S)  # finish what is in flight, send nothing new
                     else:
                         d.step(STEP_S)
                 for run in [r for r in self.runs.values() if r.pool is pool and d.finished(r.record.run_id)]:

@@ -132,7 +132,7 @@ class Pool:
 
     def given_up(self) -> list[str]:
         """Workers of this pool the dispatcher stopped sending to (not retired ones)."""
-        return [n for n, b in self.dispatcher.books.items() if not b.alive and not b.retired and n in self.handles]
+        return [n for n, b in self.dispatcher.worker_books().items() if not b.alive and not b.retired and n in self.handles]
 
     def answering(self, names: list[str], timeout_s: float = 1.0) -> list[str]:
         """Those of ``names`` whose actor answers a state call within ``timeout_s`` (Ray restarted it)."""
@@ -174,4 +174,4 @@ class Pool:
 
     @property
     def ready(self) -> bool:
-        return not self.warming and all(n in self.dispatcher.books for n in self.handles)
+        return not self.warming and all(self.dispatcher.worker_book(n) is not None for n in self.handles)

@@ -63,7 +63,7 @@ def run_status(run: ActiveRun, detail: bool = False) -> dict:
     """The `farm status` object of a run the controller carries (``detail``: per composition too)."""
     r = run.record
     d = run.pool.dispatcher
-    c = d.run_counts(r.run_id) if r.run_id in d.runs else {"queued": 0, "running": 0, "cancelled": 0}
+    c = d.run_counts(r.run_id) if d.has_run(r.run_id) else {"queued": 0, "running": 0, "cancelled": 0}
     ok = len(run.ok | run.done_before)
     failed = len(run.failed - run.ok)
     state = r.state
@@ -79,7 +79,7 @@ def run_status(run: ActiveRun, detail: bool = False) -> dict:
 
 def eta_s(run: ActiveRun, c: dict) -> float | None:
     """Seconds to finish this run's queued and running jobs at the pool's measured rate."""
-    books = [b for b in run.pool.dispatcher.books.values() if b.alive]
+    books = [b for b in run.pool.dispatcher.worker_books().values() if b.alive]
     left = c["queued"] + c["running"]
     if not left:
         return 0.0

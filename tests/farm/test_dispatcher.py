@@ -325,3 +325,26 @@ def test_exactly_one_row_per_job_whatever_fails(retries):
     assert stats.ok + stats.failed == 15 and not stats.interrupted
     assert all(r.attempts <= retries + 1 for r in rows)
     assert by_id[jobs[4].job_id].status == "failed" and by_id[jobs[4].job_id].attempts == 1
+
+
+def test_collect_drains_what_is_in_flight_and_sends_nothing_new():
+    jobs = make_jobs(8)
+    transport = FakeTransport()
+    workers = [FakeWorker("w0"), FakeWorker("w1")]
+    rows: list[ResultRow] = []
+    d = Dispatcher({w.worker_id: w for w in workers}, AffinityScheduler(), "memory://out", transport=transport,
+                   capacity=2, max_batch=1)
+    d.add_run("r", jobs, "memory://out", on_rows=rows.extend)
+    d.step()  # sends a first round (and may collect)
+    sent = [c for c in transport.sent if c[1] == "render"]
+    assert d.has_run("r") and not d.has_run("other") and d.busy()
+    while d.in_flight():
+        d.collect(1.0)
+    assert [c for c in transport.sent if c[1] == "render"] == sent, "a drain sends nothing new"
+    counts = d.run_counts("r")
+    assert counts["running"] == 0 and counts["queued"] == len(jobs) - len(rows) > 0
+    assert sorted(d.worker_books()) == ["w0", "w1"] and d.worker_book("w0") is d.books["w0"]
+    assert d.worker_book("nobody") is None
+    books = d.worker_books()
+    books.pop("w0")
+    assert d.worker_book("w0") is not None, "a snapshot: changing it changes nothing"

@@ -121,7 +121,7 @@ def test_a_worker_given_up_on_is_revived_and_comes_back_empty():
             break
     assert not d.books["w0"].alive and d.busy(), "jobs wait for a worker (the service does not fail them)"
     d.revive("w0")  # Ray restarted it and it answered the controller's probe
-    assert d.books["w0"].alive and d.books["w0"].composition is None
+    assert d.books["w0"].alive and d.books["w0"].routing_key is None
     drain(d)
     assert {r.job_id for r in rows} == {j.job_id for j in jobs}
     assert all(r.status == "ok" or r.transient for r in rows)

@@ -18,8 +18,8 @@ def test_workload_maps_one_to_one(tmp_path):
 
     queued, jobs, real_of = build_workload(30, 6, 1.0, 3, str(tmp_path))
     assert [q.job_id for q in queued] == [j.job_id for j in jobs]
-    pairs = {(q.composition, j.routing_key) for q, j in zip(queued, jobs)}
-    assert len(pairs) == len({q.composition for q in queued}) == len({j.routing_key for j in jobs})
+    pairs = {(q.routing_key, j.routing_key) for q, j in zip(queued, jobs)}
+    assert len(pairs) == len({q.routing_key for q in queued}) == len({j.routing_key for j in jobs})
     assert all(len(j.loras) == len(q.loras) and 1 <= len(j.loras) <= 3 for q, j in zip(queued, jobs))
     m = ComposedModel(make_backend({"backend": "sleep"}, device="cpu"))
     for path in real_of.values():  # every pool file binds to the sleep backend's modules

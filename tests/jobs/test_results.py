@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import ResultRow, ResultsWriter, completed_jobs, image_uri, read_results, validate_manifest
-from jobs.results import SCHEMA, read_results_table, rows_to_table, write_image_atomic
+from jobs.results import SCHEMA, read_results_table, rows_to_table
+from storage.output import write_bytes_atomic
 from storage.output import write_bytes_atomic
 
 DESIGN_COLUMNS = ["job_id", "status", "output_uri", "composition_key", "worker_id", "attempts",
@@ -87,8 +88,8 @@ def test_leftover_temp_files_and_bad_parts_are_skipped(tmp_path, caplog):
 def test_completed_jobs_requires_the_image(root):
     writer = ResultsWriter(root)
     writer.append([ok("drawn", root), ok("lost", root), failed("broken")])
-    write_image_atomic(image_uri(root, "drawn"), b"\x89PNG fake")
-    write_image_atomic(image_uri(root, "broken"), b"\x89PNG stale")
+    write_bytes_atomic(image_uri(root, "drawn"), b"\x89PNG fake")
+    write_bytes_atomic(image_uri(root, "broken"), b"\x89PNG stale")
     assert completed_jobs(root) == {"drawn"}
     writer.append([failed("drawn")])  # the latest row wins, even over an image
     assert completed_jobs(root) == set()
@@ -109,8 +110,8 @@ def test_image_uri_layout_and_escapes():
 
 def test_write_is_atomic_on_local_disk(tmp_path):
     target = tmp_path / "images" / "a.png"
-    write_image_atomic(str(target), b"one")
-    write_image_atomic(str(target), b"two")
+    write_bytes_atomic(str(target), b"one")
+    write_bytes_atomic(str(target), b"two")
     assert target.read_bytes() == b"two"
     assert os.listdir(target.parent) == ["a.png"]  # no temp files left behind
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from jobs import ResultsWriter, image_uri, validate_manifest
-from jobs.results import ResultRow, write_image_atomic
+from jobs.results import ResultRow
+from storage.output import write_bytes_atomic
 from jobs.stamp import RECOVERED, STAMP_READ_BYTES, read_stamp, recover_rows, render_id, stamp_png
 
 MODEL = {"backend": "tiny"}
@@ -63,10 +64,10 @@ def test_images_without_rows_are_recovered_only_when_their_stamp_matches(tmp_pat
     root = f"memory://stamp-{tmp_path.name}/out" if memory else str(tmp_path / "out")
     j0, j1, j2, j3 = jobs()
     for job in (j0, j1):  # written as a worker writes them; the driver died before their rows landed
-        write_image_atomic(image_uri(root, job.job_id), stamp_png(png(1), job, MODEL, composition_key="k", lora_mode="merge"))
+        write_bytes_atomic(image_uri(root, job.job_id), stamp_png(png(1), job, MODEL, composition_key="k", lora_mode="merge"))
     other = dataclasses.replace(j2, prompt="another prompt")  # same id, another picture
-    write_image_atomic(image_uri(root, j2.job_id), stamp_png(png(2), other, MODEL))
-    write_image_atomic(image_uri(root, j3.job_id), png(3))  # no stamp (an older farm's image)
+    write_bytes_atomic(image_uri(root, j2.job_id), stamp_png(png(2), other, MODEL))
+    write_bytes_atomic(image_uri(root, j3.job_id), png(3))  # no stamp (an older farm's image)
     got = recover_rows(root, [j0, j1, j2, j3], MODEL, rows=[])
     assert [(r.job_id, r.status, r.worker_id, r.composition_key, r.lora_mode) for r in got] == [
         ("j0", "ok", RECOVERED, "k", "merge"), ("j1", "ok", RECOVERED, "k", "merge")]

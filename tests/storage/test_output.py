@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 
 import fsspec
 import pytest
 
+from storage.localfs import atomic_local_file
 from storage.output import ensure_under, write_bytes_atomic
 
 pytestmark = pytest.mark.timeout(60)
@@ -67,6 +69,39 @@ def test_local_write_commits_only_on_success(tmp_path, monkeypatch):
         write_bytes_atomic(str(target), b"partial")
     assert target.read_bytes() == b"complete"
     assert os.listdir(tmp_path) == ["results.parquet"]
+
+
+def test_atomic_local_file_mode_is_exact_from_the_start(tmp_path):
+    target = tmp_path / "local.json"
+    old = os.umask(0)  # the open alone would give 0666
+    try:
+        with atomic_local_file(str(target), mode=0o600) as f:
+            temps = [p for p in os.listdir(tmp_path) if p != "local.json"]
+            assert len(temps) == 1 and stat.S_IMODE(os.stat(tmp_path / temps[0]).st_mode) == 0o600
+            f.write(b"{}")
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"{}" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["local.json"]
+
+
+def test_atomic_local_file_in_a_tmp_dir_names_its_writer_and_cleans_up(tmp_path, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    target = tmp_path / "index" / "k.json"
+    with atomic_local_file(str(target), tmp_dir=str(tmp_path / "tmp")) as f:
+        [name] = os.listdir(tmp_path / "tmp")
+        assert name.startswith(f"{os.getpid()}-") and name.endswith(".tmp")
+        f.write(b"one")
+    assert target.read_bytes() == b"one" and os.listdir(tmp_path / "tmp") == []
+
+    def crash(fd: int) -> None:
+        raise RuntimeError("crash mid-write")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(RuntimeError):
+        with atomic_local_file(str(target), tmp_dir=str(tmp_path / "tmp")) as f:
+            f.write(b"two")
+    assert target.read_bytes() == b"one" and os.listdir(tmp_path / "tmp") == []
 
 
 def test_memory_outputs():

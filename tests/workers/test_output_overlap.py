@@ -17,7 +17,7 @@ import torch
 
 from jobs.manifest import Job, LoraRef
 from jobs.options import FarmOptions
-from jobs.results import write_image_atomic
+from storage.output import write_bytes_atomic
 from jobs.stamp import read_stamp
 from lora_core.synthetic import comfy_extract_state_dict
 from testsupport import lora as T
@@ -85,7 +85,7 @@ def make_worker(tmp_path, probe: Probe, *, overlap: bool, hold=None, fail=(), ma
         if job_id in fail:
             probe.note("write-end", job_id)
             raise OSError(28, "No space left on device")
-        write_image_atomic(uri, png, opts)
+        write_bytes_atomic(uri, png, opts)
         probe.note("write-end", job_id)
 
     return RenderWorker({"backend": "sleep"}, "w0", options=FarmOptions(max_batch=max_batch, lora_mode=lora_mode),

@@ -95,9 +95,9 @@ def test_no_replication_when_the_backlog_is_small():
 
 def test_fixed_horizon_controls_replication():
     """``horizon_s`` is the greedy rules' knob (no plan: online arrivals, mixed priorities)."""
-    eager = AffinityScheduler(horizon_s=0.0, batch_plan=False)
+    eager = AffinityScheduler(horizon_s=0.0, follow_plan=False)
     eager.submit(jobs("A", 30))
-    lazy = AffinityScheduler(horizon_s=1000.0, batch_plan=False)
+    lazy = AffinityScheduler(horizon_s=1000.0, follow_plan=False)
     lazy.submit(jobs("A", 30))
     ws = [worker("w0", "A", inflight=2), worker("w1", None)]
     assert by_worker(eager.assign(ws, 0.0)).get("w1")

@@ -153,13 +153,13 @@ def batch(sizes: dict[str, int], priority: int = 0) -> list[QueuedJob]:
 
 def test_batch_plan_beats_the_greedy_rules_in_the_simulator():
     """20 compositions on 16 workers (the benchmark's hard case): the plan recomposes less
-    at a makespan within the target; the greedy rules (batch_plan=False) split small
+    at a makespan within the target; the greedy rules (follow_plan=False) split small
     compositions in the end game."""
     work = make_workload(2000, 20, 0.6, 0)
     farm = FarmModel(16, compose_s=1.0, render_s=1.0)
     bounds = lower_bounds(work, farm)
     planned = simulate(AffinityScheduler(), work, farm)
-    greedy = simulate(AffinityScheduler(batch_plan=False), work, farm)
+    greedy = simulate(AffinityScheduler(follow_plan=False), work, farm)
     assert planned.recompositions <= 1.25 * bounds["recompositions"] < greedy.recompositions
     assert planned.makespan <= 1.15 * bounds["makespan"]
 
@@ -203,7 +203,7 @@ def test_arrivals_while_a_plan_runs_switch_to_the_greedy_rules_until_drained():
 def test_mixed_priorities_use_the_greedy_rules():
     policy = AffinityScheduler()
     policy.submit(batch({"A": 5}) + batch({"B": 1}, priority=5))
-    pairs = policy.assign([WorkerView("w0", composition="A", capacity=1)], 0.0)
+    pairs = policy.assign([WorkerView("w0", routing_key="A", capacity=1)], 0.0)
     assert pairs == [("B-0", "w0")] and policy.plans_made == 0
 
 
@@ -244,12 +244,12 @@ def test_prefetch_hints_the_next_piece():
     policy.submit(jobs)
     policy.assign([WorkerView("w0", capacity=2)], 0.0)
     (first, second), = [[p[0] for p in d] for d in policy._following.workers.values()]
-    hints = policy.prefetch([WorkerView("w0", composition=first, inflight=2, capacity=2)])
+    hints = policy.prefetch([WorkerView("w0", routing_key=first, inflight=2, capacity=2)])
     assert hints["w0"] == [f"s3://{first.lower()}", f"s3://{second.lower()}"]
     # Before it starts its next piece (here: holding something else), that piece is the hint,
     # not a guess (the guess would be the largest composition nobody holds: the second).
-    policy.assign([WorkerView("w0", composition=first, capacity=2)], 1.0)  # takes the first's last two
-    hints = policy.prefetch([WorkerView("w0", composition="Z", capacity=2)])
+    policy.assign([WorkerView("w0", routing_key=first, capacity=2)], 1.0)  # takes the first's last two
+    hints = policy.prefetch([WorkerView("w0", routing_key="Z", capacity=2)])
     assert hints["w0"] == [f"s3://{second.lower()}"]
 
 

@@ -29,7 +29,7 @@ class Recording(AffinityScheduler):
 
 
 def _relabel(jobs: list[QueuedJob], run: str, submitter: str) -> list[QueuedJob]:
-    return [QueuedJob(j.job_id, j.composition, j.loras, j.priority, j.enqueued_at, j.work, run=run,
+    return [QueuedJob(j.job_id, j.routing_key, j.loras, j.priority, j.enqueued_at, j.work, run=run,
                       submitter=submitter) for j in jobs]
 
 
@@ -125,10 +125,10 @@ def test_flow_queue_index_matches_its_jobs():
             live[job.job_id] = job
         elif op < 0.7:
             job = live[rng.choice(sorted(live))]
-            assert q.pop_from(q.flow_id(job), job.composition).composition == job.composition
+            assert q.pop_from(q.flow_id(job), job.routing_key).routing_key == job.routing_key
             live = {j.job_id: j for j in live.values() if j.job_id in q}
         elif op < 0.85:
-            del live[q.pop(rng.choice(sorted({j.composition for j in live.values()}))).job_id]
+            del live[q.pop(rng.choice(sorted({j.routing_key for j in live.values()}))).job_id]
         else:
             q.remove(rng.choice(sorted(live)))
             live = {j.job_id: j for j in live.values() if j.job_id in q}
@@ -138,8 +138,8 @@ def test_flow_queue_index_matches_its_jobs():
             for f in flows:
                 mine = [j for j in live.values() if (j.submitter, j.run) == f]
                 assert len(q.flow(f)) == len(mine)
-                for key in {j.composition for j in mine}:
-                    assert q.flows_of(key)[f] == sum(j.composition == key for j in mine)
+                for key in {j.routing_key for j in mine}:
+                    assert q.flows_of(key)[f] == sum(j.routing_key == key for j in mine)
             assert sorted(q.submitters()) == sorted({j.submitter for j in live.values()})
     with pytest.raises(KeyError, match="no queued job"):
         q.pop_from(("nobody", ""), "c0")
@@ -163,7 +163,7 @@ def test_many_submitters_and_runs_keep_the_protocol(seed):
     weights = {s: rng.choice((0.5, 1, 2, 3)) for s in subs}
     work = make_runs_workload(rng.randint(50, 400), rng.randint(3, 30), rng.uniform(0.5, 1.5), seed,
                               submitters=subs, span_s=rng.uniform(0, 200), run_jobs=(1, 60))
-    work = [QueuedJob(j.job_id, j.composition, j.loras, rng.choice((0, 0, 1)), j.enqueued_at, j.work, run=j.run,
+    work = [QueuedJob(j.job_id, j.routing_key, j.loras, rng.choice((0, 0, 1)), j.enqueued_at, j.work, run=j.run,
                       submitter=j.submitter) for j in work]
     farm = FarmModel(rng.randint(1, 8), rng.uniform(0.2, 10), 1.0, capacity=rng.randint(1, 3))
     r = simulate(AffinityScheduler(weights=weights, fair_runs=seed % 2 == 0), work, farm)
@@ -206,7 +206,7 @@ def test_fair_benchmark_report_shape():
 
 def _views(*held, render=1.0, compose=2.0):
     """WorkerViews w0, w1, ...: ``held`` is (composition, inflight) per worker, capacity 2."""
-    return [WorkerView(f"w{i}", composition=c, inflight=n, capacity=2, compose_cost_s=compose, render_cost_s=render)
+    return [WorkerView(f"w{i}", routing_key=c, inflight=n, capacity=2, compose_cost_s=compose, render_cost_s=render)
             for i, (c, n) in enumerate(held)]
 
 
@@ -232,7 +232,7 @@ def test_a_submitter_that_joins_with_no_worker_gets_one_without_a_lead():
 
 
 def test_a_worker_running_dry_is_waited_for_rather_than_taking_one_off_unfinished_work():
-    pol = AffinityScheduler(batch_plan=False)  # greedy from the start: one composition per worker
+    pol = AffinityScheduler(follow_plan=False)  # greedy from the start: one composition per worker
     pol.submit(_jobs("alice", "ra", "ca0", 2) + _jobs("alice", "ra", "ca1", 12))
     first = pol.assign(_views((None, 0), (None, 0)), 0.0)
     dry = next(w for j, w in first if j.startswith("ca0"))  # its composition has no queued job left

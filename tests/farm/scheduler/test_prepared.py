@@ -17,7 +17,7 @@ from jobs.results import ResultRow
 
 
 def test_switch_cost_prices_each_tier():
-    w = WorkerView("w0", composition="a", adapters=frozenset({"u1"}), node_disk=frozenset({"u2"}),
+    w = WorkerView("w0", routing_key="a", adapters=frozenset({"u1"}), node_disk=frozenset({"u2"}),
                    compose_cost_s=10.0, fetch_cost_s=3.0, load_cost_s=0.5, prepared=frozenset({"p"}),
                    swap_cost_s=0.02)
     assert switch_cost(w, "a", ("u9",), "a") == 0.0  # held
@@ -58,7 +58,7 @@ def test_the_book_learns_what_is_prepared_and_what_a_swap_costs():
         learn(book, f"k{i}", compose_s=4.0)
     assert len(book.prepared) == PREPARED_GUESS and f"k{PREPARED_GUESS + 2}" in book.prepared
     book.forget()  # a restarted actor comes back empty
-    assert not book.prepared and book.composition is None
+    assert not book.prepared and book.routing_key is None
 
 
 def test_a_groups_rows_teach_its_compose_once_and_no_cache_credits_nothing():
@@ -75,8 +75,8 @@ def test_a_groups_rows_teach_its_compose_once_and_no_cache_credits_nothing():
 
 
 def test_assign_sends_a_composition_to_the_worker_that_kept_it_prepared():
-    views = [WorkerView("w0", composition="c", adapters=frozenset({"u"}), compose_cost_s=10.0),
-             WorkerView("w1", composition="d", adapters=frozenset({"u"}), compose_cost_s=10.0,
+    views = [WorkerView("w0", routing_key="c", adapters=frozenset({"u"}), compose_cost_s=10.0),
+             WorkerView("w1", routing_key="d", adapters=frozenset({"u"}), compose_cost_s=10.0,
                         prepared=frozenset({"a"}), swap_cost_s=0.05)]
     for policy, to in ((AffinityScheduler(), "w1"), (Blind(), "w0")):  # blind: a tie, the first worker
         policy.submit([QueuedJob("a0", "a", ("u",))])

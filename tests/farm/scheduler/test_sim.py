@@ -33,7 +33,7 @@ def random_case(seed: int) -> tuple[list[QueuedJob], FarmModel]:
 def test_no_policy_beats_the_lower_bounds(seed: int):
     jobs, farm = random_case(seed)
     bounds = lower_bounds(jobs, farm)
-    assert bounds["recompositions"] == len({j.composition for j in jobs})
+    assert bounds["recompositions"] == len({j.routing_key for j in jobs})
     for name in POLICIES:
         r = simulate(make(name), jobs, farm)
         assert r.makespan >= bounds["makespan"] - 1e-6, (name, r, bounds)
@@ -177,13 +177,13 @@ def test_told_deferring_holds_back_a_composition_more_jobs_will_come_for():
     jobs += [QueuedJob(f"y{i}", "y", ("y",), 0, 5.0) for i in range(10)]
     jobs += [QueuedJob(f"x{i}", "x", ("x",), 0, 10.0) for i in (1, 2)]
     farm = FarmModel(1, compose_s=1.0, render_s=1.0, fetch_s=0.0, load_s=0.0)
-    told = simulate(bench.ToldArrivals(jobs, batch_plan=False), jobs, farm)
-    held = simulate(bench.ToldArrivalsDeferring(jobs, budget_s=5.0, batch_plan=False), jobs, farm)
-    none = simulate(bench.ToldArrivalsDeferring(jobs, budget_s=0.0, batch_plan=False), jobs, farm)
+    told = simulate(bench.ToldArrivals(jobs, follow_plan=False), jobs, farm)
+    held = simulate(bench.ToldArrivalsDeferring(jobs, budget_s=5.0, follow_plan=False), jobs, farm)
+    none = simulate(bench.ToldArrivalsDeferring(jobs, budget_s=0.0, follow_plan=False), jobs, farm)
     assert told.recompositions == 3 and none.recompositions == 3
     assert held.recompositions == 2
     assert (told.makespan, none.makespan, held.makespan) == (19.0, 19.0, 20.0)
-    best = bench.told_deferring(jobs, farm, makespan_target=20.0, batch_plan=False)
+    best = bench.told_deferring(jobs, farm, makespan_target=20.0, follow_plan=False)
     assert (best["recompositions"], best["makespan"], best["budget_renders"]) == (2, 20.0, 5.0)
 
 
