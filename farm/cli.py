@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("workers", help="each worker: node, pool, held composition, adapters, jobs done, loads")
     wk.add_argument("--address")
     wk.add_argument("--json", action="store_true")
-    rep = sub.add_parser("report", help="write DIR/report.html, a gallery grouped by composition")
+    rep = sub.add_parser("report", help="write DIR/report.html, a gallery: a table per prompt, a column per composition")
     rep.add_argument("dir")
     return p
 

@@ -368,7 +368,7 @@ def read_jobs_file(url: str, storage_options: Mapping | None, problems: Problems
         problems.add("jobs_file", f"refused by the farm's URI policy (as for LoRAs): {refused}")
         return None
     try:
-        blob = read_bytes(url, storage_options)
+        blob = read_bytes(url, policy.guard(storage_options))  # redirects pass the same policy
     except Exception as e:  # noqa: BLE001 - any storage failure is a manifest problem here
         problems.add("jobs_file", f"cannot read {url}: {type(e).__name__}: {e}")
         return None

@@ -8,4 +8,7 @@ sees it too: Ray adds the driver's working directory to its workers' path).
   for nunchaku's quantized layers.
 * :mod:`testsupport.sleep`: the ``sleep`` backend (renders and composes by sleeping);
   importing it registers the backend.
+* :mod:`testsupport.aitoolkit`: LoRA files written the way ostris/ai-toolkit writes them
+  (full-weight ``.diff`` / ``.diff_b`` modules beside the low-rank pairs, its prefixes,
+  dtype and header metadata).
 """
