@@ -8,7 +8,7 @@ slower to parse than JSON) holds at most ``MAX_YAML_BYTES`` and ``MAX_YAML_NODES
 aliases add at most ``MAX_ALIAS_NODES`` nodes; a Parquet file is checked by its metadata and
 by the size its columns decode to before any row becomes a Python value. A read over the network has a
 per-read timeout, a byte cap and the rate floor of LoRA downloads (``storage.fetch``). A
-``jobs_file`` passes the LoRA URI policy (``storage.policy``) and its parse errors never
+``jobs_file`` passes the LoRA URI policy (``storage.policy``) and its YAML errors never
 quote its lines: it may be a file the manifest's author cannot read otherwise.
 """
 from __future__ import annotations
@@ -225,8 +225,11 @@ def _yaml_reason(e: yaml.YAMLError, text: str, quote: bool) -> str:
     """Why the YAML is invalid: PyYAML's message (which quotes the lines), or with ``quote=False``
     only what is wrong and where."""
     if isinstance(e, yaml.reader.ReaderError):  # a control character: where, as line and column
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        # the reader stops at the first one; libyaml's position counts UTF-8 bytes, PyYAML's characters
+        pos = text.find(chr(e.character)) if isinstance(e.character, int) else -1
+        pos = e.position if pos < 0 else pos
+        line = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
         return (f"unacceptable character #x{e.character:04x} at line {line}, column {column}: "
                 "control characters are not allowed in YAML")
     if quote or not isinstance(e, yaml.MarkedYAMLError):
@@ -360,7 +363,8 @@ def parse(url: str, blob: bytes, label: str, problems: Problems, *, quote: bool 
 def read_jobs_file(url: str, storage_options: Mapping | None, problems: Problems, base_dir: Any = ANY_ROOT) -> Any:
     """The job list of a ``jobs_file:`` (a bare list, or a mapping with only ``jobs``); None if
     unreadable, refused by the URI policy of a manifest in ``base_dir``, or not a job list.
-    Nothing of its text is quoted in a problem, not even as the value that is wrong."""
+    A YAML error quotes none of its lines; a JSON duplicate key and the job checks' refused values
+    are named, as for a manifest."""
     # the LoRA URI policy of a manifest in base_dir; without one (ANY_ROOT), that policy's fixed rules only
     policy = replace(policy_for(None), roots=("/",)) if base_dir is ANY_ROOT else policy_for(base_dir)
     refused = policy.refusal(url)

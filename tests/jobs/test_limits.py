@@ -24,7 +24,7 @@ from jobs.limits import (
     MAX_YAML_BYTES, MAX_YAML_NODES, Problems, lone_surrogate,
 )
 from jobs.manifest import validate_manifest
-from jobs.sources import YAML_LOADERS, parse
+from jobs.sources import YAML_LOADERS, _parse_yaml, parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = {"model": {"backend": "tiny"}, "output": "out"}
@@ -343,6 +343,16 @@ def test_a_mapping_of_many_keys_is_checked_in_linear_time(tmp_path):
 
 
 # ---- raw control characters, YAML's cost ---------------------------------------------------------
+
+@pytest.mark.parametrize("loader", YAML_LOADERS, ids=lambda c: c.__name__)
+def test_a_control_character_after_non_ascii_text_is_placed_in_characters(loader):
+    """libyaml reports a byte offset: after 300 CJK characters (900 bytes) it named line 3,
+    column 599 of a 2-line text (found by a review)."""
+    problems = Problems()
+    _parse_yaml("a: " + "字" * 300 + "\nb: x\x07y\n", "m", problems, loader_class=loader)
+    assert any("unacceptable character #x0007 at line 2, column 5" in str(p) for p in problems.items), problems.items
+
+
 @pytest.mark.parametrize("char", ["\x00", "\x07"])
 def test_a_raw_control_character_is_a_manifest_problem_with_its_place(tmp_path, char):
     """main before: yaml.reader.ReaderError escaped the parser (a traceback, exit 1)."""
