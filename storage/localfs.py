@@ -35,20 +35,17 @@ def sibling_temp(path: str) -> str:
 
 
 @contextmanager
-def atomic_local_file(path: str, *, mode: int | None = None, tmp_dir: str | None = None) -> Iterator[IO[bytes]]:
+def atomic_local_file(path: str, *, mode: int | None = None, tmp: str | None = None) -> Iterator[IO[bytes]]:
     """A temp file, fsynced and renamed over ``path`` on success (binary: write bytes).
 
-    A crash leaves at most the temp file, never a truncated target. The temp is
-    ``.<name>.<rand>.tmp`` beside ``path``, or ``<pid>-<rand>.tmp`` in ``tmp_dir`` (which
-    must be on the same filesystem; the pid lets a sweeper of that dir tell a live writer's
-    temp from a dead one's). ``mode``: the file's permission bits, set exactly and from the
-    start (no moment with wider ones); None: the umask's default.
+    A crash leaves at most the temp file, never a truncated target. The temp is ``tmp`` (a
+    fresh path on the same filesystem: a cache names its temps so that its sweeper can tell a
+    live writer's from a dead one's), or ``.<name>.<rand>.tmp`` beside ``path``. ``mode``: the
+    file's permission bits, set exactly and from the start (no moment with wider ones); None:
+    the umask's default.
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if tmp_dir is None:
-        tmp = sibling_temp(path)
-    else:
-        tmp = os.path.join(tmp_dir, f"{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    tmp = sibling_temp(path) if tmp is None else tmp
     try:
         if mode is None:
             f = open(tmp, "wb")

@@ -153,7 +153,7 @@ class DiskCache:
     def write_index(self, key: str, record: dict[str, Any]) -> None:
         """Write atomically: a reader sees the old record or the new one, never half."""
         final = os.path.join(self.root, "index", f"{key}.json")
-        with atomic_local_file(final, tmp_dir=os.path.join(self.root, "tmp")) as f:
+        with atomic_local_file(final, tmp=self.new_temp(".json")) as f:
             f.write(json.dumps(record, sort_keys=True).encode("utf-8"))
 
     def new_temp(self, suffix: str = ".part") -> str:
@@ -219,7 +219,7 @@ class DiskCache:
             return False
 
     def _mark_verified(self, sha256: str, st: os.stat_result) -> None:
-        with atomic_local_file(self._marker_path(sha256), tmp_dir=os.path.join(self.root, "tmp")) as f:
+        with atomic_local_file(self._marker_path(sha256), tmp=self.new_temp(".json")) as f:
             f.write(json.dumps(_stamp(st)).encode("utf-8"))
 
     def _marker_path(self, sha256: str) -> str:

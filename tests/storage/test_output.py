@@ -85,12 +85,11 @@ def test_atomic_local_file_mode_is_exact_from_the_start(tmp_path):
     assert os.listdir(tmp_path) == ["local.json"]
 
 
-def test_atomic_local_file_in_a_tmp_dir_names_its_writer_and_cleans_up(tmp_path, monkeypatch):
+def test_atomic_local_file_through_a_given_temp_cleans_up(tmp_path, monkeypatch):
     (tmp_path / "tmp").mkdir()
     target = tmp_path / "index" / "k.json"
-    with atomic_local_file(str(target), tmp_dir=str(tmp_path / "tmp")) as f:
-        [name] = os.listdir(tmp_path / "tmp")
-        assert name.startswith(f"{os.getpid()}-") and name.endswith(".tmp")
+    with atomic_local_file(str(target), tmp=str(tmp_path / "tmp" / f"{os.getpid()}-a.json")) as f:
+        assert os.listdir(tmp_path / "tmp") == [f"{os.getpid()}-a.json"]
         f.write(b"one")
     assert target.read_bytes() == b"one" and os.listdir(tmp_path / "tmp") == []
 
@@ -99,7 +98,7 @@ def test_atomic_local_file_in_a_tmp_dir_names_its_writer_and_cleans_up(tmp_path,
 
     monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(RuntimeError):
-        with atomic_local_file(str(target), tmp_dir=str(tmp_path / "tmp")) as f:
+        with atomic_local_file(str(target), tmp=str(tmp_path / "tmp" / f"{os.getpid()}-b.json")) as f:
             f.write(b"two")
     assert target.read_bytes() == b"one" and os.listdir(tmp_path / "tmp") == []
 
