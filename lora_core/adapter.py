@@ -124,16 +124,20 @@ def load_adapter(
     return load_adapter_file(path, allow_pickle=allow_pickle)
 
 
-def load_adapter_file(path: str, *, allow_pickle: bool = False) -> Adapter:
+def load_adapter_file(path: str, *, allow_pickle: bool = False, name: str | None = None) -> Adapter:
+    """The adapter in the local file ``path``. ``name`` is what the user called the file (a
+    URI whose bytes were fetched to ``path``, a cache blob): the adapter's ``source`` and every
+    error name it instead of ``path``."""
+    src = name or path
     if not os.path.isfile(path):
-        raise CorruptFileError("no such LoRA file", source=path)
+        raise CorruptFileError("no such LoRA file", source=src)
     if is_pickle_file(path):
-        sd = load_pickle_state_dict(path, allow_pickle)
-        return adapter_from_state_dict(sd, source=path, content_id=file_sha256(path))
-    header = read_header(path)  # fails on bad bytes before any tensor is read
-    keymap, diff_keys = classify_keys(header.keys(), path)
-    tensors = load_tensors(path, header.keys())
-    return _build(keymap, tensors, source=path, content_id=file_sha256(path), diff_keys=diff_keys)
+        sd = load_pickle_state_dict(path, allow_pickle, src)
+        return adapter_from_state_dict(sd, source=src, content_id=file_sha256(path))
+    header = read_header(path, src)  # fails on bad bytes before any tensor is read
+    keymap, diff_keys = classify_keys(header.keys(), src)
+    tensors = load_tensors(path, header.keys(), src)
+    return _build(keymap, tensors, source=src, content_id=file_sha256(path), diff_keys=diff_keys)
 
 
 def adapter_from_state_dict(sd: dict[str, torch.Tensor], *, source: str, content_id: str) -> Adapter:

@@ -79,61 +79,64 @@ def is_pickle_file(path: str) -> bool:
     return len(head) == 8 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[4:8] != b"\x00" * 4
 
 
-def _read_json_header(path: str) -> tuple[dict, int]:
+def _read_json_header(path: str, name: str | None = None) -> tuple[dict, int]:
     """The header as parsed JSON (``__metadata__`` included) and the number of data bytes after it."""
+    src = name or path
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise CorruptFileError("file is shorter than a safetensors header", source=path)
+            raise CorruptFileError("file is shorter than a safetensors header", source=src)
         (n,) = struct.unpack("<Q", raw)
         if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
             # n itself is not echoed: it would show 8 bytes of a file that may not be a LoRA at all
             raise CorruptFileError(f"not a safetensors file (header length out of range: file size {size}, "
-                                   f"limit {MAX_HEADER_BYTES})", source=path)
+                                   f"limit {MAX_HEADER_BYTES})", source=src)
         raw = f.read(n)
     items = raw.count(b",") + raw.count(b":")
     if items > MAX_HEADER_ITEMS:
         raise CorruptFileError(f"safetensors header holds about {items} JSON values "
-                               f"(limit {MAX_HEADER_ITEMS}, MAX_HEADER_ITEMS)", source=path)
+                               f"(limit {MAX_HEADER_ITEMS}, MAX_HEADER_ITEMS)", source=src)
     try:
         text = raw.decode("utf-8")
         del raw  # json.loads(raw) would hold the bytes, their text and the values at once: 3x the header
         header = json.loads(text)
     except ValueError as e:  # not UTF-8, not JSON, or an int of more than 4300 digits
         why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else e
-        raise CorruptFileError(f"safetensors header is not valid JSON: {why}", source=path) from e
+        raise CorruptFileError(f"safetensors header is not valid JSON: {why}", source=src) from e
     except RecursionError as e:  # the parser recurses per level; a tensor entry needs 3
-        raise CorruptFileError("safetensors header is nested too deeply to parse", source=path) from e
+        raise CorruptFileError("safetensors header is nested too deeply to parse", source=src) from e
     if not isinstance(header, dict):
-        raise CorruptFileError("safetensors header is not a JSON object", source=path)
+        raise CorruptFileError("safetensors header is not a JSON object", source=src)
     return header, size - 8 - n
 
 
-def read_header(path: str) -> dict[str, dict]:
-    """Parse and check a safetensors header without reading any tensor data (see the module doc)."""
-    header, data_len = _read_json_header(path)
-    _check_metadata(path, header.pop("__metadata__", None))
+def read_header(path: str, name: str | None = None) -> dict[str, dict]:
+    """Parse and check a safetensors header without reading any tensor data (see the module doc).
+    Errors name the file ``name`` (what the user called it: a URI read from a cache blob) or ``path``."""
+    src = name or path
+    header, data_len = _read_json_header(path, src)
+    _check_metadata(src, header.pop("__metadata__", None))
     if len(header) > MAX_TENSORS:
-        raise CorruptFileError(f"safetensors header declares {len(header)} tensors (limit {MAX_TENSORS})", source=path)
-    spans = sorted((_check_entry(path, key, info, data_len), key) for key, info in header.items())
+        raise CorruptFileError(f"safetensors header declares {len(header)} tensors (limit {MAX_TENSORS})", source=src)
+    spans = sorted((_check_entry(src, key, info, data_len), key) for key, info in header.items())
     for ((_, end), before), ((start, _), key) in zip(spans, spans[1:]):
         if start < end:
             raise CorruptFileError(f"tensor data overlaps that of {shorten(before, 200)!r} (bytes {start}-{end})",
-                                   source=path, key=key)
+                                   source=src, key=key)
     return header
 
 
-def _check_metadata(path: str, meta: object) -> None:
+def _check_metadata(src: str, meta: object) -> None:
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise CorruptFileError("safetensors __metadata__ must map strings to strings", source=path)
+        raise CorruptFileError("safetensors __metadata__ must map strings to strings", source=src)
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_entry(path: str, key: str, info: object, data_len: int) -> tuple[int, int]:
+def _check_entry(src: str, key: str, info: object, data_len: int) -> tuple[int, int]:
     """``(start, end)`` of a well-formed tensor entry inside the data, else ``CorruptFileError``."""
     dtype = info.get("dtype") if isinstance(info, dict) else None
     shape = info.get("shape") if isinstance(info, dict) else None
@@ -142,34 +145,35 @@ def _check_entry(path: str, key: str, info: object, data_len: int) -> tuple[int,
             and all(_is_int(o) for o in offsets) and isinstance(shape, list) and len(shape) <= MAX_DIMS
             and all(_is_int(d) and d >= 0 for d in shape)):
         raise CorruptFileError("malformed tensor entry in header (needs a known dtype, a shape of at most "
-                               f"{MAX_DIMS} sizes and two integer data_offsets)", source=path, key=key)
+                               f"{MAX_DIMS} sizes and two integer data_offsets)", source=src, key=key)
     start, end = offsets
     if not (0 <= start <= end <= data_len):
         raise CorruptFileError(
             f"tensor data [{start}, {end}) lies outside the file's {data_len} data bytes (truncated?)",
-            source=path, key=key,
+            source=src, key=key,
         )
     numel = 1
     for d in shape:
         numel *= d
     if numel * _ITEMSIZE[dtype] != end - start:
         raise CorruptFileError(f"tensor of shape {shape} and dtype {dtype} needs {numel * _ITEMSIZE[dtype]} bytes, "
-                               f"its data_offsets give {end - start}", source=path, key=key)
+                               f"its data_offsets give {end - start}", source=src, key=key)
     return start, end
 
 
-def read_metadata(path: str) -> dict[str, str]:
+def read_metadata(path: str, name: str | None = None) -> dict[str, str]:
     """The header's ``__metadata__`` (strings to strings), read as boundedly as ``read_header``."""
-    header, _ = _read_json_header(path)
+    header, _ = _read_json_header(path, name)
     meta = header.get("__metadata__") or {}
-    _check_metadata(path, meta)
+    _check_metadata(name or path, meta)
     return dict(meta)
 
 
-def load_tensors(path: str, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Read only ``keys`` (memory-mapped); errors name the file and the key."""
+def load_tensors(path: str, keys: Iterable[str], name: str | None = None) -> dict[str, torch.Tensor]:
+    """Read only ``keys`` (memory-mapped); errors name the file (``name`` or ``path``) and the key."""
     from safetensors import safe_open
 
+    src = name or path
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -177,28 +181,29 @@ def load_tensors(path: str, keys: Iterable[str]) -> dict[str, torch.Tensor]:
                 try:
                     out[key] = f.get_tensor(key)
                 except Exception as e:  # safetensors raises its own error types
-                    raise CorruptFileError(f"cannot read tensor: {e}", source=path, key=key) from e
+                    raise CorruptFileError(f"cannot read tensor: {e}", source=src, key=key) from e
     except CorruptFileError:
         raise
     except Exception as e:
-        raise CorruptFileError(f"cannot open safetensors file: {e}", source=path) from e
+        raise CorruptFileError(f"cannot open safetensors file: {e}", source=src) from e
     return out
 
 
-def load_pickle_state_dict(path: str, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def load_pickle_state_dict(path: str, allow_pickle: bool, name: str | None = None) -> dict[str, torch.Tensor]:
     """Pickle-based checkpoints: refused unless opted in; then tensors only."""
+    src = name or path
     if not allow_pickle:
         raise UnsafeFormatError(
             "pickle-based file refused (it can run code when loaded); convert it to safetensors "
             "or pass allow_pickle=True to read it with torch.load(weights_only=True)",
-            source=path,
+            source=src,
         )
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CorruptFileError(f"cannot read pickle checkpoint with weights_only=True: {e}", source=path) from e
+        raise CorruptFileError(f"cannot read pickle checkpoint with weights_only=True: {e}", source=src) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CorruptFileError("checkpoint is not a flat dict of tensors", source=path)
+        raise CorruptFileError("checkpoint is not a flat dict of tensors", source=src)
     return dict(sd)

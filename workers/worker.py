@@ -36,7 +36,6 @@ from lora_core import Adapter
 from lora_core.adapter import load_adapter_file
 from lora_core.adapter_cache import AdapterCache
 from lora_core.errors import LoraError
-from storage.errors import shorten
 from storage.output import write_bytes_atomic
 from storage.policy import UriPolicy, operator_policy
 from storage.store import default_cache_dir
@@ -109,7 +108,7 @@ class RenderWorker:
         # one composition at a time on the model: calls may run concurrently (a threaded
         # actor), fetching outside this lock, so a stalled download holds only its own jobs
         self._model_lock = threading.Lock()
-        self._paths: dict[str, str] = {}  # sha256 -> local path
+        self._paths: dict[str, tuple[str, str]] = {}  # sha256 -> (local path, the URI it was fetched for)
         self.adapters: AdapterCache[Adapter] = AdapterCache(adapter_cache_bytes, self._load_by_sha)
         self._model: ComposedModel | None = None
         self.render_s_per_image = Ewma()  # seconds per image, recent renders weigh more
@@ -146,7 +145,9 @@ class RenderWorker:
         return self._model
 
     def _load_by_sha(self, sha: str) -> Adapter:
-        return load_adapter_file(self._paths[sha], allow_pickle=self.allow_pickle)
+        path, uri = self._paths[sha]
+        # a remote file is read from its cache blob (.../blobs/<sha256>): the adapter and its errors name the URI
+        return load_adapter_file(path, allow_pickle=self.allow_pickle, name=uri)
 
     # ---- work -----------------------------------------------------------------------------
     def fetch_adapters(self, loras: Sequence[Any]) -> tuple[list[tuple[Adapter, float]], float]:
@@ -156,15 +157,8 @@ class RenderWorker:
         for ref in loras:
             self.uri_policy.check(ref.uri)  # here too: jobs need not have come through validation
             with self.store.lease(ref.uri, sha256=ref.sha256) as res:  # not evicted while we read it
-                self._paths[res.sha256] = res.path
-                try:
-                    adapter = self.adapters.get(res.sha256)
-                except LoraError as e:  # a remote file is read from its cache blob: name the URI instead
-                    renamed = _from_uri(e, res.path, ref.uri)
-                    if renamed is e:
-                        raise
-                    raise renamed from e
-                pairs.append((adapter, float(ref.strength)))
+                self._paths[res.sha256] = (res.path, ref.uri)
+                pairs.append((self.adapters.get(res.sha256), float(ref.strength)))
         return pairs, time.perf_counter() - t0
 
     def prefetch(self, loras: Sequence[Any]) -> int:
@@ -344,19 +338,6 @@ def _request(job):
 
     return RenderRequest(prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, steps=job.steps,
                          width=job.width, height=job.height, guidance=job.guidance)
-
-
-def _from_uri(e: LoraError, path: str, uri: str) -> LoraError:
-    """``e`` (raised reading the local file ``path``) as the same error about ``uri``, the file
-    the user named: a remote LoRA is read from a cache blob whose name (``.../blobs/<sha256>``)
-    tells them nothing. ``e`` itself when it is not about ``path`` or ``path`` is ``uri``."""
-    if e.source != path or path == uri:
-        return e
-    renamed = type(e).__new__(type(e))  # the same class and fields (keys, ...), no __init__ to replay
-    renamed.__dict__.update(e.__dict__)
-    renamed.source = uri
-    renamed.args = (str(e).replace(f"file {shorten(path, 300)!r}", f"file {shorten(uri, 300)!r}", 1),)
-    return renamed
 
 
 def _failed(job: Job, worker_id: str, e: BaseException, fetch_s: float, compose_s: float) -> ResultRow:
