@@ -69,8 +69,9 @@ def inspect_file(path: str, model: Mapping[str, Any] | None = None) -> tuple[dic
         return info, None
     root = meta_model(model)
     if root is None:
-        raise ValueError(f"backend {model.get('backend')!r} cannot be built without its weights; "
-                         f"binding is checked for {', '.join(META_BACKENDS)}")
+        raise ValueError(f"--model: backend {model.get('backend')!r} cannot be built without its weights (its packed "
+                         f"layers need them), so binding is not checked on it; binding is checked for "
+                         f"{', '.join(META_BACKENDS)}; without --model the file alone is read")
     return info, bind_report(adapter, ModelIndex(root))
 
 

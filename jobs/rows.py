@@ -40,7 +40,7 @@ class ResultRow:
     compose_s: float = 0.0
     render_s: float = 0.0
     error: str = ""
-    lora_mode: str = ""              # dense LoRA mode the image was rendered with: merge | lowrank
+    lora_mode: str = ""              # dense LoRA mode the image was rendered with: merge | lowrank | lowrank+merge
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = 0

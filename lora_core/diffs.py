@@ -15,6 +15,13 @@ Z-Image's ``w13``, w3 first) lands at its rows, and a projection the model split
 (Flux single-block ``proj_out`` -> ``proj_out.linears.0/1``) gets the diff's columns for each
 half (its bias goes to the one half that has a bias). Norms and other modules that are no
 LoRA target are found by their own name or a family rename of it.
+
+On nunchaku's Qwen-Image the modulation linears (``img_mod.1`` / ``txt_mod.1``, AWQ) emit
+their six chunks interleaved (output row ``j*6 + c`` holds chunk ``c``, element ``j``; the
+block de-interleaves with ``view(B, -1, 6).transpose(1, 2)``), so their dense bias is stored
+in that order: a ``.diff_b`` written in the diffusers order is permuted exactly as the
+low-rank up rows are (:func:`lora_core.nunchaku.reorder_modulation_rows`; nunchaku's own
+Flux converter treats adaNorm bias diffs the same way). Their packed weight stays refused.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from .errors import ShapeMismatchError, TargetNotFoundError, UnsupportedFormatEr
 from .families import expansions
 from .keymap import strip_prefix
 from .model_index import ModelIndex
+from .nunchaku import reorder_modulation_rows
 from .resolve import Placement, Unresolved, resolve
 
 # key suffix -> the parameter of the target module it changes (``.diff_b`` tested first)
@@ -127,6 +135,12 @@ def _pieces(diff: torch.Tensor, param: str, places: list[Placement], index: Mode
             src = "diff" if part is diff else "its part of the diff"
             raise ShapeMismatchError(f"{src} has shape {tuple(part.shape)} but {what} takes {want}",
                                      source=source, key=key)
+        if index.interleaved(p.module):  # a bias (weights are refused in bind): diffusers order -> nunchaku's
+            if rows is not None:
+                full = part.new_zeros(dst.shape)
+                full[rows] = part
+                part, rows = full, None
+            part = reorder_modulation_rows(part)
         out.append((p.module, rows, part))
     return out
 
@@ -148,9 +162,8 @@ def bind(pairs: Sequence[tuple[object, float]], index: ModelIndex, missing: list
                 continue
             for param, diff in params.items():
                 key = adapter.diff_keys.get((target, param), target)
-                if any((param == "weight" and index.kinds.get(p.module) in PACKED_KINDS) or index.interleaved(p.module)
-                       for p in places):
-                    # nunchaku's modulation rows are interleaved: a bias diff in file order would land wrong
+                if param == "weight" and any(index.kinds.get(p.module) in PACKED_KINDS or index.interleaved(p.module)
+                                             for p in places):
                     packed.append(f"{key} (from {adapter.source})")
                     continue
                 for module, rows, part in _pieces(diff, param, places, index, adapter.source, key):
@@ -160,8 +173,8 @@ def bind(pairs: Sequence[tuple[object, float]], index: ModelIndex, missing: list
                         acc = out[module][param] = torch.zeros(dst.shape, dtype=torch.float32, device=diff.device)
                     (acc if rows is None else acc[rows]).add_(part.to(torch.float32), alpha=strength)
     if packed:
-        raise UnsupportedFormatError(f"{len(packed)} full-weight diff(s) target a quantized (packed) weight or "
-                                     f"nunchaku's interleaved modulation, which a dense delta cannot change: "
+        raise UnsupportedFormatError(f"{len(packed)} full-weight diff(s) target a quantized (packed) weight, "
+                                     f"which a dense delta cannot change (biases and norms can): "
                                      f"{shown_list(packed)}")
     return out
 

@@ -140,8 +140,29 @@ def _reason(e: LoraError) -> str:
     return text.split(" (file ")[0]
 
 
-def format_summary(info: dict[str, Any], binding: dict[str, Any] | None = None, max_lines: int = 12) -> str:
-    """One screen of text: the summary, at most ``max_lines`` targets and refusals."""
+#: ``format_summary``'s budget: at most 7 + 7 + 1 + 8 = 23 lines, whatever the file (``--json`` lists all).
+MAX_TARGETS_SHOWN = 6
+MAX_REASONS_SHOWN = 4
+MAX_KEYS_SHOWN = 2
+MAX_LINE = 200
+
+
+def refusal_groups(refused: dict[str, str]) -> list[tuple[str, list[str], str]]:
+    """``[(error type, keys, first message)]``, most keys first: the refusals grouped by reason."""
+    groups: dict[str, tuple[list[str], str]] = {}
+    for key, why in refused.items():
+        kind, _, text = why.partition(": ")
+        groups.setdefault(kind, ([], text))[0].append(key)
+    return sorted(((k, keys, text) for k, (keys, text) in groups.items()), key=lambda g: (-len(g[1]), g[0]))
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
+
+
+def format_summary(info: dict[str, Any], binding: dict[str, Any] | None = None) -> str:
+    """One screen of text (at most 23 lines): the summary, the first targets, and with a model
+    the refusals grouped by reason, each with its count, first keys and first message."""
     meta = ", ".join(f"{k}={v}" for k, v in info["metadata"].items()) or "-"
     lines = [
         f"{info['file']}",
@@ -150,19 +171,25 @@ def format_summary(info: dict[str, Any], binding: dict[str, Any] | None = None, 
         + ", ".join(f"{n} {d}" for d, n in sorted(info["dtypes"].items())) + ")",
         f"  rank(s)  {', '.join(map(str, info['ranks'])) or '-'}",
         f"  alpha(s) {', '.join(f'{a:g}' for a in info['alphas']) or '-'}",
-        f"  metadata {meta}",
+        _clip(f"  metadata {meta}"),
         f"  targets  {len(info['targets'])}" + (f" low-rank, {len(info['diffs'])} full-weight diff(s)"
                                                  if info["diffs"] else "") + ":",
     ]
     targets = list(info["targets"].items())
-    for t, d in targets[:max_lines]:
-        lines.append(f"    {t}  r={d['rank']} alpha={d['alpha']:g} {d['in']}->{d['out']}")
-    if len(targets) > max_lines:
-        lines.append(f"    ... ({len(targets) - max_lines} more; --json lists all)")
+    for t, d in targets[:MAX_TARGETS_SHOWN]:
+        lines.append(_clip(f"    {t}  r={d['rank']} alpha={d['alpha']:g} {d['in']}->{d['out']}"))
+    if len(targets) > MAX_TARGETS_SHOWN:
+        lines.append(f"    ... ({len(targets) - MAX_TARGETS_SHOWN} more; --json lists all)")
     if binding is not None:
         lines.append(f"  binds    {len(binding['bound'])} target(s), {len(binding['refused'])} refused")
-        for t, why in list(binding["refused"].items())[:max_lines]:
-            lines.append(f"    refused {t}: {why}")
-        if len(binding["refused"]) > max_lines:
-            lines.append(f"    ... ({len(binding['refused']) - max_lines} more refused; --json lists all)")
+        groups = refusal_groups(binding["refused"])
+        shown = groups if len(groups) <= MAX_REASONS_SHOWN else groups[: MAX_REASONS_SHOWN - 1]
+        for kind, keys, text in shown:
+            more = f" +{len(keys) - MAX_KEYS_SHOWN} more" if len(keys) > MAX_KEYS_SHOWN else ""
+            lines.append(_clip(f"    refused {len(keys)} {kind}: {', '.join(keys[:MAX_KEYS_SHOWN])}{more}"))
+            lines.append(_clip(f"      e.g. {keys[0]}: {text}"))
+        if len(shown) < len(groups):
+            rest = groups[len(shown):]
+            lines.append(f"    ... ({sum(len(g[1]) for g in rest)} more refused for {len(rest)} other reason(s): "
+                         + ", ".join(g[0] for g in rest)[:120] + "; --json lists all)")
     return "\n".join(lines)

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping
 
-from .errors import AmbiguousFormatError, LoraError, UnknownKeysError, UnsupportedFormatError, shorten
+from .errors import AmbiguousFormatError, LoraError, UnknownKeysError, UnsupportedFormatError, shorten, shown_list
 from .formats import SCHEMES, nunchaku_converted, unsupported
 
 # Dotted containers in front of the model's own module path, longest first.
 DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.", "model.")
 # Underscored containers (kohya / LyCORIS); what follows is an underscored module path.
 UNDERSCORE_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
+# Text encoders' containers in kohya-style files (sd-scripts ``lora_te_``/``lora_te1_``..., OneTrainer
+# ``lora_te1_`` CLIP-L, ``lora_te2_`` T5): lora_core applies to the diffusion transformer only.
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ def _classify(keys: tuple[str, ...]) -> KeyMap:
             unknown.append(key)
     if unknown:
         raise UnknownKeysError(unknown, reason=f"are not {scheme.NAME} LoRA keys")
+    _refuse_text_encoders(entries)
     _check_complete(entries)
     return KeyMap(scheme=scheme.NAME, entries=entries)
 
@@ -85,3 +89,14 @@ def _check_complete(entries: Mapping[str, Mapping[str, str]]) -> None:
     )
     if lonely:
         raise UnknownKeysError(lonely, reason="have no matching down/up partner (each target needs both A and B)")
+
+
+def _refuse_text_encoders(entries: Mapping[str, Mapping[str, str]]) -> None:
+    """A file that also trains a text encoder is refused whole, saying why: rendering with its
+    transformer part alone is not what the file means, and the farm's result would not say so."""
+    te = sorted(t for t in entries if t.startswith(TEXT_ENCODER_PREFIXES))
+    if te:
+        raise UnsupportedFormatError(
+            f"text-encoder LoRA: {len(te)} target(s) train a text encoder ({shown_list(te)}); lora_core applies "
+            "LoRAs to the diffusion transformer only, and the transformer part alone is not what the file means: "
+            "save it without text-encoder training, or drop the lora_te* keys yourself to use that part alone")

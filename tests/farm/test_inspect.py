@@ -53,7 +53,57 @@ def test_inspect_with_model_lists_what_binds_and_what_is_refused(tmp_path, capsy
     assert refused["transformer_blocks.7.attn.to_q"].startswith("TargetNotFoundError")
     assert main(["lora", "inspect", path, "--model", "tiny"]) == 2
     text = capsys.readouterr().out
-    assert "binds    1 target(s), 2 refused" in text and "refused transformer_blocks.7.attn.to_q" in text
+    assert "binds    1 target(s), 2 refused" in text
+    assert "refused 1 TargetNotFoundError: transformer_blocks.7.attn.to_q" in text
+    assert "refused 1 ShapeMismatchError: transformer_blocks.0.attn.to_k" in text
+
+
+def test_a_file_for_another_model_fits_one_screen(tmp_path, capsys):
+    """A full-size Qwen-Image LoRA (60 blocks x 14 linears, 3072 wide) against the tiny model
+    (2 blocks, 128 wide): 840 refusals, grouped by reason with a count, the first keys and the
+    first message, in one screen; --json still lists every target and every refusal."""
+    block0 = linear_shapes(meta_transformer(), ("transformer_blocks.0.",))
+    assert len(block0) == 14
+    shapes = {k.replace("transformer_blocks.0.", f"transformer_blocks.{n}."): (i * 24, o * 24)
+              for n in range(60) for k, (i, o) in block0.items()}
+    path = write_safetensors(tmp_path / "qwen.safetensors",
+                             kohya_state_dict(random_layers(shapes, rank=1, dtype=torch.bfloat16)))
+    assert main(["lora", "inspect", path, "--model", "tiny"]) == 2
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert len(lines) <= 24, text
+    assert "  targets  840:" in lines and "    ... (834 more; --json lists all)" in lines
+    assert "  binds    0 target(s), 840 refused" in lines
+    # blocks 0-1 exist but are 128 wide (2 x 14 = 28); blocks 2-59 do not exist (58 x 14 = 812)
+    missing = [l for l in lines if l.startswith("    refused 812 TargetNotFoundError: ")]
+    shape = [l for l in lines if l.startswith("    refused 28 ShapeMismatchError: ")]
+    assert len(missing) == 1 and missing[0].endswith(" +810 more"), text
+    assert len(shape) == 1 and "transformer_blocks_0_attn_add_k_proj" in shape[0], text
+    assert lines.index(missing[0]) < lines.index(shape[0])  # most keys first
+    assert any(l.startswith("      e.g. transformer_blocks_0_attn_add_k_proj: LoRA down has 3072 inputs but module "
+                            "'transformer_blocks.0.attn.add_k_proj' takes 128") for l in lines), text
+    assert all(len(l) <= 200 for l in lines)
+    assert main(["lora", "inspect", path, "--model", "tiny", "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["targets"]) == 840 and out["binding"]["bound"] == {}
+    refused = out["binding"]["refused"]
+    assert len(refused) == 840
+    assert sum(why.startswith("TargetNotFoundError") for why in refused.values()) == 812
+
+
+def test_many_reasons_still_fit_one_screen():
+    """More reasons than the screen holds: the rest are summed up in one line."""
+    from lora_core.inspection import format_summary
+
+    info = {"file": "f", "layout": "kohya", "bytes": 1, "tensors": 2, "dtypes": {"F32": 2}, "ranks": [1],
+            "alphas": [1.0], "metadata": {}, "diffs": {},
+            "targets": {f"t{i}": {"rank": 1, "alpha": 1.0, "in": 1, "out": 1} for i in range(30)}}
+    refused = {f"t{i}": f"Error{i % 7}: why {i}" for i in range(30)}
+    text = format_summary(info, {"bound": {}, "refused": refused})
+    lines = text.splitlines()
+    assert len(lines) <= 24, text
+    assert "    refused 5 Error0: t0, t7 +3 more" in lines  # t0 t7 t14 t21 t28, in the order given
+    assert lines[-1].startswith("    ... (") and "4 other reason(s)" in lines[-1], text
 
 
 def test_inspect_model_dir_from_config_only(tmp_path, capsys):
@@ -119,3 +169,53 @@ def test_inspect_binds_full_weight_diffs_by_key(tmp_path, capsys):
     assert list(refused) == ["lora_unet_transformer_blocks_0_attn_to_k.diff_b"]
     assert refused["lora_unet_transformer_blocks_0_attn_to_k.diff_b"].startswith(
         f"ShapeMismatchError: diff has shape ({inner + 3},)")
+
+
+def test_bare_lora_down_keys_of_any_module_are_refused_as_nunchaku_converted(tmp_path, capsys):
+    """A nunchaku converter for another model (a fork's Qwen-Image one) keeps the model's own module
+    names with bare ``.lora_down``/``.lora_up``: the same named refusal as nunchaku's Flux leaves, by
+    ``farm lora inspect`` and by a real load, not "no known key scheme"."""
+    import pytest
+
+    from lora_core.adapter import load_adapter_file
+    from lora_core.errors import UnsupportedFormatError
+
+    inner = TINY_TRANSFORMER_CONFIG["num_attention_heads"] * TINY_TRANSFORMER_CONFIG["attention_head_dim"]
+    sd = {}
+    for name, out in (("transformer_blocks.0.attn.to_qkv", 3 * inner), ("transformer_blocks.0.img_mod.1", 6 * inner)):
+        sd[f"{name}.lora_down"] = torch.randn(48, inner).to(torch.bfloat16)  # base rank 32 + LoRA rank 16
+        sd[f"{name}.lora_up"] = torch.randn(out, 48).to(torch.bfloat16)
+    path = write_safetensors(tmp_path / "qwen_svdq_lora.safetensors", sd)
+    named = "nunchaku-converted LoRA (key 'transformer_blocks.0.attn.to_qkv.lora_down')"
+    assert main(["lora", "inspect", path, "--model", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "UnsupportedFormatError" in err and named in err and "use the original LoRA file" in err and path in err
+    with pytest.raises(UnsupportedFormatError) as e:
+        load_adapter_file(path)
+    assert named in str(e.value)
+    # one bare key beside ordinary kohya pairs: the file is refused by that key's name
+    only_mod = {k: v for k, v in sd.items() if "img_mod" in k}
+    mixed = write_safetensors(tmp_path / "mixed.safetensors", {
+        **kohya_state_dict(random_layers({"transformer_blocks.0.attn.to_q": (inner, inner)})), **only_mod})
+    with pytest.raises(UnsupportedFormatError, match=r"nunchaku-converted LoRA \(key 'transformer_blocks\.0\.img_mod"
+                                                     r"\.1\.lora_down'\)"):
+        header_adapter(mixed)
+    # without the bare keys the same pairs load (kohya's .lora_down.weight is not bare)
+    assert set(header_adapter(write_safetensors(tmp_path / "k.safetensors", kohya_state_dict(
+        random_layers({"transformer_blocks.0.attn.to_q": (inner, inner)})))).layers) == {
+        "transformer_blocks_0_attn_to_q"}
+
+
+def test_inspect_on_the_nunchaku_backend_says_binding_is_not_checked(tmp_path, capsys):
+    """nunchaku's transformer cannot be built from a config (its packed layers need the weights):
+    `--model nunchaku` is a clear exit 2 naming the backends that bind, not a traceback."""
+    path = _kohya(tmp_path)
+    for spec in ("nunchaku", json.dumps({"backend": "nunchaku", "path": str(tmp_path / "svdq-qwen-image")})):
+        assert main(["lora", "inspect", path, "--model", spec]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith("farm lora inspect: ValueError: --model: backend 'nunchaku' cannot be built "
+                                       "without its weights"), captured.err
+        assert "binding is not checked" in captured.err and "binding is checked for tiny, diffusers" in captured.err
+        assert "Traceback" not in captured.err
+    assert main(["lora", "inspect", path]) == 0  # the file alone still reads

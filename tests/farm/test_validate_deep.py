@@ -252,3 +252,35 @@ def test_a_composition_that_fails_only_as_a_whole_is_a_problem_naming_its_jobs(t
     monkeypatch.setenv("LORA_FARM_CACHE", str(tmp_path / "cache"))
     assert farm_main(["validate", str(tmp_path / "m.json"), "--deep"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_deep_on_the_nunchaku_backend_checks_all_but_binding_and_says_so(tmp_path, capsys, monkeypatch):
+    """nunchaku's transformer cannot be built on meta from a config (its packed layers need the
+    weights), so `--deep` binds nothing there, says so, and still lists every fetch, checksum
+    and header problem: exit 2, the good file and the one for another model (binding) not named."""
+    from farm.cli import main as farm_main
+
+    good = _tiny_lora(tmp_path / "good.safetensors", kohya=True)
+    bad_sum = _tiny_lora(tmp_path / "badsum.safetensors", seed=1)
+    truncated = _tiny_lora(tmp_path / "truncated.safetensors", seed=2)
+    data = open(truncated, "rb").read()
+    open(truncated, "wb").write(data[: len(data) - 100])
+    other = write_safetensors(tmp_path / "flux.safetensors", peft_state_dict(random_layers(
+        {"single_transformer_blocks.0.attn.to_q": (128, 128)})))  # would not bind; binding is not checked here
+    missing = str(tmp_path / "missing.safetensors")
+    wrong_sha = hashlib.sha256(b"not this file").hexdigest()
+    model = {"backend": "nunchaku", "path": str(tmp_path / "svdq-qwen-image")}  # never read: nothing is built
+    manifest = _manifest(tmp_path, [good, {"uri": bad_sum, "sha256": wrong_sha}, truncated, other, missing], model)
+    monkeypatch.setenv("LORA_FARM_CACHE", str(tmp_path / "cache"))
+    assert farm_main(["validate", manifest, "--deep"]) == 2
+    err = capsys.readouterr().err
+    assert f"{manifest}: note: backend 'nunchaku': binding not checked" in err, err
+    assert "fetch, checksum and header checked" in err
+    assert f"{manifest}: 3 LoRA problem(s):" in err, err
+    problems = [line.strip() for line in err.splitlines() if line.startswith("  ")]
+    assert len(problems) == 3, err
+    assert any(p.startswith(f"{missing}: PermanentFetchError") for p in problems), err
+    assert any(p.startswith(f"{bad_sum}: ChecksumMismatch") and wrong_sha in p for p in problems), err
+    assert any(p.startswith(f"{truncated}: CorruptFileError") and "truncated" in p for p in problems), err
+    assert not any(good in p or other in p for p in problems), err
+    assert not (tmp_path / "out").exists()

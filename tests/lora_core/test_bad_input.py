@@ -130,11 +130,26 @@ def test_targets_missing_from_model_listed(qwen, tmp_path):
     ("lora_unet_blocks_0.hada_w1_a", "LoHa"),
     ("base_model.model.blocks.0.ia3_l.weight", "IA3"),
     ("transformer.blocks.0.lora_magnitude_vector", "DoRA"),
+    ("lora_unet_blocks_0.dora_scale", "DoRA"),  # kohya / LyCORIS DoRA beside lora_down/lora_up
+    ("lora_unet_blocks_0.lora_mid.weight", "LoCon-Tucker"),  # LyCORIS use_tucker
 ])
 def test_unsupported_formats_named(qwen, tmp_path, key, kind):
     sd = {key: torch.zeros(2, 2), "transformer.x.lora_A.weight": torch.zeros(1, 2), "transformer.x.lora_B.weight": torch.zeros(2, 1)}
     e = check_untouched(qwen, T.write_safetensors(tmp_path / "x.safetensors", sd), E.UnsupportedFormatError, kind)
     assert "x.safetensors" in str(e)
+
+
+def test_aitoolkit_fullrank_lone_full_size_lora_a_is_refused_by_key(qwen, tmp_path):
+    """ai-toolkit ``network.type: fullrank`` (README table): the whole delta stored as one
+    full-size ``lora_A`` (out x in) with no ``lora_B``; not a low-rank pair, refused naming
+    the key, beside a good pair that is not applied either."""
+    w = qwen.get_submodule("transformer_blocks.0.attn.to_k").weight
+    key = "diffusion_model.transformer_blocks.0.attn.to_k.lora_A.weight"
+    sd = {key: torch.zeros(w.shape, dtype=torch.float16),
+          "diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32, dtype=torch.float16),
+          "diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4, dtype=torch.float16)}
+    e = check_untouched(qwen, T.write_safetensors(tmp_path / "fullrank.safetensors", sd), E.UnknownKeysError, "partner")
+    assert e.keys == [key] and "fullrank.safetensors" in str(e)
 
 
 def test_lonely_down_without_up(qwen, tmp_path):

@@ -225,11 +225,54 @@ def test_header_inspection_reads_an_extract_file(qwen, tmp_path):
     assert set(header_adapter(path).layers) == set(LORA_ON)
 
 
-def test_nunchaku_interleaved_modulation_bias_diff_is_refused(tmp_path):
-    model = T.nunchaku_qwen_standin(layers=1)  # img_mod.1 is AWQ with interleaved output rows
+def deinterleave(y: torch.Tensor) -> torch.Tensor:
+    """nunchaku's Qwen-Image block reads its modulation output as ``view(B, -1, 6).transpose(1, 2)``."""
+    return y.view(y.shape[0], -1, 6).transpose(1, 2).reshape(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("mode", ["merge", "lowrank"])
+def test_nunchaku_interleaved_modulation_bias_diff_lands_permuted(tmp_path, mode):
+    """``img_mod.1.diff_b`` / ``txt_mod.1.diff_b`` in the diffusers order (shift1|scale1|gate1|...)
+    on nunchaku's AWQ modulation, whose output row j*6+c is chunk c's element j: the bias gets
+    the diff at those rows, so the block's de-interleaved output moves by exactly s * diff_b;
+    old main: UnsupportedFormatError (interleaved)."""
+    model = T.nunchaku_qwen_standin(layers=1)  # img_mod.1 / txt_mod.1 are AWQ, bias bf16, 6*64 outputs
     before = snapshot(model)
-    key = "diffusion_model.transformer_blocks.0.img_mod.1.diff_b"
-    path = T.write_safetensors(tmp_path / "m.safetensors", {key: torch.ones(384)})
-    with pytest.raises(UnsupportedFormatError, match=r"interleaved.*img_mod\.1\.diff_b"):
+    g = torch.Generator().manual_seed(11)
+    names = ("transformer_blocks.0.img_mod.1", "transformer_blocks.0.txt_mod.1")
+    d = {n: (torch.randn(384, generator=g) * 0.5).half() for n in names}  # fp16, as LoraSave stores it
+    path = T.write_safetensors(tmp_path / "m.safetensors", {f"diffusion_model.{n}.diff_b": t for n, t in d.items()})
+    s, x = 0.75, torch.randn(3, 64).to(torch.bfloat16)
+    mods = {n: model.get_submodule(n) for n in names}
+    y0 = {n: deinterleave(m(x).double()) for n, m in mods.items()}
+    h = lora_core.apply(model, [(path, s)], mode=mode)
+    assert not h.branches
+    for n, m in mods.items():
+        dim = 64
+        # independent of lora_core: row j*6+c of the stored bias <- diffusers row c*dim+j
+        want = before[f"{n}.bias"].double().clone()
+        for c in range(6):
+            for j in range(dim):
+                want[j * 6 + c] += s * d[n][c * dim + j].double()
+        tol = want.abs() * 2 ** -8 + 1e-6  # one bf16 rounding of the sum
+        assert ((m.bias.double() - want).abs() <= tol).all(), n
+        in_file_order = before[f"{n}.bias"].double() + s * d[n].double()
+        assert not ((m.bias.double() - in_file_order).abs() <= tol).all(), "the permutation is what is tested"
+        # what the block sees: its chunks moved by s * diff_b, in the diffusers order
+        assert torch.allclose(deinterleave(m(x).double()), y0[n] + s * d[n].double(), atol=1e-2, rtol=1e-2), n
+    h.restore()
+    assert_same(model, before)
+
+
+def test_nunchaku_modulation_weight_diff_is_refused_by_key(tmp_path):
+    """A ``.diff`` on the AWQ (packed 4-bit) modulation weight cannot be added: refused naming
+    the key, the bias diff of the same file not applied either (nothing is touched)."""
+    model = T.nunchaku_qwen_standin(layers=1)
+    before = snapshot(model)
+    key = "diffusion_model.transformer_blocks.0.img_mod.1.diff"
+    path = T.write_safetensors(tmp_path / "w.safetensors", {
+        key: torch.zeros(384, 64).half(), "diffusion_model.transformer_blocks.0.img_mod.1.diff_b": torch.ones(384).half()})
+    with pytest.raises(UnsupportedFormatError, match=r"quantized.*img_mod\.1\.diff \(from ") as e:
         lora_core.apply(model, [(path, 1.0)])
+    assert "diff_b" not in str(e.value)
     assert_same(model, before)

@@ -295,6 +295,28 @@ def test_native_qkv_weight_diff_on_a_packed_fused_module_is_refused_by_key(tmp_p
     assert_same(model, before)
 
 
+@pytest.mark.parametrize("mode", ["merge", "lowrank"])
+def test_norm_and_bias_diffs_apply_on_a_model_whose_attention_is_svdq(tmp_path, mode):
+    """The unquantized tensors of a quantized model take their diffs: the renamed norm
+    (``q_norm`` -> ``norm_q``) and the fused SVDQ ``to_qkv``'s dense bias (native
+    ``attention.qkv.diff_b``); the packed weight and its low-rank factors stay as they were."""
+    model = fused_zimage_standin(svdq=True)
+    g = torch.Generator().manual_seed(12)
+    qn, qb = (torch.randn(16, generator=g) * 0.1).half(), (torch.randn(96, generator=g) * 0.1).half()
+    path = T.write_safetensors(tmp_path / "n.safetensors", {f"{P}layers.0.attention.q_norm.diff": qn,
+                                                            f"{P}layers.0.attention.qkv.diff_b": qb})
+    before = snapshot(model)
+    h = lora_core.apply(model, [(path, S)], mode=mode)
+    assert not h.branches
+    now = model.state_dict()
+    changed = {"layers.0.attention.norm_q.weight": qn, "layers.0.attention.to_qkv.bias": qb}
+    for k, d in changed.items():
+        assert torch.allclose(now[k].double(), before[k].double() + S * d.double(), atol=1e-6, rtol=0), k
+    assert all(torch.equal(now[k], v) for k, v in before.items() if k not in changed)
+    h.restore()
+    assert_same(model, before)
+
+
 def test_a_fused_diff_whose_rows_do_not_add_up_is_a_shape_error(zimage, tmp_path):
     path = T.write_safetensors(tmp_path / "bad.safetensors",
                                {f"{P}layers.0.attention.qkv.diff": torch.zeros(90, 32).half()})

@@ -159,21 +159,37 @@ def test_musubi_kohya_names_with_lora_transformer_prefix(zimage, tmp_path):
 
 
 def test_musubi_target_other_alpha_baked_in(zimage, tmp_path):
-    """``convert_lora.py --target other``: alpha folded as √(alpha/r) into A and B, no alpha key."""
-    layers = musubi_layers(zimage, seed=3, alpha=8.0)
+    """``convert_lora.py --target other``: alpha folded into A and B as √(alpha/r), computed in
+    the file's dtype (bf16 alpha tensor / r, ``.sqrt()``, times the bf16 factor), no alpha key,
+    and the input's header passed through unchanged, so it still says ``ss_network_alpha`` 8
+    over dim 4. The baked tensors are the update (scale 1); a loader that believed the header
+    would scale by 2 again and fail every check below."""
+    alpha = 8.0
+    layers = musubi_layers(zimage, seed=3, alpha=alpha)
+    header = {"ss_network_module": "networks.lora_zimage", "ss_network_dim": str(R),
+              "ss_network_alpha": str(int(alpha))}
     baked = {}
-    for n, (a, b, alpha) in layers.items():
-        f = math.sqrt(alpha / R)
-        baked[n] = ((a.double() * f).to(torch.bfloat16), (b.double() * f).to(torch.bfloat16), float(R))
+    for n, (a, b, al) in layers.items():
+        f = (torch.tensor(al, dtype=torch.bfloat16) / R).sqrt()  # bf16, as the tool computes it
+        assert f.dtype == torch.bfloat16 and abs(float(f) - math.sqrt(al / R)) < 1e-2
+        baked[n] = (a * f, b * f, float(R))
+    assert all(a.dtype == torch.bfloat16 for a, _, _ in baked.values())
     sd = T.peft_state_dict(baked, prefix="diffusion_model.", with_alpha=False)
     assert not any(k.endswith(".alpha") for k in sd)
-    path = T.write_safetensors(tmp_path / "other.safetensors", sd)
-    check_merge_and_lowrank(zimage, path, baked)  # scale 1: the baked factors are the update
+    path = T.write_safetensors(tmp_path / "other.safetensors", sd, metadata=header)
+    assert read_metadata(path) == header  # the file says alpha 8, its tensors carry it already
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing surprising to say: the tensors are the truth
+        adapter = lora_core.load_adapter(path)
+        assert {layer.alpha for layer in adapter.layers.values()} == {float(R)}  # scale alpha/r = 1
+        check_merge_and_lowrank(zimage, path, baked)  # against fp64 W + B@A of the stored factors
     theirs = peer_merge(zimage, sd, 1.0)
+    snap = snapshot(zimage)
     h = lora_core.apply(zimage, [(path, 1.0)])
     for k, v in zimage.state_dict().items():
         assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
     h.restore()
+    assert_same(zimage, snap)
 
 
 def test_header_alpha_disagreeing_with_tensors_uses_tensors(zimage, tmp_path):
