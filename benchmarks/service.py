@@ -412,11 +412,11 @@ def run(manifests: int = 5, jobs_per: int = 6, compositions: int = 3, workers: i
 
 def tiny_set(k: int, jobs_per: int, compositions: int, workers: int, tmp: str, batch: int) -> dict:
     """The real tiny backend: model load, LoRA merge and render are real work here."""
-    from farm.demo import write_demo_loras
+    from farm.demo import copy_demo_loras
     from farm.service.config import parse_farm_config
 
     lora_dir = os.path.join(tmp, "loras-tiny")
-    files = sorted(write_demo_loras(lora_dir).values())
+    files = sorted(copy_demo_loras(lora_dir).values())
     comps = compositions_of(files, compositions)
     config = parse_farm_config({"pools": [{"name": "tiny", "model": {"backend": "tiny"}, "workers": workers,
                                            "node_cache_dir": os.path.join(tmp, "cache-warm-tiny")}],

@@ -1,7 +1,9 @@
-"""`make demo`: LoRA files for the embedded tiny model, then examples/demo.yaml on the farm.
+"""`make demo`: examples/demo.yaml on the farm, then its report.
 
-The LoRAs are written against ``TINY_TRANSFORMER_CONFIG`` in real key formats (PEFT and
-kohya), so the demo exercises the same loading path as files from the wild.
+The model is the embedded tiny Qwen-Image pipeline with the project's trained weights, the
+LoRAs are the ones trained on it (``examples/loras/``, written by ``python -m training`` in
+real key formats: PEFT and kohya, so the demo exercises the same loading path as files from
+the wild). Both are checked against their ``SHA256SUMS`` before anything starts.
 """
 from __future__ import annotations
 
@@ -9,42 +11,32 @@ import os
 import sys
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
-# name -> (key scheme, which modules, rank, seed, scale of the random factors)
-DEMO_LORAS = {
-    "style": ("peft", ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"), 8, 1, 0.6),
-    "detail": ("kohya", ("img_mlp.net.0.proj", "img_mlp.net.2"), 4, 2, 0.5),
-    "character": ("peft", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "img_mod.1"), 8, 3, 0.4),
-}
+LORAS = os.path.join(EXAMPLES, "loras")
 
 
-def write_demo_loras(directory: str = os.path.join(EXAMPLES, "loras")) -> dict[str, str]:
-    """Deterministic LoRA files for the tiny model; rewritten only when missing."""
-    import torch
-    from diffusers import QwenImageTransformer2DModel
+def check_demo_loras(directory: str = LORAS) -> list[str]:
+    """The demo LoRA files, each checked against its ``SHA256SUMS``."""
+    from workers.backends.tiny import check_sums
 
-    from lora_core import synthetic as S
-    from workers.backends.tiny import TINY_TRANSFORMER_CONFIG
+    return check_sums(directory, ": the demo LoRAs come with the repository (`python -m training` writes them again)")
+
+
+def copy_demo_loras(directory: str) -> dict[str, str]:
+    """The checked demo LoRAs copied into ``directory`` (for a farm whose LoRA roots are its own):
+    {name: path}."""
+    import shutil
 
     os.makedirs(directory, exist_ok=True)
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
-    paths = {}
-    for name, (scheme, include, rank, seed, scale) in DEMO_LORAS.items():
-        path = os.path.join(directory, f"{name}.safetensors")
-        paths[name] = path
-        if os.path.exists(path):
-            continue
-        layers = S.random_layers(S.linear_shapes(model, include), rank=rank, seed=seed, scale=scale)
-        sd = S.peft_state_dict(layers) if scheme == "peft" else S.kohya_state_dict(layers, prefix="lora_unet_")
-        S.write_safetensors(path + ".tmp", sd, metadata={"lora_farm_demo": name})
-        os.replace(path + ".tmp", path)
-    return paths
+    out = {}
+    for path in check_demo_loras():
+        name = os.path.basename(path)
+        out[name.removesuffix(".safetensors")] = shutil.copyfile(path, os.path.join(directory, name))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    write_demo_loras()
+    check_demo_loras()
     from .cli import main as farm_main
 
     manifest = os.path.join(EXAMPLES, "demo.yaml")

@@ -11,4 +11,6 @@ sees it too: Ray adds the driver's working directory to its workers' path).
 * :mod:`testsupport.aitoolkit`: LoRA files written the way ostris/ai-toolkit writes them
   (full-weight ``.diff`` / ``.diff_b`` modules beside the low-rank pairs, its prefixes,
   dtype and header metadata).
+* :mod:`testsupport.image_measures`: image-space measures of the demo LoRAs' trained
+  effects, and a reading of a picture's shape and colours.
 """

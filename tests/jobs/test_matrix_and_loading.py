@@ -190,4 +190,4 @@ def test_matrix_example_expands_as_documented():
     m = load_manifest(os.path.join(EXAMPLES, "matrix.yaml"))
     assert len(m.jobs) == 3 * 4 * 2 and len({j.routing_key for j in m.jobs}) == 4
     assert m.jobs[0].job_id == "sweep-p0-l0-s1"
-    assert m.jobs[2].loras[0].uri == os.path.join(os.path.abspath(EXAMPLES), "loras", "style.safetensors")
+    assert m.jobs[2].loras[0].uri == os.path.join(os.path.abspath(EXAMPLES), "loras", "palette.safetensors")

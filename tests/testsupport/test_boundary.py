@@ -22,19 +22,23 @@ def imported_names(path: str) -> set[str]:
     return names
 
 
+DEV_ONLY = ("testsupport", "training", "benchmarks")  # in the repository, not in the distribution
+
+
 def test_no_shipped_module_imports_testsupport():
     offenders = []
     for pkg in SHIPPED:
         for dirpath, _dirs, files in os.walk(os.path.join(ROOT, pkg)):
             for f in files:
                 path = os.path.join(dirpath, f)
-                if f.endswith(".py") and any(n.split(".")[0] == "testsupport" for n in imported_names(path)):
+                if f.endswith(".py") and any(n.split(".")[0] in DEV_ONLY for n in imported_names(path)):
                     offenders.append(os.path.relpath(path, ROOT))
-    assert not offenders, f"shipped modules importing testsupport: {offenders}"
+    assert not offenders, f"shipped modules importing {DEV_ONLY}: {offenders}"
 
 
 def test_testsupport_is_not_packaged():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert not any(fnmatch.fnmatch(name, pattern) for name in ("testsupport", "testsupport.sleep") for pattern in include)
+    assert not any(fnmatch.fnmatch(name, pattern) for name in ("testsupport", "testsupport.sleep", "training", "training.run")
+                   for pattern in include)

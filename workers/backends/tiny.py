@@ -1,4 +1,10 @@
-"""The embedded default model: a real Qwen-Image pipeline, tiny and random, built in-process.
+"""The embedded default model: a real Qwen-Image pipeline, tiny, built in-process.
+
+By default its weights are the project's own, trained on pictures of coloured shapes
+(``python -m training`` reproduces them from a seed; they live in ``tiny_trained/`` with
+their checksums): prompts such as "a red circle on a blue background" draw what they say at
+128x128. ``weights: random`` (or any ``seed``) builds the same architecture with seeded random
+weights instead, for tests that need a model of any kind quickly.
 
 Every part is the real diffusers/transformers class (``QwenImageTransformer2DModel``,
 ``AutoencoderKLQwenImage`` with the real 8x downscale, a ``Qwen2_5_VLForConditionalGeneration``
@@ -13,13 +19,16 @@ LoRAs for it are written against :data:`TINY_TRANSFORMER_CONFIG` (module names s
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from typing import Any, Mapping
 
 import torch
 
-from .base import COMMON_KEYS, check_spec, resolve_device, resolve_dtype
+from storage.localfs import hash_file
+
+from .base import COMMON_KEYS, BackendSpecError, check_spec, resolve_device, resolve_dtype
 from .diffusers_backend import PipelineBackend
 
 #: Keyword arguments of the tiny ``QwenImageTransformer2DModel``: 2 blocks, 4 heads x 32.
@@ -35,9 +44,9 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "axes_dims_rope": [8, 12, 12],  # frame, height, width; sums to the head dim
 }
 
-#: Step-cache ratios of the seed-0 tiny model, 8 steps (``StepCache(calibrate=True)``, mean of
-#: three prompts); resampled to other step counts by the cache.
-TINY_MAG_RATIOS: list[float] = [1.0, 0.99769, 0.99497, 0.99586, 0.99494, 1.00105, 0.99171, 1.00215]
+#: Step-cache ratios of the tiny model with its trained weights, 8 steps (``StepCache(calibrate=True)``,
+#: mean of three prompts: tests/workers/test_stepcache.py); resampled to other step counts by the cache.
+TINY_MAG_RATIOS: list[float] = [1.0, 0.92375, 1.05108, 1.04197, 1.03807, 1.03121, 1.00088, 0.80329]
 
 TINY_VAE_CONFIG: dict[str, Any] = {
     "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 1,
@@ -68,8 +77,14 @@ _CORPUS_WORDS = (
     "red orange yellow green blue purple pink white black gray brown gold silver dark bright soft sharp "
     "small large tiny huge old new happy sad calm wild painting photo photograph drawing sketch style "
     "watercolor oil anime cartoon cinematic detailed realistic studio lighting close up wide shot view "
-    "sitting standing running flying walking looking holding wearing hat coat dress glasses book cup table"
+    "sitting standing running flying walking looking holding wearing hat coat dress glasses book cup table "
+    "circle square triangle background"
 )
+
+#: The trained weights: transformer, VAE and text encoder (fp16 safetensors), ``meta.json`` (the VAE's
+#: latent statistics, what trained them) and ``SHA256SUMS``.
+TRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_trained")
+TRAINED_PARTS = ("transformer", "vae", "text_encoder")
 
 
 def _train_tokenizer() -> Any:
@@ -126,8 +141,9 @@ def _init_weights(module: torch.nn.Module, generator: torch.Generator) -> None:
             bias.uniform_(-bound, bound, generator=generator)
 
 
-def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
-    """A ``QwenImagePipeline`` with tiny random weights; deterministic in ``seed``."""
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, vae_config: Mapping[str, Any] | None = None) -> Any:
+    """A ``QwenImagePipeline`` with tiny random weights; deterministic in ``seed``.
+    ``vae_config`` adds to :data:`TINY_VAE_CONFIG` (the trained model's latent statistics)."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -136,7 +152,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> An
     with torch.random.fork_rng(devices=[]):  # constructors draw from the global RNG: leave the caller's alone
         torch.manual_seed(seed)
         transformer = QwenImageTransformer2DModel(**copy.deepcopy(TINY_TRANSFORMER_CONFIG))
-        vae = AutoencoderKLQwenImage(**copy.deepcopy(TINY_VAE_CONFIG))
+        vae = AutoencoderKLQwenImage(**{**copy.deepcopy(TINY_VAE_CONFIG), **dict(vae_config or {})})
         text_encoder = Qwen2_5_VLForConditionalGeneration(_text_encoder_config(tokenizer))
     for i, part in enumerate((transformer, vae, text_encoder)):
         _init_weights(part, torch.Generator().manual_seed(seed * 1000 + i))
@@ -148,6 +164,54 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> An
                              transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def trained_meta(directory: str = TRAINED_DIR) -> dict[str, Any]:
+    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def build_trained_pipeline(dtype: torch.dtype = torch.float32, directory: str = TRAINED_DIR) -> Any:
+    """The tiny pipeline with the project's trained weights (checked against ``SHA256SUMS``)."""
+    from safetensors.torch import load_file
+
+    check_trained(directory)
+    meta = trained_meta(directory)
+    pipe = build_tiny_pipeline(0, torch.float32, vae_config=meta["vae_config"])
+    for part in TRAINED_PARTS:
+        module = getattr(pipe, part)
+        state = load_file(os.path.join(directory, f"{part}.safetensors"))
+        missing, unexpected = module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        # tied or derived buffers (rotary tables) are rebuilt by the constructor, not stored
+        if unexpected or any(not k.endswith(("inv_freq", "pos_freqs", "neg_freqs")) for k in missing):
+            raise RuntimeError(f"{part}.safetensors in {directory} does not fit the tiny model: "
+                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        if dtype != torch.float32:
+            module.to(dtype)
+    return pipe
+
+
+def check_sums(directory: str, hint: str = "") -> list[str]:
+    """The files ``directory/SHA256SUMS`` lists, each checked: ``RuntimeError`` naming the one
+    that is missing or whose bytes differ (``hint`` says how to get them back)."""
+    sums = os.path.join(directory, "SHA256SUMS")
+    if not os.path.exists(sums):
+        raise RuntimeError(f"{sums} is missing{hint}")
+    paths = []
+    for line in open(sums, encoding="utf-8").read().splitlines():
+        digest, name = line.split(maxsplit=1)
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            raise RuntimeError(f"{path} is missing (listed in {sums}){hint}")
+        if hash_file(path)[0] != digest:
+            raise RuntimeError(f"{path} is not the file {sums} lists{hint}")
+        paths.append(path)
+    return paths
+
+
+def check_trained(directory: str = TRAINED_DIR) -> None:
+    check_sums(directory, ": the trained weights come with the repository (`python -m training` writes "
+                          "them again; `weights: random` needs none)")
 
 
 def save_tiny_pipeline(directory: str | os.PathLike, seed: int = 0) -> str:
@@ -164,7 +228,8 @@ def template_prefix_tokens(pipe: Any) -> int:
 
 
 class TinyBackend(PipelineBackend):
-    """The tiny pipeline as a backend. Spec keys: ``seed`` (of the weights, 0), ``dtype``
+    """The tiny pipeline as a backend. Spec keys: ``weights`` (``trained``, the default, or
+    ``random``), ``seed`` (of random weights, 0; a seed alone means random weights), ``dtype``
     (float32), ``batch``, ``step_cache``, ``rope``.
 
     ``batch`` is off by default: on CPU a batched pipeline call gives images that differ from
@@ -174,7 +239,7 @@ class TinyBackend(PipelineBackend):
     CPU model, on torch's thread count: fix ``torch.set_num_threads`` for repeatable bytes).
     """
 
-    KEYS = COMMON_KEYS | {"seed", "batch"}
+    KEYS = COMMON_KEYS | {"seed", "batch", "weights"}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None = None, device: str | torch.device | None = None) -> "TinyBackend":
@@ -183,7 +248,15 @@ class TinyBackend(PipelineBackend):
         dev = resolve_device(device)
         # fp32 by default even on GPUs: the tiny model is for tests and demos, exactness first.
         dtype = resolve_dtype(spec.get("dtype") if spec.get("dtype") not in (None, "auto") else "float32", dev)
-        pipe = build_tiny_pipeline(int(spec.get("seed", 0)), dtype).to(dev)
+        weights = spec.get("weights", "random" if "seed" in spec else "trained")
+        if weights == "trained":
+            if "seed" in spec:
+                raise BackendSpecError(["seed: chooses random weights; it cannot go with `weights: trained`"])
+            pipe = build_trained_pipeline(dtype).to(dev)
+        elif weights == "random":
+            pipe = build_tiny_pipeline(int(spec.get("seed", 0)), dtype).to(dev)
+        else:
+            raise BackendSpecError([f"weights: must be 'trained' or 'random', not {weights!r}"])
         return cls(pipe, name="tiny", device=dev, dtype=dtype, step_cache=spec.get("step_cache"),
                    rope=spec.get("rope"), batch=bool(spec.get("batch", False)))
 

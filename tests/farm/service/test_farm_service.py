@@ -28,9 +28,9 @@ def farm(tmp_path_factory):
     base = tmp_path_factory.mktemp("farm")
     old = os.environ.get("LORA_FARM_HOME")
     os.environ["LORA_FARM_HOME"] = str(base / "home")
-    from farm.demo import write_demo_loras
+    from farm.demo import copy_demo_loras
 
-    loras = write_demo_loras(str(base / "loras"))
+    loras = copy_demo_loras(str(base / "loras"))
     config = base / "farm.yaml"
     config.write_text(yaml.safe_dump({"pools": [{"name": "tiny", "model": {"backend": "tiny"}, "workers": 2}],
                                       "state": str(base / "state"), "lora_roots": [str(base / "loras")]}))
@@ -106,7 +106,7 @@ def test_two_manifests_share_the_warm_workers(farm, capsys, tmp_path):
     # one composition, so both workers hold it once the first manifest runs: whatever the policy's
     # cost estimates (switching is cheap on the tiny model, so with two compositions it may rightly
     # move a worker that ran dry onto the other one), the second manifest can only reuse what is held
-    comps = [("style",)]
+    comps = [("palette",)]
     m1 = manifest(tmp_path / "m1.yaml", loras, comps, 12, tmp_path / "out1", size=96, steps=3)
     m2 = manifest(tmp_path / "m2.yaml", loras, comps, 6, tmp_path / "out2", seed0=100)
     code, r1, _ = submit(capsys, m1)
@@ -137,7 +137,7 @@ def test_two_manifests_share_the_warm_workers(farm, capsys, tmp_path):
 
 
 def test_cancel_then_resubmit_renders_only_the_rest(farm, capsys, tmp_path):
-    rid, out, m = started(capsys, farm, tmp_path, [("style",), ("character",)], 10)
+    rid, out, m = started(capsys, farm, tmp_path, [("palette",), ("snowman",)], 10)
     assert out_json(capsys, ["cancel", rid])["run_id"] == rid
     st = wait_for(capsys, rid, lambda s: s["state"] == "cancelled" and s["running"] == 0)
     done = {r.job_id for r in read_results(str(out)) if r.status == "ok"}
@@ -152,7 +152,7 @@ def test_cancel_then_resubmit_renders_only_the_rest(farm, capsys, tmp_path):
 
 
 def test_controller_sigkill_mid_run_loses_nothing(farm, capsys, tmp_path):
-    rid, out, _ = started(capsys, farm, tmp_path, [("style",), ("detail",), ()], 8)
+    rid, out, _ = started(capsys, farm, tmp_path, [("palette",), ("stripes",), ()], 8)
     from farm.service.actors import controller_handle
 
     pid = __import__("ray").get(controller_handle().ping.remote())["pid"]
@@ -166,7 +166,7 @@ def test_controller_sigkill_mid_run_loses_nothing(farm, capsys, tmp_path):
 
 
 def test_a_cancel_survives_a_controller_restart(farm, capsys, tmp_path):
-    rid, out, _ = started(capsys, farm, tmp_path, [("style",), ("detail",)], 12, ok_at=2)
+    rid, out, _ = started(capsys, farm, tmp_path, [("palette",), ("stripes",)], 12, ok_at=2)
     from farm.service.actors import controller_handle
 
     pid = __import__("ray").get(controller_handle().ping.remote())["pid"]
@@ -181,7 +181,7 @@ def test_a_cancel_survives_a_controller_restart(farm, capsys, tmp_path):
 
 
 def test_worker_sigkill_mid_run_loses_nothing(farm, capsys, tmp_path):
-    rid, out, _ = started(capsys, farm, tmp_path, [("style",), ("detail",)], 10)
+    rid, out, _ = started(capsys, farm, tmp_path, [("palette",), ("stripes",)], 10)
     victim = next(w for w in workers(capsys) if w["inflight"] > 0)
     os.kill(victim["pid"], signal.SIGKILL)
     st = wait_for(capsys, rid, lambda s: s["state"] in ("done", "failed"))
@@ -199,14 +199,14 @@ def test_worker_sigkill_mid_run_loses_nothing(farm, capsys, tmp_path):
 def test_refusals_name_the_problem(farm, capsys, tmp_path):
     loras = farm["loras"]
     out = tmp_path / "out"
-    big = manifest(tmp_path / "big.yaml", loras, [("style",)], 16, out, size=128, steps=4)
+    big = manifest(tmp_path / "big.yaml", loras, [("palette",)], 16, out, size=128, steps=4)
     code, rid, _ = submit(capsys, big)
     assert code == 0
     # the same manifest again while it runs: the same run, not queued twice
     code, again, err = submit(capsys, big)
     assert code == 0 and again == rid and "already running" in err
     # another manifest into the same output while it runs: refused, naming the run
-    other = manifest(tmp_path / "other.yaml", loras, [("detail",)], 2, out)
+    other = manifest(tmp_path / "other.yaml", loras, [("stripes",)], 2, out)
     code, _, err = submit(capsys, other)
     assert code == 2 and rid in err and "being written" in err
     # a model no pool serves: refused at submit, naming the pools
@@ -217,7 +217,7 @@ def test_refusals_name_the_problem(farm, capsys, tmp_path):
     assert code == 2 and "no pool serves" in err and "tiny" in err
     # a LoRA outside the farm's roots: refused by the farm's policy, not the submitter's
     stray = tmp_path / "stray.safetensors"
-    stray.write_bytes(open(loras["style"], "rb").read())
+    stray.write_bytes(open(loras["palette"], "rb").read())
     m = manifest(tmp_path / "stray.yaml", {"x": str(stray)}, [("x",)], 1, tmp_path / "o3")
     code, _, err = submit(capsys, m)
     assert code == 2 and "policy" in err
@@ -254,7 +254,7 @@ def test_up_on_a_running_farm_reconciles_the_worker_count(farm, capsys, tmp_path
 
 
 def test_down_drains_and_the_next_up_finishes_the_run(farm, capsys, tmp_path):
-    rid, out, _ = started(capsys, farm, tmp_path, [("style",), ("detail",)], 12, ok_at=2)
+    rid, out, _ = started(capsys, farm, tmp_path, [("palette",), ("stripes",)], 12, ok_at=2)
     capsys.readouterr()
     assert farm_main(["down"]) == 0  # drain: in-flight jobs finish; the run stays recorded
     said = capsys.readouterr().out
