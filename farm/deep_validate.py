@@ -109,7 +109,7 @@ def deep_problems(m: Manifest, cache_dir: str | None = None) -> tuple[list[str],
         try:
             policy.check(uri)
             fetched = store.fetch(uri, sha)
-            adapter = header_adapter(fetched.path, content_id=fetched.sha256)
+            adapter = header_adapter(fetched.path, content_id=fetched.sha256, name=uri)
         except LoraError as e:
             problems.append(f"{uri}: {type(e).__name__}: {e}")
             bad.add((uri, sha))

@@ -42,41 +42,44 @@ def _meta(path: str, key: str, info: dict) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def header_adapter(path: str, *, content_id: str | None = None) -> Adapter:
+def header_adapter(path: str, *, content_id: str | None = None, name: str | None = None) -> Adapter:
     """The file's layers with ``meta`` factors (no tensor data read but the alphas).
 
     Raises what a real load raises for the header and the layout (``CorruptFileError``,
     ``UnknownKeysError``, ``UnsupportedFormatError``, ``ShapeMismatchError`` ...); the
-    values of the factors (NaN, Inf) are not checked: only a real load reads them."""
+    values of the factors (NaN, Inf) are not checked: only a real load reads them. ``name``: what
+    errors and the adapter call the file (the URI a cache blob was fetched for), as in
+    ``lora_core.adapter.load_adapter_file``."""
     path = os.fspath(path)
+    src = name or path
     if not os.path.isfile(path):
-        raise CorruptFileError("no such LoRA file", source=path)
+        raise CorruptFileError("no such LoRA file", source=src)
     if is_pickle_file(path):
-        load_pickle_state_dict(path, allow_pickle=False)  # refused, as the workers refuse it (UnsafeFormatError)
-    header = read_header(path)
-    keymap, diff_keys = classify_keys(header.keys(), path)  # .diff/.diff_b split off (lora_core.diffs)
+        load_pickle_state_dict(path, allow_pickle=False, name=src)  # refused, as the workers refuse it (UnsafeFormatError)
+    header = read_header(path, src)
+    keymap, diff_keys = classify_keys(header.keys(), src)  # .diff/.diff_b split off (lora_core.diffs)
     alpha_keys = [roles["alpha"] for roles in keymap.entries.values() if "alpha" in roles]
-    alphas = load_tensors(path, alpha_keys) if alpha_keys else {}
+    alphas = load_tensors(path, alpha_keys, src) if alpha_keys else {}
     layers: dict[str, LoraLayer] = {}
     for target, roles in keymap.entries.items():
         if "A" not in roles or "B" not in roles:
             continue  # a role other than a low-rank pair (a full-weight diff): not bound here
-        a, b = _meta(path, roles["A"], header[roles["A"]]), _meta(path, roles["B"], header[roles["B"]])
+        a, b = _meta(src, roles["A"], header[roles["A"]]), _meta(src, roles["B"], header[roles["B"]])
         if a.shape[0] != b.shape[1]:
             raise ShapeMismatchError(f"down has rank {a.shape[0]} but up has rank {b.shape[1]}",
-                                     source=path, key=roles["B"])
+                                     source=src, key=roles["B"])
         alpha = float(a.shape[0])
         if "alpha" in roles:
             t = alphas[roles["alpha"]]
             if t.numel() != 1:
-                raise ShapeMismatchError(f"alpha must be a scalar, got shape {tuple(t.shape)}", source=path,
+                raise ShapeMismatchError(f"alpha must be a scalar, got shape {tuple(t.shape)}", source=src,
                                          key=roles["alpha"])
             alpha = float(t.reshape(()).item())
         layers[target] = LoraLayer(A=a, B=b, alpha=alpha)
-    found = {t: {p: _meta_diff(path, k, header[k]) for p, k in ps.items()} for t, ps in diff_keys.items()}
+    found = {t: {p: _meta_diff(src, k, header[k]) for p, k in ps.items()} for t, ps in diff_keys.items()}
     names = {(t, p): k for t, ps in diff_keys.items() for p, k in ps.items()}
-    return Adapter(layers=MappingProxyType(layers), content_id=content_id or file_sha256(path), source=path,
-                   scheme=keymap.scheme, metadata=read_metadata(path), diffs=MappingProxyType(found),
+    return Adapter(layers=MappingProxyType(layers), content_id=content_id or file_sha256(path), source=src,
+                   scheme=keymap.scheme, metadata=read_metadata(path, src), diffs=MappingProxyType(found),
                    diff_keys=MappingProxyType(names))
 
 
@@ -157,6 +160,9 @@ def refusal_groups(refused: dict[str, str]) -> list[tuple[str, list[str], str]]:
 
 
 def _clip(text: str) -> str:
+    """One line of at most MAX_LINE printable characters: a file's header is untrusted, and a
+    newline or a terminal escape in it must not add lines or reach the terminal."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 
 
@@ -165,7 +171,7 @@ def format_summary(info: dict[str, Any], binding: dict[str, Any] | None = None) 
     the refusals grouped by reason, each with its count, first keys and first message."""
     meta = ", ".join(f"{k}={v}" for k, v in info["metadata"].items()) or "-"
     lines = [
-        f"{info['file']}",
+        _clip(f"{info['file']}"),
         f"  layout   {info['layout']}",
         f"  size     {info['bytes']:,} bytes, {info['tensors']} tensors ("
         + ", ".join(f"{n} {d}" for d, n in sorted(info["dtypes"].items())) + ")",

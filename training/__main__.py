@@ -21,14 +21,20 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weights", default=os.path.join(ROOT, "workers", "backends", "tiny_trained"))
-    ap.add_argument("--loras", default=os.path.join(ROOT, "examples", "loras"))
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the loss curve depends on it a little)")
+    ap.add_argument("--weights", default=None, help="where the weights go (default: the committed ones, "
+                    "workers/backends/tiny_trained/)")
+    ap.add_argument("--loras", default=None, help="where the LoRAs go (default: the committed ones, examples/loras/)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (2 made the committed files; the "
+                    "bytes depend on the count, the loss curve a little)")
     ap.add_argument("--quick", action="store_true", help="a few steps per stage")
     ap.add_argument("--loras-only", action="store_true",
                     help="train the demo LoRAs again on the weights in --weights (the same LoRAs a whole run makes)")
     ap.add_argument("--no-write", action="store_true", help="leave benchmarks/RESULTS.md and its plot alone")
     args = ap.parse_args(argv)
+    if args.quick and (args.weights is None or args.loras is None):
+        ap.error("--quick trains a throwaway model: give --weights DIR and --loras DIR (not the committed files)")
+    args.weights = args.weights or os.path.join(ROOT, "workers", "backends", "tiny_trained")
+    args.loras = args.loras or os.path.join(ROOT, "examples", "loras")
     torch.set_num_threads(args.threads)
     train = train_loras_only if args.loras_only else train_all
     doc = train(args.weights, args.loras, args.seed, QUICK if args.quick else Sizes(),
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         from .report import write_results
 
         write_results(doc, "python -m training" + (f" --seed {args.seed}" if args.seed else "")
-                      + (" --loras-only" if args.loras_only else ""))
+                      + (" --loras-only" if args.loras_only else "") + f" --threads {args.threads}")
     print(json.dumps({k: doc[k] for k in ("seed", "seconds", "threads")}))
     return 0
 

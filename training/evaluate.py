@@ -3,7 +3,7 @@
 Renders the same 24 prompts of the dataset (8 steps, 128x128, the demo's settings) with the
 trained weights and with random ones, reads each picture back (background colour, shape
 colour, shape kind: ``testsupport.image_measures.read_picture``) and scores the share that
-matches the prompt; then renders them with each demo LoRA at strengths 0.5 and 1 (merged
+matches the prompt; then renders them with each demo LoRA at strengths 0.5, 0.75 and 1 (merged
 by ``lora_core.apply``) and reports each effect's image-space measure. Writes its section of
 ``benchmarks/RESULTS.md``. The tests (tests/workers/test_tiny_trained.py,
 tests/farm/test_demo_loras.py) assert bounds on the same quantities.
@@ -45,6 +45,7 @@ def reading_scores(images, which: list[tuple[str, str, str]]) -> dict[str, float
 
 def evaluate(n: int = 24) -> dict:
     import numpy as np
+    import torch
 
     import lora_core
     from testsupport.image_measures import MEASURES
@@ -73,6 +74,7 @@ def evaluate(n: int = 24) -> dict:
             finally:
                 handle.restore()
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["threads"] = torch.get_num_threads()
     return out
 
 
@@ -84,7 +86,7 @@ def section(doc: dict, command: str, machine: str) -> str:
     measure_rows = "\n".join(f"| {label} | " + " | ".join(f"{v[m]:.3f}" for m in names) + " |"
                              for label, v in doc["measures"].items())
     return (f"`{command}` ({doc['cases']} prompts of the dataset, one seed each, 8 steps at 128x128, "
-            f"{doc['seconds']:.0f} s on {machine}).\n\n"
+            f"{doc['threads']} torch threads, {doc['seconds']:.0f} s on {machine}).\n\n"
             "Share of the pictures whose reading (`testsupport.image_measures.read_picture`: the border's "
             "colour, the colour of the pixels far from it, and the shape whose outline of the same area at "
             "their centroid overlaps them best; it reads every exactly drawn picture right) matches the "
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         from benchmarks.common import machine, replace_section
 
-        replace_section(TITLE, section(doc, "python -m training.evaluate", machine(("torch", "diffusers"))))
+        replace_section(TITLE, section(doc, f"python -m training.evaluate --threads {args.threads}",
+                                       machine(("torch", "diffusers"))))
     return 0
 
 

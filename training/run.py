@@ -58,7 +58,7 @@ def _round_to_fp16(module: torch.nn.Module) -> None:
 
 def train_all(weights_dir: str, loras_dir: str, seed: int = 0, sizes: Sizes = Sizes(),
               log: Callable[[str], None] = print) -> dict:
-    from workers.backends.tiny import TRAINED_PARTS, build_tiny_pipeline
+    from workers.backends.tiny import TRAINED_PARTS, build_tiny_pipeline, tokenizer_digest
 
     t0 = time.perf_counter()
     curves: list[Curve] = []
@@ -80,7 +80,8 @@ def train_all(weights_dir: str, loras_dir: str, seed: int = 0, sizes: Sizes = Si
         _save(path, getattr(pipe, part).state_dict())
         files[os.path.basename(path)] = _sha256(path)
     curves += _train_loras(pipe, loras_dir, seed, sizes, log)
-    meta = {"vae_config": vae_config, "seed": seed, "sizes": asdict(sizes), "loras": _lora_specs()}
+    meta = {"vae_config": vae_config, "seed": seed, "sizes": asdict(sizes), "loras": _lora_specs(),
+            "tokenizer_sha256": tokenizer_digest(pipe.tokenizer)}
     log_doc = {"seed": seed, "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "machine": platform.machine(),
                "stages": [c.to_json(every=max(1, min(25, len(c.losses)))) for c in curves]}

@@ -219,3 +219,22 @@ def test_inspect_on_the_nunchaku_backend_says_binding_is_not_checked(tmp_path, c
         assert "binding is not checked" in captured.err and "binding is checked for tiny, diffusers" in captured.err
         assert "Traceback" not in captured.err
     assert main(["lora", "inspect", path]) == 0  # the file alone still reads
+
+
+def test_untrusted_header_text_cannot_add_lines_or_escapes(tmp_path):
+    """Header metadata is the file's own text: a newline or a terminal escape in it is shown as
+    '?', so the screen keeps its lines and the terminal its state."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_core.inspection import format_summary, summary
+
+    tensors = {"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
+               "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2)}
+    path, clean = tmp_path / "hostile.safetensors", tmp_path / "clean.safetensors"
+    save_file(tensors, str(path), metadata={"ss_network_alpha": "1\n2\n3\n4\x1b[2J", "ss_network_module": "x\ry"})
+    save_file(tensors, str(clean), metadata={"ss_network_alpha": "1", "ss_network_module": "x"})
+    text = format_summary(summary(str(path)))
+    assert "\x1b" not in text and "\r" not in text
+    assert len(text.splitlines()) == len(format_summary(summary(str(clean))).splitlines())
+    assert all(line.isprintable() for line in text.splitlines()), text

@@ -39,3 +39,25 @@ def test_weights_spec_is_checked():
         make_backend({"backend": "tiny", "weights": "best"}, device="cpu")
     with pytest.raises(BackendSpecError, match="seed: chooses random weights"):
         make_backend({"backend": "tiny", "weights": "trained", "seed": 3}, device="cpu")
+
+
+def test_the_weights_are_refused_with_another_tokenizer(tmp_path):
+    """The text encoder was trained on this tokenizer's ids; the tokenizer is trained from code,
+    so a change of its corpus or of the tokenizers package must not pass silently."""
+    import json
+    import shutil
+
+    from storage.localfs import hash_file
+    from workers.backends import tiny
+
+    d = tmp_path / "weights"
+    shutil.copytree(tiny.TRAINED_DIR, d)
+    meta = json.loads((d / "meta.json").read_text())
+    assert meta["tokenizer_sha256"] == tiny.tokenizer_digest(tiny._train_tokenizer())  # the committed one fits
+    meta["tokenizer_sha256"] = "0" * 64
+    (d / "meta.json").write_text(json.dumps(meta))
+    sums = [line.split() for line in (d / "SHA256SUMS").read_text().splitlines()]
+    (d / "SHA256SUMS").write_text("".join(f"{hash_file(str(d / n))[0] if n == 'meta.json' else h}  {n}\n"
+                                          for h, n in sums))
+    with pytest.raises(RuntimeError, match="not the one the weights .* were trained with"):
+        tiny.build_trained_pipeline(directory=str(d))

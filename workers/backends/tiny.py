@@ -171,13 +171,29 @@ def trained_meta(directory: str = TRAINED_DIR) -> dict[str, Any]:
         return json.load(f)
 
 
+def tokenizer_digest(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's whole definition (vocabulary, merges, settings): the trained text
+    encoder's embeddings are rows of token ids this tokenizer gives, and it is trained from code."""
+    import hashlib
+
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    for setting in ("padding", "truncation"):  # set per call by whoever encodes with it, not what it is
+        definition.pop(setting, None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+
+
 def build_trained_pipeline(dtype: torch.dtype = torch.float32, directory: str = TRAINED_DIR) -> Any:
-    """The tiny pipeline with the project's trained weights (checked against ``SHA256SUMS``)."""
+    """The tiny pipeline with the project's trained weights (checked against ``SHA256SUMS``, and
+    the tokenizer built here against the one they were trained with)."""
     from safetensors.torch import load_file
 
     check_trained(directory)
     meta = trained_meta(directory)
     pipe = build_tiny_pipeline(0, torch.float32, vae_config=meta["vae_config"])
+    if "tokenizer_sha256" in meta and tokenizer_digest(pipe.tokenizer) != meta["tokenizer_sha256"]:
+        raise RuntimeError(f"the tiny tokenizer built here is not the one the weights in {directory} were "
+                           "trained with (its corpus or the tokenizers package changed): train again "
+                           "(`python -m training`) or restore them")
     for part in TRAINED_PARTS:
         module = getattr(pipe, part)
         state = load_file(os.path.join(directory, f"{part}.safetensors"))
@@ -198,8 +214,11 @@ def check_sums(directory: str, hint: str = "") -> list[str]:
     if not os.path.exists(sums):
         raise RuntimeError(f"{sums} is missing{hint}")
     paths = []
-    for line in open(sums, encoding="utf-8").read().splitlines():
-        digest, name = line.split(maxsplit=1)
+    for n, line in enumerate(open(sums, encoding="utf-8").read().splitlines(), 1):
+        fields = line.split(maxsplit=1)
+        if len(fields) != 2 or len(fields[0]) != 64:
+            raise RuntimeError(f"{sums}, line {n}: expected '<sha256>  <file name>'{hint}")
+        digest, name = fields
         path = os.path.join(directory, name)
         if not os.path.exists(path):
             raise RuntimeError(f"{path} is missing (listed in {sums}){hint}")
