@@ -36,9 +36,9 @@ def section(doc: dict, command: str, machine: str) -> str:
     how = (f"`{command}` (seed {doc['seed']}, {doc['threads']} torch threads, torch {doc['torch']}), "
            f"{doc['seconds'] / 60:.1f} min in all on {machine}.")
     if "threads_loras" in doc:  # the LoRA stage run alone on the weights of a whole run
-        how = (f"`python -m training` (seed {doc['seed']}, {doc['threads']} torch threads, torch {doc['torch']}) "
-               f"trained the VAE and the transformer; `{command}` ({doc['threads_loras']} torch threads) the "
-               f"LoRAs on its weights; {doc['seconds'] / 60:.1f} min of stages in all on {machine}.")
+        how = (f"`python -m training --threads {doc['threads']}` (seed {doc['seed']}, torch {doc['torch']}) "
+               f"trained the VAE and the transformer; `{command}` the LoRAs on its weights; "
+               f"{doc['seconds'] / 60:.1f} min of stages in all on {machine}.")
     return (how + "\n\n"
             "| stage | steps | seconds | first loss | last loss (mean of the last window) |\n"
             "|---|---|---|---|---|\n" + rows + "\n\n"
