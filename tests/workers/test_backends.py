@@ -32,6 +32,12 @@ def tiny():
     return make_backend({"backend": "tiny"}, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def random0():
+    """The random-weight build, seed 0 (what `args: {seed: 0}` and save_tiny_pipeline() give)."""
+    return make_backend({"backend": "tiny", "weights": "random"}, device="cpu")
+
+
 class CallCounter:
     """Counts transformer calls through a forward pre-hook (the model itself is untouched)."""
 
@@ -188,14 +194,15 @@ def test_bad_dtype_and_bad_option_types():
         make_backend({"backend": "tiny", "step_cache": {"threshold": 0.1}})
 
 
-def test_manifest_style_spec_with_args_and_auto_dtype(tiny):
+def test_manifest_style_spec_with_args_and_auto_dtype(tiny, random0):
     # jobs.validate hands over {backend, path?, dtype?, args?}; args are backend options.
     b = make_backend({"backend": "tiny", "dtype": "auto",
                       "args": {"seed": 0, "step_cache": {"calibrate": True, "verbose": False}}}, device="cpu")
     assert b.dtype == torch.float32 and b.step_cache is not None and b.step_cache.calibrate
-    assert digest(b.render([CAT])[0]) == digest(tiny.render([CAT])[0])  # calibration never skips
+    assert digest(b.render([CAT])[0]) == digest(random0.render([CAT])[0])  # calibration never skips
+    assert digest(random0.render([CAT])[0]) != digest(tiny.render([CAT])[0])  # a seed: random, not the trained
     other = make_backend({"backend": "tiny", "args": {"seed": 1}}, device="cpu")
-    assert digest(other.render([CAT])[0]) != digest(tiny.render([CAT])[0])  # other weights
+    assert digest(other.render([CAT])[0]) != digest(random0.render([CAT])[0])  # other weights
     with pytest.raises(BackendSpecError, match="args.dtype"):
         make_backend({"backend": "tiny", "dtype": "float32", "args": {"dtype": "bfloat16"}})
     with pytest.raises(BackendSpecError, match="colour"):
@@ -212,14 +219,14 @@ def test_diffusers_missing_path(tmp_path):
         make_backend({"backend": "diffusers", "path": str(tmp_path)})
 
 
-def test_diffusers_backend_loads_the_saved_tiny_pipeline(tmp_path, tiny):
+def test_diffusers_backend_loads_the_saved_tiny_pipeline(tmp_path, random0):
     save_tiny_pipeline(tmp_path / "tiny-qwen")
     loaded = make_backend({"backend": "diffusers", "path": str(tmp_path / "tiny-qwen")}, device="cpu")
     assert loaded.name == "diffusers" and loaded.dtype == torch.float32
     assert type(loaded.transformer).__name__ == "QwenImageTransformer2DModel"
     names = [n for n, _ in loaded.transformer.named_modules()]
-    assert names == [n for n, _ in tiny.transformer.named_modules()]
-    assert digest(loaded.render([CAT])[0]) == digest(tiny.render([CAT])[0])
+    assert names == [n for n, _ in random0.transformer.named_modules()]
+    assert digest(loaded.render([CAT])[0]) == digest(random0.render([CAT])[0])
 
 
 @pytest.mark.skipif(nunchaku_available(), reason="nunchaku is installed here")
