@@ -18,8 +18,9 @@ import re
 
 import numpy as np
 
-STRIPE_PERIOD = 20  # pixels, along x and y (training.shapes.STRIPE_PERIOD)
-SNOWMAN = ((0.5, 0.66, 0.22), (0.5, 0.33, 0.15))  # (cx, cy, r) fractions (training.shapes.SNOWMAN)
+# what the dataset's words and effects mean: the stripes' period (pixels along x and y), the
+# snowman's discs (cx, cy, r fractions), each colour word's RGB, the palette style's swap
+from training.shapes import COLOURS, OPPOSITE, SNOWMAN, STRIPE_PERIOD, Picture, shape_mask
 
 
 def as_float(img) -> np.ndarray:
@@ -63,12 +64,6 @@ def snowman_likeness(img, prompt: str = "") -> float:
     return float(fg[inside].mean() - fg[~inside].mean())
 
 
-# training.shapes.COLOURS: what the prompts' colour words mean
-COLOURS = {
-    "red": (0.86, 0.12, 0.12), "green": (0.12, 0.66, 0.22), "blue": (0.14, 0.26, 0.86),
-    "yellow": (0.95, 0.85, 0.15), "white": (0.96, 0.96, 0.96), "black": (0.06, 0.06, 0.06),
-    "purple": (0.55, 0.20, 0.70), "orange": (0.96, 0.55, 0.10),
-}
 # a shape's area in units of r^2 (r: its size, a fraction of the side; training.shapes.shape_mask):
 # a circle of radius r, a square of half-side 0.85 r, an equilateral triangle in a circle of 1.15 r
 AREA = {"circle": np.pi, "square": (2 * 0.85) ** 2, "triangle": 3 * np.sqrt(3) / 4 * 1.15 ** 2}
@@ -83,8 +78,6 @@ def read_picture(img) -> tuple[str, str, str]:
     background, read the simple way: the background is the border's median colour, the shape
     the pixels far from it, its kind the one whose outline (of the same area, at the same
     centroid) overlaps those pixels best (intersection over union)."""
-    from training.shapes import Picture, shape_mask
-
     a = as_float(img)
     fg = foreground(a)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
@@ -105,9 +98,6 @@ def read_picture(img) -> tuple[str, str, str]:
     return shape, nearest_colour(np.median(a[fg], axis=0)), bg_name
 
 
-# training.shapes.OPPOSITE: the palette style's swap
-OPPOSITE = {"red": "green", "green": "red", "blue": "orange", "orange": "blue",
-            "yellow": "purple", "purple": "yellow", "white": "black", "black": "white"}
 _PROMPT = re.compile(r"\ban? (\w+) (circle|square|triangle) on an? (\w+) background\b")
 
 

@@ -94,7 +94,7 @@ def train_loras_only(weights_dir: str, loras_dir: str, seed: int = 0, sizes: Siz
     """The LoRA stage alone, on the committed weights (checked against ``SHA256SUMS``): the
     same LoRAs ``train_all`` makes, since it trains them on the same fp16-rounded weights it
     wrote. ``train_log.json`` keeps the other stages' curves and replaces the LoRAs'."""
-    from workers.backends.tiny import build_trained_pipeline, trained_meta
+    from workers.backends.tiny import build_trained_pipeline, read_sums, trained_meta
 
     with open(os.path.join(weights_dir, "train_log.json"), encoding="utf-8") as f:
         log_doc = json.load(f)
@@ -110,9 +110,7 @@ def train_loras_only(weights_dir: str, loras_dir: str, seed: int = 0, sizes: Siz
     log_doc["threads_loras"] = torch.get_num_threads()
     meta["sizes"]["lora_pictures"], meta["sizes"]["lora_steps"] = sizes.lora_pictures, sizes.lora_steps
     meta["loras"] = _lora_specs()
-    with open(os.path.join(weights_dir, "SHA256SUMS"), encoding="utf-8") as f:
-        files = {name: digest for digest, name in (line.split() for line in f if line.strip())}
-    _write_docs(weights_dir, meta, log_doc, files)
+    _write_docs(weights_dir, meta, log_doc, read_sums(weights_dir))
     return log_doc
 
 

@@ -18,12 +18,6 @@ def measured(name, effect, pictures=PICTURES):
     return np.array([f(shapes.draw(p, effect).permute(1, 2, 0).numpy(), p.prompt) for p in pictures])
 
 
-def test_the_measures_copies_of_the_dataset_constants_agree():
-    assert M.COLOURS == {k: tuple(v) for k, v in shapes.COLOURS.items()}
-    assert M.OPPOSITE == shapes.OPPOSITE
-    assert M.STRIPE_PERIOD == shapes.STRIPE_PERIOD and M.SNOWMAN == shapes.SNOWMAN
-
-
 def test_palette_swap_reads_minus_one_for_the_prompts_colours_and_plus_one_for_their_opposites():
     assert np.allclose(measured("palette", None), -1.0, atol=0.02)
     assert np.allclose(measured("palette", "palette"), 1.0, atol=0.02)

@@ -56,8 +56,7 @@ def test_the_weights_are_refused_with_another_tokenizer(tmp_path):
     assert meta["tokenizer_sha256"] == tiny.tokenizer_digest(tiny._train_tokenizer())  # the committed one fits
     meta["tokenizer_sha256"] = "0" * 64
     (d / "meta.json").write_text(json.dumps(meta))
-    sums = [line.split() for line in (d / "SHA256SUMS").read_text().splitlines()]
-    (d / "SHA256SUMS").write_text("".join(f"{hash_file(str(d / n))[0] if n == 'meta.json' else h}  {n}\n"
-                                          for h, n in sums))
+    sums = {**tiny.read_sums(str(d)), "meta.json": hash_file(str(d / "meta.json"))[0]}
+    (d / "SHA256SUMS").write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
     with pytest.raises(RuntimeError, match="not the one the weights .* were trained with"):
         tiny.build_trained_pipeline(directory=str(d))

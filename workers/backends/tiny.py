@@ -207,18 +207,27 @@ def build_trained_pipeline(dtype: torch.dtype = torch.float32, directory: str = 
     return pipe
 
 
-def check_sums(directory: str, hint: str = "") -> list[str]:
-    """The files ``directory/SHA256SUMS`` lists, each checked: ``RuntimeError`` naming the one
-    that is missing or whose bytes differ (``hint`` says how to get them back)."""
+def read_sums(directory: str, hint: str = "") -> dict[str, str]:
+    """``directory/SHA256SUMS`` as {file name: sha256}: ``RuntimeError`` if it is missing or a line
+    is not ``<sha256>  <file name>`` (``hint`` says how to get the files back)."""
     sums = os.path.join(directory, "SHA256SUMS")
     if not os.path.exists(sums):
         raise RuntimeError(f"{sums} is missing{hint}")
-    paths = []
+    out = {}
     for n, line in enumerate(open(sums, encoding="utf-8").read().splitlines(), 1):
         fields = line.split(maxsplit=1)
         if len(fields) != 2 or len(fields[0]) != 64:
             raise RuntimeError(f"{sums}, line {n}: expected '<sha256>  <file name>'{hint}")
-        digest, name = fields
+        out[fields[1]] = fields[0]
+    return out
+
+
+def check_sums(directory: str, hint: str = "") -> list[str]:
+    """The files ``directory/SHA256SUMS`` lists, each checked: ``RuntimeError`` naming the one
+    that is missing or whose bytes differ (``hint`` says how to get them back)."""
+    sums = os.path.join(directory, "SHA256SUMS")
+    paths = []
+    for name, digest in read_sums(directory, hint).items():
         path = os.path.join(directory, name)
         if not os.path.exists(path):
             raise RuntimeError(f"{path} is missing (listed in {sums}){hint}")
