@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Union
 import torch
 
 from . import diffs
+from .formats import nunchaku_converted
 from .errors import CorruptFileError, NonFiniteError, ShapeMismatchError
 from .keymap import KeyMap, classify
 from .safetensors_io import (
@@ -31,6 +32,9 @@ class LoraLayer:
     A: torch.Tensor  # (rank, in)
     B: torch.Tensor  # (out, rank)
     alpha: float
+    #: a nunchaku-converted file's SVDQ factors: their leading ranks may be the base checkpoint's
+    #: own branch, checked and dropped against the model (``formats.nunchaku_converted.bind``)
+    may_hold_base: bool = False
 
     @property
     def rank(self) -> int:
@@ -167,7 +171,11 @@ def state_dict_id(sd: Mapping[str, torch.Tensor]) -> str:
 def _build(keymap, tensors: Mapping[str, torch.Tensor], *, source: str, content_id: str,
            diff_keys: Mapping[str, Mapping[str, str]] | None = None) -> Adapter:
     layers: dict[str, LoraLayer] = {}
-    for target, roles in keymap.entries.items():
+    converted = keymap.scheme == nunchaku_converted.NAME
+    if converted:  # packed factors unpacked, scale 1 (``formats/nunchaku_converted.py``)
+        for target, (a, b, base) in nunchaku_converted.factors(keymap.entries, tensors, source).items():
+            layers[target] = LoraLayer(A=a, B=b, alpha=float(a.shape[0]), may_hold_base=base)
+    for target, roles in ({} if converted else keymap.entries).items():
         a = _matrix(tensors[roles["A"]], source, roles["A"])
         b = _matrix(tensors[roles["B"]], source, roles["B"])
         if a.shape[0] != b.shape[1]:

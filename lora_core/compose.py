@@ -18,6 +18,7 @@ import torch
 from . import diffs
 from .adapter import Adapter
 from .errors import ShapeMismatchError, TargetNotFoundError, shown_list
+from .formats import nunchaku_converted
 from .model_index import ModelIndex
 from .nunchaku import reorder_modulation_rows
 from .resolve import Placement, Unresolved, resolve
@@ -62,6 +63,7 @@ def plan(pairs: Sequence[tuple[Adapter, float]], index: ModelIndex, where: Where
     strength x scale x B, rounded once."""
     terms: dict[str, list[_Term]] = {}
     missing: list[str] = []
+    pairs = [(nunchaku_converted.bind(a, index), s) for a, s in pairs]  # its base part checked against the model
     for adapter, strength in ordered(pairs):
         for target, layer in adapter.layers.items():
             try:

@@ -19,6 +19,7 @@ import torch
 from .adapter import Adapter, LoraLayer, classify_keys
 from .compose import plan
 from .errors import CorruptFileError, LoraError, ShapeMismatchError
+from .formats import nunchaku_converted
 from .model_index import ModelIndex
 from .safetensors_io import (file_sha256, is_pickle_file, load_pickle_state_dict, load_tensors, read_header,
                              read_metadata)
@@ -61,7 +62,11 @@ def header_adapter(path: str, *, content_id: str | None = None, name: str | None
     alpha_keys = [roles["alpha"] for roles in keymap.entries.values() if "alpha" in roles]
     alphas = load_tensors(path, alpha_keys, src) if alpha_keys else {}
     layers: dict[str, LoraLayer] = {}
-    for target, roles in keymap.entries.items():
+    if keymap.scheme == nunchaku_converted.NAME:  # packed factors: their unpacked shapes, scale 1
+        metas = {k: _meta(src, k, header[k]) for roles in keymap.entries.values() for k in roles.values()}
+        for target, (a, b, base) in nunchaku_converted.factors(keymap.entries, metas, src).items():
+            layers[target] = LoraLayer(A=a, B=b, alpha=float(a.shape[0]), may_hold_base=base)
+    for target, roles in ({} if layers else keymap.entries).items():
         if "A" not in roles or "B" not in roles:
             continue  # a role other than a low-rank pair (a full-weight diff): not bound here
         a, b = _meta(src, roles["A"], header[roles["A"]]), _meta(src, roles["B"], header[roles["B"]])
@@ -112,6 +117,8 @@ def summary(path: str, adapter: Adapter | None = None) -> dict[str, Any]:
         "targets": {t: {"rank": l.rank, "alpha": l.alpha, "in": int(l.A.shape[1]), "out": int(l.B.shape[0])}
                     for t, l in sorted(layers.items())},
         "diffs": {t: {p: list(d.shape) for p, d in sorted(ps.items())} for t, ps in sorted(adapter.diffs.items())},
+        **({"base_part": any(layer.may_hold_base for layer in layers.values())}
+           if adapter.scheme == nunchaku_converted.NAME else {}),
     }
 
 
@@ -166,13 +173,20 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 
 
+#: What a layout line adds for a nunchaku-converted file (``summary``'s ``base_part``: ranks may hold a base branch).
+_LAYOUT_NOTES = {
+    (nunchaku_converted.NAME, True): " (packed; ranks may begin with its base checkpoint's branch, checked on bind)",
+    (nunchaku_converted.NAME, False): " (packed; converted without a base: an ordinary LoRA)",
+}
+
+
 def format_summary(info: dict[str, Any], binding: dict[str, Any] | None = None) -> str:
     """One screen of text (at most 23 lines): the summary, the first targets, and with a model
     the refusals grouped by reason, each with its count, first keys and first message."""
     meta = ", ".join(f"{k}={v}" for k, v in info["metadata"].items()) or "-"
     lines = [
         _clip(f"{info['file']}"),
-        f"  layout   {info['layout']}",
+        f"  layout   {info['layout']}" + _LAYOUT_NOTES.get((info["layout"], info.get("base_part")), ""),
         f"  size     {info['bytes']:,} bytes, {info['tensors']} tensors ("
         + ", ".join(f"{n} {d}" for d, n in sorted(info["dtypes"].items())) + ")",
         f"  rank(s)  {', '.join(map(str, info['ranks'])) or '-'}",

@@ -56,9 +56,8 @@ def _classify(keys: tuple[str, ...]) -> KeyMap:
     kind = unsupported.detect(keys)
     if kind:
         raise UnsupportedFormatError(f"unsupported adapter format: {kind} (only low-rank LoRA B@A is supported)")
-    marker = nunchaku_converted.detect(keys)
-    if marker:
-        raise UnsupportedFormatError(nunchaku_converted.message(marker))
+    if nunchaku_converted.detect(keys):  # loaded where it is the Qwen-Image layout, else refused by name
+        return KeyMap(scheme=nunchaku_converted.NAME, entries=nunchaku_converted.entries(keys))
     matches = [s for s in SCHEMES if s.detect(keys)]
     if not matches:
         raise UnknownKeysError(list(keys), reason="match no known LoRA key scheme (peft, kohya, lycoris)")

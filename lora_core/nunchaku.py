@@ -139,3 +139,13 @@ def reorder_modulation_rows(b: torch.Tensor, splits: int = 6) -> torch.Tensor:
         raise ValueError(f"modulation output {out_features} is not divisible by {splits}")
     dim = out_features // splits
     return b.reshape(splits, dim, *b.shape[1:]).transpose(0, 1).reshape(b.shape).contiguous()
+
+
+def chunk_major_modulation_rows(b: torch.Tensor, splits: int = 6) -> torch.Tensor:
+    """Inverse of :func:`reorder_modulation_rows`: nunchaku's interleaved rows (``j*splits + s``)
+    back to diffusers' chunk-major order (a nunchaku-converted file's modulation ups)."""
+    out_features = b.shape[0]
+    if out_features % splits:
+        raise ValueError(f"modulation output {out_features} is not divisible by {splits}")
+    dim = out_features // splits
+    return b.reshape(dim, splits, *b.shape[1:]).transpose(0, 1).reshape(b.shape).contiguous()

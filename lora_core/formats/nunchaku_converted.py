@@ -1,33 +1,82 @@
-"""nunchaku's own converted LoRA files (``nunchaku.lora.flux.to_nunchaku`` output), refused by name.
+"""nunchaku's own converted LoRA files (``to_nunchaku`` output): what the converters write, and how we read them.
 
-That converter writes the quantized model's internal names (``transformer_blocks.N.qkv_proj``,
-``mlp_fc1``, ``mlp_context_fc2``, ``out_proj_context`` ...) with bare ``.lora_down`` /
-``.lora_up`` tensors that are (1) permuted into the W4A4 kernel's tile order, (2) already
-concatenated with the base checkpoint's own SVD low-rank branch (rank 32 of *that* exact
-checkpoint), with alpha folded in, and (3) meant to *replace* the
-layer's ``proj_down``/``proj_up`` wholesale. Reading one back as an additive update would
-mean subtracting a branch we cannot check belongs to the model in hand, so lora_core
-refuses it and asks for the original file, which it packs onto the SVDQ branch itself
-(``lora_core/nunchaku.py``). Loading such files is out of scope: the refusal by name is
-the decision.
+Facts, from the tools' public code (read, not copied):
 
-Any bare ``.lora_down``/``.lora_up`` key marks it, whatever the module: besides the Flux
-leaves above, converters for other nunchaku models (a fork's Qwen-Image one writes
-``transformer_blocks.0.attn.to_qkv.lora_down``, ``img_mod.1.lora_down``) keep the model's
-own names. No scheme we read accepts a bare suffix (kohya and LyCORIS end in
-``.lora_down.weight``, PEFT in ``.lora_A[.name].weight``), so no loadable file is refused by this.
+- nunchaku-tech/nunchaku, main (3a3cc3d), ``nunchaku/lora/flux/nunchaku_converter.py`` ``to_nunchaku(lora,
+  base_sd)``, ``diffusers_converter.py``, ``models/transformers/transformer_flux.py``, ``csrc/flux.h``: the LoRA
+  is first put in diffusers names, a kohya ``.alpha`` folded into ``lora_A`` (A·alpha/rank). For every block of
+  the *base checkpoint* (the base is required: blocks are listed from its keys) and each of nunchaku's internal
+  Flux modules (``qkv_proj``, ``qkv_proj_context``, ``out_proj``, ``out_proj_context``, ``mlp_fc1``, ``mlp_fc2``,
+  ``mlp_context_fc1``, ``mlp_context_fc2``, ``norm1.linear``, ``norm1_context.linear``, ``norm.linear``) it writes
+  bare ``{block}.{module}.lora_down`` / ``.lora_up`` (no ``.weight``): the checkpoint's own low-rank branch first,
+  the LoRA after it along the rank (q/k/v fused: one shared down, ups stacked; else downs stacked, ups
+  block-diagonal), packed again for the W4A4 kernel (both sides zero-padded to 16, ``lora_core/nunchaku.py``'s
+  permutation); a module the LoRA leaves alone gets the base branch alone. Modulation (``norm*.linear``, AWQ,
+  no base branch): down rank-padded, up rows interleaved (row j·splits+s) and rank-padded, not packed. bf16 by
+  default; no header metadata; non-block LoRA keys stay diffusers-style (``x_embedder.lora_A.weight``).
+  ``update_lora_params`` replaces each layer's branch wholesale and ``set_lora_strength(s)`` calls
+  ``setLoraScale(SVD_RANK=32, s)``: a W4A4 layer keeps scale 1 on its first 32 ranks and gives s to every later
+  16-rank group (AWQ layers: s on their whole branch). ComfyUI-nunchaku (``wrappers/flux.py`` ->
+  ``compose_lora``) passes one converted file through unscaled when ``strength - 1 < 1e-5`` and asserts otherwise.
+- Qwen-Image: nunchaku's main has no converter for it. An unmerged branch of nunchaku-tech/nunchaku (commit
+  061b23f, "feat: add LoRA support for attention and transformer models": ``nunchaku/lora/qwenimage/
+  nunchaku_converter.py``, ``models/linear.py``, ``models/transformers/transformer_qwenimage.py``) writes the
+  model's own names, ``transformer_blocks.N.{attn.to_qkv, attn.add_qkv_proj, attn.to_out.0, attn.to_add_out,
+  img_mlp.net.0.proj, img_mlp.net.2, txt_mlp.net.0.proj, txt_mlp.net.2, img_mod.1, txt_mod.1}.lora_down/_up``,
+  for the blocks the LoRA touches. Given a base (``quant_path`` / ``base_sd``) each SVDQ layer's own packed
+  ``proj_down``/``proj_up`` is unpacked and put FIRST, the LoRA after it, packed again; layers the LoRA leaves
+  alone get the base alone, so every touched block has all eight SVDQ layers. Without one (its documented
+  ``to_nunchaku("lora.safetensors", output_path=...)``) only the LoRA's layers, the LoRA alone. ``img_mod.1`` /
+  ``txt_mod.1`` (AWQ) as Flux's modulation (6 splits). bf16, no metadata; the converter itself reads no
+  ``.alpha`` (its ``compose_lora`` folds alpha/rank into A, and multiplies by 2·strength, an "empirical
+  amplification" we do not reproduce). Its loader swaps ``proj_down``/``proj_up`` in wholesale and
+  ``set_lora_strength`` scales the ranks past the model's own rank (those keep 1).
+- ussoewwin/ComfyUI-QwenImageLoraLoader (what ComfyUI-nunchaku users load Qwen-Image LoRAs with) does not read
+  these files: it concatenates original LoRAs onto the branch itself, as lora_core does.
+
+What lora_core does with them:
+
+- Flux names: refused by name. Such a file always holds its base checkpoint's branch and names the modules of
+  nunchaku's C++ Flux model; lora-farm has no such target, and on a dense Flux model the base ranks cannot be
+  told from the LoRA's. Use the original file.
+- Qwen-Image names: loaded. Packed factors are unpacked (exact: a permutation), modulation ups put back in
+  diffusers' chunk-major rows (``compose`` interleaves them again on nunchaku's layers), scale 1 (what the file
+  holds is the update; strength scales it). A block without all eight SVDQ layers proves the file was converted
+  without a base: all its factors are the LoRA's. Otherwise its SVDQ factors may begin with a base branch, and
+  :func:`bind` decides against the model: on an SVDQ layer the leading ranks (as many as the layer's own packed
+  branch has) must equal that branch bit for bit (in the file's dtype); they are dropped, the rest lands like
+  any LoRA (concatenated after the model's own branch, times the strength: what ``set_lora_strength`` does); a
+  layer whose file branch is the base alone adds nothing; a mismatch is an error naming the key. On a dense
+  layer such a factor is refused (no branch to check it against). A header-only bind (meta tensors) checks
+  shapes only.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Iterable
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ..errors import NonFiniteError, ShapeMismatchError, UnknownKeysError, UnsupportedFormatError
+from ..nunchaku import TILE, chunk_major_modulation_rows, unpack_lowrank
+from ..resolve import Unresolved, resolve
 
 NAME = "nunchaku-converted"
 
-# nunchaku's internal module leaves, as its Flux converter's local_name_map writes them
+# nunchaku's internal Flux module leaves, as its Flux converter's local_name_map writes them
 _LEAF = re.compile(r"(?:^|\.)(?:qkv_proj(?:_context)?|out_proj(?:_context)?|mlp(?:_context)?_fc[12])\.lora_(?:down|up)$")
 # any bare factor: what no scheme reads (``.lora_down.weight`` is kohya's)
 _BARE = re.compile(r"(?:^|\.)lora_(?:down|up)$")
+_PAIR = re.compile(r"^(?P<target>.+)\.lora_(?P<role>down|up)$")
+_BLOCK = re.compile(r"^(?P<block>transformer_blocks\.\d+)\.(?P<leaf>.+)$")
+#: the Qwen-Image converter's packed SVDQ layers (each with a base branch in nunchaku's checkpoints)
+SVDQ_LEAVES = ("attn.to_qkv", "attn.add_qkv_proj", "attn.to_out.0", "attn.to_add_out",
+               "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+#: its modulation layers (AWQ, no base branch): not packed, up rows interleaved
+MODULATION_LEAVES = ("img_mod.1", "txt_mod.1")
+_ORIGINAL = "use the original LoRA file (lora_core packs it onto the SVDQ branch itself)"
 
 
 def detect(keys: Iterable[str]) -> str | None:
@@ -37,7 +86,158 @@ def detect(keys: Iterable[str]) -> str | None:
     return next((key for key in bare if _LEAF.search(key)), bare[0] if bare else None)
 
 
-def message(key: str) -> str:
-    return (f"unsupported adapter format: nunchaku-converted LoRA (key {key!r}): its tensors are packed for the "
-            "W4A4 kernel and carry one base checkpoint's own SVD branch; use the original LoRA file "
-            "(lora_core packs it onto the SVDQ branch itself)")
+def message(key: str, why: str | None = None, advice: str = _ORIGINAL) -> str:
+    why = why or ("its tensors are packed for the W4A4 kernel of nunchaku's Flux model and carry one base "
+                  "checkpoint's own SVD branch, which no lora-farm target can check")
+    return f"unsupported adapter format: nunchaku-converted LoRA (key {key!r}): {why}; {advice}"
+
+
+def entries(keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """``{target: {"A": down key, "B": up key}}`` of a file :func:`detect` marked; refused by name
+    where it is not the Qwen-Image converter's layout (Flux names, other keys beside, unknown layers)."""
+    keys = sorted(keys)
+    marker = detect(keys)
+    if marker is not None and _LEAF.search(marker):
+        raise UnsupportedFormatError(message(marker))
+    other = [k for k in keys if not _BARE.search(k)]
+    if other:
+        raise UnsupportedFormatError(message(marker, f"bare nunchaku factors mixed with {len(other)} other key(s) "
+                                                     f"(first {other[0]!r}), which its converter never writes"))
+    out: dict[str, dict[str, str]] = {}
+    for key in keys:
+        m = _PAIR.match(key)
+        block = _BLOCK.match(m.group("target")) if m else None
+        if block is None or block.group("leaf") not in SVDQ_LEAVES + MODULATION_LEAVES:
+            raise UnsupportedFormatError(message(key, "not a layer nunchaku's Qwen-Image converter writes "
+                                                      f"({', '.join(SVDQ_LEAVES + MODULATION_LEAVES)})"))
+        out.setdefault(m.group("target"), {})["A" if m.group("role") == "down" else "B"] = key
+    lonely = sorted(k for roles in out.values() if len(roles) != 2 for k in roles.values())
+    if lonely:
+        raise UnknownKeysError(lonely, reason="have no matching lora_down/lora_up partner")
+    return out
+
+
+def base_free(targets: Iterable[str]) -> bool:
+    """True when some block the file touches lacks one of the eight SVDQ layers: a converter
+    given a base writes them all, so this file was converted without one."""
+    blocks: dict[str, set[str]] = {}
+    for t in targets:
+        m = _BLOCK.match(t)
+        if m:
+            blocks.setdefault(m.group("block"), set()).add(m.group("leaf"))
+    return any(not set(SVDQ_LEAVES) <= leaves for leaves in blocks.values())
+
+
+def factors(entries: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torch.Tensor], source: str
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """``{target: (A (rank, in), B (out, rank), may_hold_base)}``: packed factors unpacked, the
+    modulation ups in diffusers' chunk-major rows. Meta tensors (a header) get their shapes only."""
+    free = base_free(entries)
+    out = {}
+    for target, roles in entries.items():
+        down, up = (_checked(tensors[roles[r]], source, roles[r]) for r in ("A", "B"))
+        leaf = _BLOCK.match(target).group("leaf")
+        packed = leaf in SVDQ_LEAVES
+        rank_d, rank_u = (down.shape[1], up.shape[1]) if packed else (down.shape[0], up.shape[1])
+        if rank_d != rank_u:
+            raise ShapeMismatchError(f"lora_down has rank {rank_d} but lora_up has rank {rank_u}", source=source,
+                                     key=roles["B"])
+        if packed:
+            for role, t in (("A", down), ("B", up)):
+                if t.shape[0] % TILE or t.shape[1] % TILE:
+                    raise ShapeMismatchError(f"a packed factor's sides are multiples of {TILE}, got "
+                                             f"{tuple(t.shape)}", source=source, key=roles[role])
+            a = _meta(down.shape[::-1], down) if down.is_meta else unpack_lowrank(down, down=True)
+            b = _meta(up.shape, up) if up.is_meta else unpack_lowrank(up, down=False)
+        else:
+            if up.shape[0] % 6:
+                raise ShapeMismatchError(f"a modulation up has 6 chunks of rows, got {up.shape[0]} rows",
+                                         source=source, key=roles["B"])
+            a, b = down, (_meta(up.shape, up) if up.is_meta else chunk_major_modulation_rows(up))
+        out[target] = (a, b, packed and not free)
+    return out
+
+
+def _meta(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=like.dtype, device="meta")
+
+
+def _checked(t: torch.Tensor, source: str, key: str) -> torch.Tensor:
+    if t.dim() != 2:
+        raise ShapeMismatchError(f"expected a 2-D LoRA factor, got shape {tuple(t.shape)}", source=source, key=key)
+    if not t.is_floating_point():
+        raise ShapeMismatchError(f"LoRA factor has non-float dtype {t.dtype}", source=source, key=key)
+    if not t.is_meta and not torch.isfinite(t).all():
+        raise NonFiniteError("LoRA factor contains NaN or Inf", source=source, key=key)
+    return t
+
+
+def bind(adapter: Any, index: Any) -> Any:
+    """``adapter`` as an ordinary LoRA for the model ``index`` indexes: base parts checked
+    and dropped on SVDQ layers, padding cropped to the modules' sizes; any other adapter as it is.
+
+    A factor that may hold a base part on a layer without a branch of its own (a dense one)
+    is refused; one whose leading ranks are not the SVDQ layer's own branch too. A target the
+    model does not have is kept as it is: ``compose.plan`` lists it with the others."""
+    if getattr(adapter, "scheme", None) != NAME:
+        return adapter
+    layers = {}
+    for target, layer in adapter.layers.items():
+        key = f"{target}.lora_down"
+        try:
+            places = resolve(target, index)
+        except Unresolved:
+            layers[target] = layer
+            continue
+        a, b = layer.A, layer.B
+        if layer.may_hold_base:
+            module = index.modules[places[0].module]
+            if len(places) != 1 or index.kinds[places[0].module] != "svdq":
+                where = ", ".join(sorted({p.module for p in places}))
+                raise UnsupportedFormatError(message(key, (
+                    "every block this file touches has all eight of nunchaku's SVDQ layers, as its converter writes "
+                    "them when given the base checkpoint: their leading ranks are then that checkpoint's own SVD "
+                    f"branch, which {where} (not an SVDQ layer) does not have, and nothing in the file tells them "
+                    "from the LoRA's"), "load it on the nunchaku model it was converted against, or use the original "
+                    "LoRA file"), source=adapter.source)
+            a, b = _drop_base(a, b, module, key, adapter.source)
+            if a is None:
+                continue  # the base branch alone: a layer the LoRA does not touch
+        a, b = _crop(a, b, places, index, key, adapter.source)
+        layers[target] = dataclasses.replace(layer, A=a, B=b, alpha=float(a.shape[0]), may_hold_base=False)
+    return dataclasses.replace(adapter, layers=MappingProxyType(layers))
+
+
+def _drop_base(a: torch.Tensor, b: torch.Tensor, module, key: str, source: str):
+    """(A, B) past the module's own packed branch, which must lead them; (None, None) when nothing is past it."""
+    base_down, base_up, _ = module.__dict__.get("_lora_farm_base") or (module.proj_down, module.proj_up, module.rank)
+    r0 = int(base_down.shape[1])
+    other = "this file was converted against a different base checkpoint (or without one)"
+    if a.shape[0] < r0 or a.shape[1] != base_down.shape[0] or b.shape[0] != base_up.shape[0]:
+        raise UnsupportedFormatError(message(key, (
+            f"its branch (rank {a.shape[0]}, {a.shape[1]} in, {b.shape[0]} out, padded) cannot begin with this "
+            f"layer's own (rank {r0}, {base_down.shape[0]} in, {base_up.shape[0]} out): {other}")), source=source)
+    if not (a.is_meta or base_down.is_meta):
+        own_a = unpack_lowrank(base_down.data, down=True).to(device=a.device, dtype=a.dtype)
+        own_b = unpack_lowrank(base_up.data, down=False).to(device=b.device, dtype=b.dtype)
+        if not (torch.equal(a[:r0], own_a) and torch.equal(b[:, :r0], own_b)):
+            raise UnsupportedFormatError(message(key, (
+                f"its first {r0} ranks are not this layer's own low-rank branch: {other}")), source=source)
+    a, b = a[r0:], b[:, r0:]
+    if a.shape[0] == 0 or not (a.is_meta or bool(a.any() and b.any())):
+        return None, None
+    return a, b
+
+
+def _crop(a: torch.Tensor, b: torch.Tensor, places, index, key: str, source: str):
+    """The zero padding past the modules' inputs and outputs cut off (a packed factor's sides are
+    multiples of 16); anything else there is an error."""
+    p = places[0]
+    n_in = max(q.cols.stop for q in places) if p.cols is not None else index.in_features(p.module)
+    rows = [q.rows.stop for q in places if q.rows is not None]
+    n_out = max(rows) if rows else (index.out_features(p.module) if p.offset is None else b.shape[0])
+    for t, side, n in ((a, 1, n_in), (b, 0, n_out)):
+        if t.shape[side] > n and not t.is_meta and t.narrow(side, n, t.shape[side] - n).any():
+            raise ShapeMismatchError(f"the factor is {t.shape[side]} wide where the model's module has {n}, and "
+                                     "the rest is not zero padding", source=source, key=key)
+    return a[:, : min(a.shape[1], n_in)], b[: min(b.shape[0], n_out)]

@@ -222,7 +222,9 @@ def nunchaku_converted_sd(rank=32 + R, dim=64):
 
 
 @pytest.mark.parametrize("model_kind", ["svdq", "dense"])
-def test_nunchaku_converted_file_refused_by_name(tmp_path, zimage, model_kind):
+def test_nunchaku_converted_flux_file_refused_by_name(tmp_path, zimage, model_kind):
+    """nunchaku's Flux converter always puts its base checkpoint's branch in and names its C++ Flux
+    model's modules: refused by name on every target (its Qwen-Image files load: test_nunchaku_converted.py)."""
     model = T.nunchaku_qwen_standin(64, 128) if model_kind == "svdq" else zimage
     path = T.write_safetensors(tmp_path / "svdq_lora.safetensors", nunchaku_converted_sd())
     snap = snapshot(model)
