@@ -3,7 +3,8 @@
 Every LoRA a manifest names is fetched through the node cache (``storage.store.LoraStore``,
 with the URI policy and size limit the workers use, so a file checked here is the one they
 will read), its checksum checked, its header parsed and its layers bound to the manifest's
-model, built on the meta device from its config (``workers.backends``' ``meta_transformer``):
+model, built on the meta device from its config (``workers.backends``' ``meta_transformer``;
+for nunchaku from its checkpoint's safetensors header, ``workers.backends.nunchaku_meta``):
 no weight is read or allocated, nothing rendered. Every problem is listed at once, each
 with the file and the key.
 
@@ -19,7 +20,7 @@ import json
 from typing import Any, Mapping
 
 from jobs.manifest import Manifest
-from jobs.options import META_BACKENDS  # backends whose transformer builds from a config alone
+from jobs.options import META_BACKENDS  # backends whose transformer builds without its weights
 
 #: Composition problem lines shown at most (the rest summed up in one line), and job ids per line.
 MAX_COMPOSITIONS = 20
@@ -41,19 +42,24 @@ def parse_model_spec(text: str) -> dict[str, Any]:
 
 
 def meta_model(spec: Mapping[str, Any]):
-    """The spec's transformer on the meta device; None for a backend that cannot build one
-    from its config (its loader needs the weights: nunchaku's packed layers)."""
+    """The spec's transformer on the meta device (tiny: its built-in config; diffusers: the
+    pipeline's ``config.json``; nunchaku: the checkpoint's safetensors header, nunchaku not
+    imported); None for a backend none of these builds (``META_BACKENDS`` lists those that do)."""
     backend = spec.get("backend", "tiny")
     if backend == "tiny":
         from workers.backends.tiny import meta_transformer
 
         return meta_transformer()
-    if backend == "diffusers":
+    if backend in ("diffusers", "nunchaku"):
         from workers.backends.base import ModelPathError
-        from workers.backends.diffusers_backend import meta_transformer
 
         if not isinstance(spec.get("path"), str):
-            raise ModelPathError('the diffusers backend needs a "path" (a pipeline directory)')
+            what = "a pipeline directory" if backend == "diffusers" else "its .safetensors checkpoint"
+            raise ModelPathError(f'the {backend} backend needs a "path" ({what})')
+        if backend == "diffusers":
+            from workers.backends.diffusers_backend import meta_transformer
+        else:
+            from workers.backends.nunchaku_meta import meta_transformer
         return meta_transformer(spec["path"])
     return None
 
@@ -69,9 +75,8 @@ def inspect_file(path: str, model: Mapping[str, Any] | None = None) -> tuple[dic
         return info, None
     root = meta_model(model)
     if root is None:
-        raise ValueError(f"--model: backend {model.get('backend')!r} cannot be built without its weights (its packed "
-                         f"layers need them), so binding is not checked on it; binding is checked for "
-                         f"{', '.join(META_BACKENDS)}; without --model the file alone is read")
+        raise ValueError(f"--model: binding is checked for {', '.join(META_BACKENDS)}, not for backend "
+                         f"{model.get('backend')!r}; without --model the file alone is read")
     return info, bind_report(adapter, ModelIndex(root))
 
 

@@ -17,9 +17,10 @@ from lora_core.modes import APPLY_MODES, MERGE_STRATEGIES
 BACKENDS = ("tiny", "diffusers", "nunchaku")
 #: Backends whose weights live on disk: a manifest must give ``model.path``.
 PATH_BACKENDS = ("diffusers", "nunchaku")
-#: Backends whose transformer can be built from a config alone, on the meta device
-#: (``farm validate --deep`` binds LoRAs to it; the others: fetch, checksum and header only).
-META_BACKENDS = ("tiny", "diffusers")
+#: Backends whose transformer can be built on the meta device without its weights (from a
+#: config, or nunchaku's from its checkpoint's header): ``farm validate --deep`` binds LoRAs
+#: to it; any other: fetch, checksum and header only.
+META_BACKENDS = ("tiny", "diffusers", "nunchaku")
 #: ``auto`` picks one of the apply modes per switch by measured cost (workers/automode.py).
 LORA_MODES = (*APPLY_MODES, "auto")
 

@@ -171,34 +171,41 @@ def test_inspect_binds_full_weight_diffs_by_key(tmp_path, capsys):
         f"ShapeMismatchError: diff has shape ({inner + 3},)")
 
 
-def test_bare_lora_down_keys_of_any_module_are_refused_as_nunchaku_converted(tmp_path, capsys):
-    """A nunchaku converter for another model (a fork's Qwen-Image one) keeps the model's own module
-    names with bare ``.lora_down``/``.lora_up``: the same named refusal as nunchaku's Flux leaves, by
-    ``farm lora inspect`` and by a real load, not "no known key scheme"."""
+def test_nunchaku_converted_qwen_image_files(tmp_path, capsys):
+    """nunchaku's Qwen-Image converter keeps the model's own module names with bare, packed
+    ``.lora_down``/``.lora_up`` (``testsupport/nunchaku_converter.py``): shown as that layout with the
+    unpacked shapes; on the tiny (dense) model a file converted without a base binds like any LoRA, one
+    converted against a checkpoint is refused per target (its base part cannot be checked there); a
+    bare key beside ordinary kohya pairs is refused by name."""
     import pytest
 
-    from lora_core.adapter import load_adapter_file
     from lora_core.errors import UnsupportedFormatError
+    from testsupport.lora import nunchaku_qwen_standin
+    from testsupport.nunchaku_converter import to_nunchaku
 
     inner = TINY_TRANSFORMER_CONFIG["num_attention_heads"] * TINY_TRANSFORMER_CONFIG["attention_head_dim"]
-    sd = {}
-    for name, out in (("transformer_blocks.0.attn.to_qkv", 3 * inner), ("transformer_blocks.0.img_mod.1", 6 * inner)):
-        sd[f"{name}.lora_down"] = torch.randn(48, inner).to(torch.bfloat16)  # base rank 32 + LoRA rank 16
-        sd[f"{name}.lora_up"] = torch.randn(out, 48).to(torch.bfloat16)
-    path = write_safetensors(tmp_path / "qwen_svdq_lora.safetensors", sd)
-    named = "nunchaku-converted LoRA (key 'transformer_blocks.0.attn.to_qkv.lora_down')"
-    assert main(["lora", "inspect", path, "--model", "tiny"]) == 2
-    err = capsys.readouterr().err
-    assert "UnsupportedFormatError" in err and named in err and "use the original LoRA file" in err and path in err
-    with pytest.raises(UnsupportedFormatError) as e:
-        load_adapter_file(path)
-    assert named in str(e.value)
+    lora = random_layers({**{f"transformer_blocks.0.attn.{c}": (inner, inner) for c in ("to_q", "to_k", "to_v")},
+                          "transformer_blocks.0.img_mod.1": (inner, 6 * inner)}, rank=4, dtype=torch.bfloat16)
+    free = write_safetensors(tmp_path / "nobase.safetensors", to_nunchaku(lora))
+    assert main(["lora", "inspect", free, "--model", "tiny"]) == 0
+    text = capsys.readouterr().out
+    assert "layout   nunchaku-converted (packed; converted without a base: an ordinary LoRA)" in text, text
+    assert "transformer_blocks.0.attn.to_qkv  r=16 alpha=16" in text and "binds    2 target(s), 0 refused" in text
+    path = write_safetensors(tmp_path / "qwen_svdq_lora.safetensors",
+                             to_nunchaku(lora, base=nunchaku_qwen_standin(inner, 4 * inner, layers=1)))
+    assert main(["lora", "inspect", path, "--model", "tiny", "--json"]) == 2
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "nunchaku-converted" and info["base_part"] is True
+    refused = info["binding"]["refused"]
+    assert len(refused) == 8 and info["binding"]["bound"] == {"transformer_blocks.0.img_mod.1": [
+        "transformer_blocks.0.img_mod.1"]}
+    assert all("every block this file touches has all eight of nunchaku's SVDQ layers" in why for why in refused.values())
     # one bare key beside ordinary kohya pairs: the file is refused by that key's name
-    only_mod = {k: v for k, v in sd.items() if "img_mod" in k}
+    only_mod = {k: v for k, v in to_nunchaku(lora).items() if "img_mod" in k}
     mixed = write_safetensors(tmp_path / "mixed.safetensors", {
         **kohya_state_dict(random_layers({"transformer_blocks.0.attn.to_q": (inner, inner)})), **only_mod})
     with pytest.raises(UnsupportedFormatError, match=r"nunchaku-converted LoRA \(key 'transformer_blocks\.0\.img_mod"
-                                                     r"\.1\.lora_down'\)"):
+                                                     r"\.1\.lora_down'\): bare nunchaku factors mixed with 3 other"):
         header_adapter(mixed)
     # without the bare keys the same pairs load (kohya's .lora_down.weight is not bare)
     assert set(header_adapter(write_safetensors(tmp_path / "k.safetensors", kohya_state_dict(
@@ -206,19 +213,34 @@ def test_bare_lora_down_keys_of_any_module_are_refused_as_nunchaku_converted(tmp
         "transformer_blocks_0_attn_to_q"}
 
 
-def test_inspect_on_the_nunchaku_backend_says_binding_is_not_checked(tmp_path, capsys):
-    """nunchaku's transformer cannot be built from a config (its packed layers need the weights):
-    `--model nunchaku` is a clear exit 2 naming the backends that bind, not a traceback."""
-    path = _kohya(tmp_path)
-    for spec in ("nunchaku", json.dumps({"backend": "nunchaku", "path": str(tmp_path / "svdq-qwen-image")})):
-        assert main(["lora", "inspect", path, "--model", spec]) == 2
+def test_inspect_binds_on_the_nunchaku_backend_from_its_checkpoint_header(tmp_path, capsys):
+    """`--model '{"backend": "nunchaku", "path": CHECKPOINT}'`: the file bound to the transformer
+    built on meta from the checkpoint's header; without a path, or with a path that holds no
+    checkpoint, a clear exit 2 naming what is wrong, not a traceback."""
+    from tests.workers.test_nunchaku_meta import _extract, _good_lora, write_checkpoint
+
+    spec = json.dumps({"backend": "nunchaku", "path": write_checkpoint(tmp_path / "svdq-qwen-image.safetensors")})
+    good = _good_lora(tmp_path)
+    assert main(["lora", "inspect", good, "--model", spec, "--json"]) == 0
+    binding = json.loads(capsys.readouterr().out)["binding"]
+    assert not binding["refused"] and binding["bound"]["transformer_blocks.0.attn.to_q"] == [
+        "transformer_blocks.0.attn.to_qkv"]
+    assert binding["bound"]["transformer_blocks.1.img_mod.1"] == ["transformer_blocks.1.img_mod.1"]
+    assert main(["lora", "inspect", _extract(tmp_path, packed=True), "--model", spec]) == 2
+    text = capsys.readouterr().out
+    assert "refused 2 UnsupportedFormatError: diffusion_model.transformer_blocks.0.attn.to_q.diff, " in text, text
+    for bad, why in (("nunchaku", 'ModelPathError: the nunchaku backend needs a "path" (its .safetensors checkpoint)'),
+                     (json.dumps({"backend": "nunchaku", "path": str(tmp_path / "absent.safetensors")}),
+                      "ModelPathError: nunchaku transformer not found"),
+                     (json.dumps({"backend": "nunchaku", "path": good}),
+                      f"CheckpointError: {good}: no 'config' in its safetensors metadata"),
+                     ("flux", "ValueError: --model: binding is checked for tiny, diffusers, nunchaku, not for backend "
+                              "'flux'")):
+        assert main(["lora", "inspect", good, "--model", bad]) == 2
         captured = capsys.readouterr()
-        assert captured.out == ""
-        assert captured.err.startswith("farm lora inspect: ValueError: --model: backend 'nunchaku' cannot be built "
-                                       "without its weights"), captured.err
-        assert "binding is not checked" in captured.err and "binding is checked for tiny, diffusers" in captured.err
+        assert captured.out == "" and captured.err.startswith(f"farm lora inspect: {why}"), captured.err
         assert "Traceback" not in captured.err
-    assert main(["lora", "inspect", path]) == 0  # the file alone still reads
+    assert main(["lora", "inspect", good]) == 0  # the file alone still reads
 
 
 def test_untrusted_header_text_cannot_add_lines_or_escapes(tmp_path):

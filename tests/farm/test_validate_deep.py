@@ -254,33 +254,73 @@ def test_a_composition_that_fails_only_as_a_whole_is_a_problem_naming_its_jobs(t
     assert not (tmp_path / "out").exists()
 
 
-def test_deep_on_the_nunchaku_backend_checks_all_but_binding_and_says_so(tmp_path, capsys, monkeypatch):
-    """nunchaku's transformer cannot be built on meta from a config (its packed layers need the
-    weights), so `--deep` binds nothing there, says so, and still lists every fetch, checksum
-    and header problem: exit 2, the good file and the one for another model (binding) not named."""
-    from farm.cli import main as farm_main
+def test_deep_on_the_nunchaku_backend_binds_to_the_checkpoint_header(tmp_path):
+    """nunchaku's transformer built on meta from its checkpoint's header (nunchaku never imported:
+    a stand-in package that would record its import is on the path): fetch, checksum and header
+    problems and, by key, the LoRA for another model and the packed-weight diffs; the good file
+    and the extract whose diffs land on unquantized tensors are not named; exit 2, nothing rendered."""
+    from tests.workers.test_nunchaku_meta import _extract, _good_lora, _other_model_lora, write_checkpoint
 
-    good = _tiny_lora(tmp_path / "good.safetensors", kohya=True)
+    checkpoint = write_checkpoint(tmp_path / "svdq-int4_r32-qwen-image.safetensors")
+    good, extract, packed = _good_lora(tmp_path), _extract(tmp_path, packed=False), _extract(tmp_path, packed=True)
+    other = _other_model_lora(tmp_path)
     bad_sum = _tiny_lora(tmp_path / "badsum.safetensors", seed=1)
     truncated = _tiny_lora(tmp_path / "truncated.safetensors", seed=2)
     data = open(truncated, "rb").read()
     open(truncated, "wb").write(data[: len(data) - 100])
-    other = write_safetensors(tmp_path / "flux.safetensors", peft_state_dict(random_layers(
-        {"single_transformer_blocks.0.attn.to_q": (128, 128)})))  # would not bind; binding is not checked here
     missing = str(tmp_path / "missing.safetensors")
     wrong_sha = hashlib.sha256(b"not this file").hexdigest()
-    model = {"backend": "nunchaku", "path": str(tmp_path / "svdq-qwen-image")}  # never read: nothing is built
-    manifest = _manifest(tmp_path, [good, {"uri": bad_sum, "sha256": wrong_sha}, truncated, other, missing], model)
-    monkeypatch.setenv("LORA_FARM_CACHE", str(tmp_path / "cache"))
-    assert farm_main(["validate", manifest, "--deep"]) == 2
-    err = capsys.readouterr().err
-    assert f"{manifest}: note: backend 'nunchaku': binding not checked" in err, err
-    assert "fetch, checksum and header checked" in err
-    assert f"{manifest}: 3 LoRA problem(s):" in err, err
-    problems = [line.strip() for line in err.splitlines() if line.startswith("  ")]
-    assert len(problems) == 3, err
-    assert any(p.startswith(f"{missing}: PermanentFetchError") for p in problems), err
-    assert any(p.startswith(f"{bad_sum}: ChecksumMismatch") and wrong_sha in p for p in problems), err
-    assert any(p.startswith(f"{truncated}: CorruptFileError") and "truncated" in p for p in problems), err
-    assert not any(good in p or other in p for p in problems), err
+    model = {"backend": "nunchaku", "path": checkpoint, "args": {"pipeline": str(tmp_path / "Qwen-Image")}}
+    manifest = _manifest(tmp_path, [good, extract, packed, other, {"uri": bad_sum, "sha256": wrong_sha}, truncated,
+                                    missing], model)
+    fake = tmp_path / "site" / "nunchaku"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "nunchaku-imported"
+    (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    path = os.pathsep.join(p for p in (str(fake.parent), os.environ.get("PYTHONPATH", "")) if p)
+    rc, out, _, _, _ = run_measured("from farm.cli import main",
+                                    f"rc = main(['validate', {manifest!r}, '--deep']); "
+                                    "rc = rc if 'nunchaku' not in sys.modules else 99",
+                                    LORA_FARM_CACHE=str(tmp_path / "cache"), PYTHONPATH=path)
+    assert rc == 2, out
+    assert not marker.exists()
+    assert "binding not checked" not in out
+    problems = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    assert f"{manifest}: 9 LoRA problem(s):" in out, out
+    assert any(p.startswith(f"{missing}: PermanentFetchError") for p in problems), out
+    assert any(p.startswith(f"{bad_sum}: ChecksumMismatch") and wrong_sha in p for p in problems), out
+    assert any(p.startswith(f"{truncated}: CorruptFileError") and "truncated" in p for p in problems), out
+    b0 = "transformer_blocks.0"
+    for key in (f"diffusion_model.{b0}.attn.to_q.diff", f"diffusion_model.{b0}.txt_mod.1.diff"):
+        assert any(p.startswith(f"{packed}: key {key}: UnsupportedFormatError") and "quantized (packed)" in p
+                   for p in problems), out
+    for key, why in (("single_transformer_blocks.0.attn.to_q", "TargetNotFoundError"),
+                     ("single_transformer_blocks.0.proj_mlp", "TargetNotFoundError"),
+                     (f"{b0}.attn.to_v", "ShapeMismatchError: LoRA up rows 128..256 fall outside module "
+                                         f"'{b0}.attn.to_qkv''s 192 outputs"),
+                     (f"{b0}.img_mlp.net.2", "ShapeMismatchError: LoRA down has 512 inputs")):
+        assert any(p.startswith(f"{other}: key {key}: {why}") for p in problems), out
+    assert len(problems) == 9, out
+    assert good not in out and extract not in out
     assert not (tmp_path / "out").exists()
+
+
+def test_deep_names_a_nunchaku_checkpoint_it_cannot_build(tmp_path):
+    """A checkpoint whose header its loader would not load is one model problem naming the file
+    and the key; the LoRAs' own checks still run."""
+    from farm.deep_validate import deep_problems
+    from jobs.manifest import load_manifest
+    from tests.workers.test_nunchaku_meta import checkpoint_metadata, write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "r128.safetensors", metadata={
+        **checkpoint_metadata(), "quantization_config": json.dumps({"rank": 128})})
+    missing = str(tmp_path / "missing.safetensors")
+    m = load_manifest(_manifest(tmp_path, [_tiny_lora(tmp_path / "good.safetensors"), missing],
+                                {"backend": "nunchaku", "path": checkpoint}))
+    problems, _ = deep_problems(m, cache_dir=str(tmp_path / "cache"))
+    assert len(problems) == 2, problems
+    assert problems[0].startswith('model {"backend": "nunchaku"'), problems
+    assert problems[0].endswith(f"CheckpointError: {checkpoint}: key 'transformer_blocks.0.attn.add_qkv_proj.proj_down':"
+                                " rank 32, but quantization_config says 128 (the loader builds its layers with that "
+                                "rank)"), problems
+    assert problems[1].startswith(f"{missing}: PermanentFetchError"), problems
