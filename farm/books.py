@@ -4,7 +4,6 @@ run), and ``ticket`` (a job's id inside the dispatcher)."""
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -12,30 +11,23 @@ from jobs.results import ResultRow
 
 from .scheduler.costs import CostEstimate
 
-#: A row rendered in one of these modes left its composition's branches prepared on the worker.
-PREPARED_MODES = ("lowrank",)
-#: How many prepared compositions the dispatcher credits a worker with (its cache is bounded in bytes).
-PREPARED_GUESS = 8
-
-
-def prepared_guess(branch_cache_mb: float) -> int:
-    """The prepared compositions to credit a worker with, for its ``branch_cache_mb``."""
-    return PREPARED_GUESS if branch_cache_mb > 0 else 0
-
-
 #: A switch to a composition believed prepared that took at least this share of a compose was one.
 SWAP_AT_MOST = 0.5
 
 
 @dataclass
 class WorkerBook(CostEstimate):
-    """What the dispatcher knows of one worker, from what it sent and got back."""
+    """What the dispatcher knows of one worker: what it sent, what came back, and what the
+    worker reports holding with each call's rows (``workers.holds.Holds``)."""
 
     worker_id: str
     handle: Any
     node_id: str = ""
     routing_key: str | None = None  # the composition it holds, by routing key ("" = base)
+    #: adapters (URIs) in its memory, as its latest report says
     adapters: set[str] = field(default_factory=set)
+    #: adapters it fetched (its rows' LoRAs): on its node's disk as far as the dispatcher knows
+    fetched: set[str] = field(default_factory=set)
     inflight: int = 0
     alive: bool = True
     deaths_in_a_row: int = 0
@@ -43,23 +35,30 @@ class WorkerBook(CostEstimate):
     switches: int = 0
     retired: bool = False  # removed from the farm: never revived
 
-    #: compositions it keeps prepared (its low-rank branch cache), newest last, as its rows tell;
-    #: keyed like the policy's compositions (the jobs' routing keys, not the rows' content keys)
-    prepared: OrderedDict = field(default_factory=OrderedDict)
-    prepared_guess: int = PREPARED_GUESS  # 0: the workers keep no branch cache (branch_cache_mb 0)
+    #: content keys (rows' ``composition_key``) its branch cache holds, as its latest report says
+    reported: tuple[str, ...] = ()
+    _report_from: tuple[str, int] | None = None  # (origin, seq) of the report ``reported`` came with
+    #: content key -> the routing keys (the policy's compositions) its rows were rendered for
+    _routing_of: dict[str, set[str]] = field(default_factory=dict)
     _last_routing: str | None = None
+
+    @property
+    def prepared(self) -> frozenset[str]:
+        """The compositions it keeps prepared (a switch to one swaps tensors), by the policy's
+        routing keys: its reported content keys, through what its rows taught."""
+        return frozenset(r for c in self.reported for r in self._routing_of.get(c, ()))
 
     def learn(self, row: ResultRow, work: float = 1.0, *, routing_key: str | None = None,
               first: bool = True) -> None:
         """One result row; ``work``: its job's render cost relative to the run's mean job;
         ``routing_key``: its job's composition as the policy knows it; ``first``: the first row
         of its composition in its call (the rows of one group repeat the group's compose
-        seconds: learned once). A switch to a composition the worker kept prepared, rendered low
-        rank and quicker than half a compose, measures a swap, not a compose."""
+        seconds: learned once). A switch to a composition the worker reported prepared, quicker
+        than half a compose, measures a swap, not a compose."""
         key = row.composition_key
         compose_s = row.compose_s if first else 0.0
         swapped = (routing_key is not None and routing_key != self._last_routing and routing_key in self.prepared
-                   and row.lora_mode in PREPARED_MODES and compose_s < SWAP_AT_MOST * self.compose_s)
+                   and compose_s < SWAP_AT_MOST * self.compose_s)
         self.observe(compose_s=0.0 if swapped else compose_s, swap_s=compose_s if swapped else 0.0,
                      render_s=row.render_s / work, fetch_s=row.fetch_s)
         if key and key != self.last_key:
@@ -67,25 +66,27 @@ class WorkerBook(CostEstimate):
             self.last_key = key
         if routing_key is not None and row.status == "ok":
             self._last_routing = routing_key
-            self._keep(routing_key, row.lora_mode in PREPARED_MODES)
+            if key:
+                self._routing_of.setdefault(key, set()).add(routing_key)
 
-    def _keep(self, key: str, prepared: bool) -> None:
-        """A low-rank render leaves its branches in the worker's cache (``branch_cache_mb``); a
-        merged one holds no branch of it. The cache is bounded in bytes the dispatcher does not
-        see: it guesses the newest ``PREPARED_GUESS`` (a stale guess costs a compose it priced
-        as a swap, never a wrong image)."""
-        if not prepared:
-            self.prepared.pop(key, None)
+    def report(self, holds: Any) -> None:
+        """What the worker says it holds (``workers.holds.Holds``, or None: no report), after a
+        call's rows were learned: the truth about its branch cache and adapters in memory. An
+        older report of the same process (calls come back out of order) changes nothing."""
+        if holds is None:
             return
-        self.prepared[key] = True
-        self.prepared.move_to_end(key)
-        while len(self.prepared) > self.prepared_guess:
-            self.prepared.popitem(last=False)
+        if self._report_from is not None and self._report_from[0] == holds.origin and holds.seq <= self._report_from[1]:
+            return
+        self._report_from = (holds.origin, holds.seq)
+        self.reported = tuple(holds.prepared)
+        self.adapters = set(holds.adapters)
+        kept = set(self.reported)  # content keys it no longer holds need no routing keys
+        self._routing_of = {c: r for c, r in self._routing_of.items() if c in kept}
 
     def forget(self) -> None:
         """A restarted actor comes back empty."""
         self.routing_key, self.adapters = None, set()
-        self.prepared.clear()
+        self.reported, self._report_from, self._routing_of = (), None, {}
         self._last_routing = None
 
 

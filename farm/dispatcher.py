@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from jobs.results import ResultRow
 
-from .books import PREPARED_GUESS, RunBook, RunStats, WorkerBook, ticket
+from .books import RunBook, RunStats, WorkerBook, ticket
 from .scheduler.costs import CostEstimate, job_work
 from .scheduler.types import QueuedJob, WorkerView
 from .transport import Ref, Transport, TransportError, WorkerLost
@@ -48,10 +48,8 @@ class Dispatcher:
         max_batch: int = 4,
         priors: CostEstimate | None = None,
         transport: Transport | None = None,
-        prepared_guess: int = PREPARED_GUESS,
     ):
-        p = self._priors = priors or CostEstimate()  # each worker's estimates start here (``costs_from_rows``)
-        self._prepared_guess = prepared_guess  # how many prepared compositions a worker is credited with
+        self._priors = priors or CostEstimate()  # each worker's estimates start here (``costs_from_rows``)
         self.books = {wid: self._book(wid, h, (node_of or {}).get(wid, "")) for wid, h in workers.items()}
         self.policy = policy
         self.output_root = output_root
@@ -107,7 +105,7 @@ class Dispatcher:
     def _views(self) -> list[WorkerView]:
         disk: dict[str, set[str]] = defaultdict(set)
         for b in self.books.values():
-            disk[b.node_id] |= b.adapters
+            disk[b.node_id] |= b.adapters | b.fetched
         return [
             WorkerView(worker_id=b.worker_id, node_id=b.node_id, routing_key=b.routing_key,
                        adapters=frozenset(b.adapters), node_disk=frozenset(disk[b.node_id]), inflight=b.inflight,
@@ -129,7 +127,7 @@ class Dispatcher:
     def _book(self, worker_id: str, handle: Any, node_id: str) -> WorkerBook:
         p = self._priors
         return WorkerBook(worker_id, handle, node_id=node_id, compose_s=p.compose_s, render_s=p.render_s,
-                          fetch_s=p.fetch_s, prepared_guess=self._prepared_guess)
+                          fetch_s=p.fetch_s)
 
     def remove_worker(self, worker_id: str) -> None:
         """Send it nothing more; what it has in flight still lands."""
@@ -301,8 +299,9 @@ class Dispatcher:
             book.learn(row, self.work.get(t, 1.0), routing_key=key, first=key not in learned)
             learned.add(key)
             if row.status == "ok":
-                book.adapters.update(r.uri for r in self.jobs[t].loras)
+                book.fetched.update(r.uri for r in self.jobs[t].loras)
             self._finish(t, row)
+        book.report(getattr(rows, "holds", None))  # what it holds after them (workers.holds.Rows): the truth
         for t in ids:
             if t in sent:  # the worker returned no row for it
                 self._finish(t, ResultRow.failed(self.jobs[t], "the worker returned no result for this job",

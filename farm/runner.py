@@ -87,7 +87,6 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
                  lora_mode: str | None = None, max_batch: int | None = None, progress: bool = True,
                  capacity: int = 2, lora_roots: tuple[str, ...] | list[str] = ()) -> RunSummary:
     from .cluster import connect, make_workers
-    from .books import prepared_guess
     from .dispatcher import Dispatcher
     from .scheduler.affinity import AffinityScheduler
     from .scheduler.costs import costs_from_rows
@@ -132,8 +131,7 @@ def run_manifest(m: Manifest, *, out: str | None = None, workers: int | None = N
         node_of = dict(zip(named, ray.get([h.node.remote() for h in handles])))  # for node-disk affinity
         d = Dispatcher(named, AffinityScheduler(), output, storage_options=opts, node_of=node_of,
                        retries=options.retries, capacity=capacity, on_rows=buffered,
-                       progress=bar, max_batch=options.max_batch, priors=priors,
-                       prepared_guess=prepared_guess(options.branch_cache_mb))
+                       progress=bar, max_batch=options.max_batch, priors=priors)
         stats = d.run(todo)
     finally:
         bar.close()

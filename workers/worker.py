@@ -4,7 +4,8 @@ It owns one backend (built lazily, so under Ray it is created after CUDA_VISIBLE
 is set), one ComposedModel, a node-local LoRA file store and a byte-budget LRU of loaded
 adapters. ``render(jobs)`` groups jobs by composition and size, fetches, composes only on
 change, renders in batches of up to ``max_batch``, writes PNGs atomically and returns one
-``ResultRow`` per job: a bad LoRA fails its own jobs, never the worker. What it renders
+``ResultRow`` per job (a bad LoRA fails its own jobs, never the worker), with what it holds
+after them (``workers.holds``: its branch cache and adapters in memory). What it renders
 with (``lora_mode``, ``max_batch``, fp8, ...) is the manifest's ``jobs.options.FarmOptions``.
 
 Only compose + render hold the model lock. Encoding, stamping and writing a group's PNGs
@@ -41,6 +42,7 @@ from storage.policy import UriPolicy, operator_policy
 from storage.store import default_cache_dir
 
 from .automode import Ewma
+from .holds import Holds, Rows
 from .wrapper import ComposedModel
 
 DEFAULT_ADAPTER_CACHE = 2 << 30
@@ -116,6 +118,11 @@ class RenderWorker:
         self._count_lock = threading.Lock()  # not the model lock: writer threads count too
         self.jobs_done = 0
         self.jobs_failed = 0
+        # what it holds, as each render call reports it: taken under the model lock after each
+        # group renders (``seq`` counts them), so the latest is the freshest
+        self._origin = uuid.uuid4().hex  # this process: a restarted actor is another one, empty
+        self._holds_seq = 0
+        self._holds: Holds | None = None
 
     # ---- lazy parts -----------------------------------------------------------------------
     @property
@@ -191,9 +198,10 @@ class RenderWorker:
                 self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="png-writer")
             return self._writer
 
-    def render(self, jobs: Sequence[Job], output_root: str, storage_options: dict | None = None) -> list[ResultRow]:
+    def render(self, jobs: Sequence[Job], output_root: str, storage_options: dict | None = None) -> Rows:
         """One result row per job, group after group (a group is one composition and size, at
         most ``max_batch`` jobs; a failure fails its group only, a failed write its job only).
+        The rows come as ``Rows``: a list, and ``holds``, what this worker held after them.
 
         With ``overlap_output`` a group's PNGs are written by the writer pool while the next
         group composes and renders; this returns once every image of this call is written.
@@ -209,7 +217,15 @@ class RenderWorker:
             if handed:
                 writing.append(handed)
             slots.extend(out)
-        return [x.result() if isinstance(x, Future) else x for x in slots]
+        rows = [x.result() if isinstance(x, Future) else x for x in slots]
+        return Rows(rows, self._holds)  # the latest report (another call's group may have rendered since ours)
+
+    def _take_holds(self, model: ComposedModel) -> None:
+        """What it holds now, for the next reply; called holding the model lock."""
+        self._holds_seq += 1
+        paths = self._paths
+        adapters = tuple(p[1] for sha, _ in self.adapters.entries() if (p := paths.get(sha)) is not None)
+        self._holds = Holds(self._origin, self._holds_seq, model.prepared_keys(), adapters)
 
     def _groups(self, jobs: Sequence[Job]) -> list[list[Job]]:
         buckets: OrderedDict[tuple, list[Job]] = OrderedDict()
@@ -237,6 +253,7 @@ class RenderWorker:
                     name = getattr(model.backend, "name", type(model.backend).__name__)
                     raise RuntimeError(f"backend {name!r} returned {len(images)} images for a batch of {len(group)}")
                 model.rendered(len(group), elapsed)
+                self._take_holds(model)
                 self.render_s_per_image.add(elapsed / len(group))
                 made = Rendered(model.key, model.held_label, fetch_s, compose_s, elapsed / len(group))
                 if not self.overlap_output:  # the serial order: the device waits for the encoder
@@ -310,6 +327,7 @@ class RenderWorker:
             "compose_s": m.stats.mean_s if m else 0.0,
             "switches": m.stats.switches if m else 0,
             "compositions": m.stats.switches if m else 0,
+            "prepared": list(self._holds.prepared) if self._holds else [],  # content keys, as its last report
             "model_loads": self.model_loads,
             "lora_mode": (m.auto.as_dict() if m.auto is not None else {"mode": m.lora_mode}) if m else {"mode": self.options.lora_mode},
             "render_s": per_image or 0.0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -41,6 +41,22 @@ class SwitchStats:
         return sum(self.history) / len(self.history) if self.history else 0.0
 
 
+class _Kept(NamedTuple):
+    """One prepared composition in the branch cache."""
+
+    updates: dict
+    nbytes: int
+    swaps: bool  # a switch to it swaps tensors only (every update a ready branch or a packed SVDQ one, no diffs)
+    packed: bool  # holds packed SVDQ branches (stale once their base changes: ``still_fits``)
+
+
+def _kept(updates: dict, nbytes: int) -> _Kept:
+    us = updates.values()
+    return _Kept(updates, nbytes,
+                 all((u.ready or u.packed is not None) and u.diff is None and u.diff_b is None for u in us),
+                 any(u.packed is not None for u in us))
+
+
 class ComposedModel:
     """``backend`` holding one composition at a time. The keyword options are the model-side
     farm options (``FarmOptions.model_options()``), with the same defaults."""
@@ -68,7 +84,7 @@ class ComposedModel:
         # recent compositions, so switching back to one swaps tensors only; bounded in bytes,
         # least recently used out
         self.branch_cache_bytes = int(branch_cache_mb * (1 << 20))
-        self._prepared: OrderedDict[tuple[str, str], tuple[dict, int]] = OrderedDict()
+        self._prepared: OrderedDict[tuple[str, str], _Kept] = OrderedDict()
         self.fp8_saved_bytes = 0
         self.budget = None
         if memory_reserve_gb is not None:
@@ -156,17 +172,28 @@ class ComposedModel:
 
     def _planned(self, key: str, pairs: list[tuple[Adapter, float]], mode: str) -> dict:
         hit = self._prepared.get((mode, key))
-        if hit is not None and still_fits(self.index, hit[0]):
+        if hit is not None and (not hit.packed or still_fits(self.index, hit.updates)):
             self._prepared.move_to_end((mode, key))
-            return hit[0]
+            return hit.updates
         self._prepared.pop((mode, key), None)  # an SVDQ base changed under it: pack again
         updates = prepare(self.index, plan(pairs, self.index, branch_targets(self.index, mode)), mode)
         nbytes = prepared_bytes(updates)
         if 0 < nbytes <= self.branch_cache_bytes:
-            self._prepared[(mode, key)] = (updates, nbytes)
-            while sum(n for _, n in self._prepared.values()) > self.branch_cache_bytes:
+            self._prepared[(mode, key)] = _kept(updates, nbytes)
+            while sum(k.nbytes for k in self._prepared.values()) > self.branch_cache_bytes:
                 self._prepared.popitem(last=False)
         return updates
+
+    def prepared_keys(self) -> tuple[str, ...]:
+        """The content keys of the compositions a switch to would now swap tensors only (what
+        the worker reports, ``workers.holds.Holds.prepared``): kept in the mode the next switch
+        uses, branches or packed SVDQ branches only, least recently used first. Drops the ones
+        an SVDQ base change made stale (a switch would pack them again). Call it holding the
+        worker's model lock, as ``ensure``."""
+        mode = self.mode
+        for k in [k for k, kept in self._prepared.items() if kept.packed and not still_fits(self.index, kept.updates)]:
+            del self._prepared[k]
+        return tuple(key for (m, key), kept in self._prepared.items() if m == mode and kept.swaps)
 
     def reset(self) -> None:
         """Back to the base model."""

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from farm.books import prepared_guess
 from farm.dispatcher import Dispatcher
 from farm.scheduler.affinity import AffinityScheduler
 from jobs.options import FarmOptions
@@ -47,8 +46,7 @@ class Pool:
         if self.dispatcher is None:
             # built with fair share (its queue tracks flows); ``share`` sets the config's switch and weights
             self.dispatcher = Dispatcher({}, AffinityScheduler(), "", capacity=CAPACITY,
-                                         max_batch=self.options.max_batch, retries=self.options.retries,
-                                         prepared_guess=prepared_guess(self.options.branch_cache_mb))
+                                         max_batch=self.options.max_batch, retries=self.options.retries)
 
     def share(self, fair: bool, weights: Any) -> None:
         """The config's fair-share switch and weights (``FarmConfig.fair_share`` / ``submitters``),

@@ -19,6 +19,7 @@ from farm.scheduler import AffinityScheduler
 from farm.transport import TaskFailed, TransportError, WorkerLost
 from jobs.manifest import validate_manifest
 from jobs.results import ResultRow
+from workers.holds import Holds, Rows
 
 
 @dataclass
@@ -32,7 +33,8 @@ class Script:
 class FakeWorker:
     """A render worker: each ``render`` call either raises the next of ``faults`` (one per
     call, while any are left; ``forever``: the last one for every call after) or returns
-    one row per job."""
+    one row per job, and what it holds after them as a worker reports it (``Rows.holds``):
+    every LoRA it rendered with in memory, no branch cache (its rows are merged)."""
 
     def __init__(self, worker_id: str, script: Script | None = None, *, faults: Sequence[TransportError] = (),
                  forever: bool = False, seconds: float = 1.0) -> None:
@@ -40,12 +42,15 @@ class FakeWorker:
         self.faults, self.forever = list(faults), forever
         self.calls: list[list[str]] = []  # job ids of each render call, in order
         self.prefetched: list[str] = []  # uris hinted
+        self.held: dict[str, None] = {}  # uris it rendered with, in order
 
     def render(self, jobs: Sequence[Any], output_root: str, storage_options: dict) -> list[ResultRow]:
         self.calls.append([j.job_id for j in jobs])
         if self.faults:
             raise self.faults[0] if self.forever and len(self.faults) == 1 else self.faults.pop(0)
-        return [self._row(j) for j in jobs]
+        rows = [self._row(j) for j in jobs]
+        self.held.update((r.uri, None) for j, row in zip(jobs, rows) if row.status == "ok" for r in j.loras)
+        return Rows(rows, Holds(self.worker_id, len(self.calls), (), tuple(self.held)))
 
     def _row(self, job: Any) -> ResultRow:
         if job.job_id in self.script.bad:

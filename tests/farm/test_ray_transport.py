@@ -7,6 +7,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 
 from farm.ray_transport import RayTransport, seam_error
 from farm.transport import TaskFailed, TransportError, TransportTimeout, WorkerLost
+from jobs.results import ResultRow
+from workers.holds import Holds, Rows
 
 
 def test_ray_errors_map_onto_the_transports_keeping_rays_type_name():
@@ -38,6 +40,9 @@ def test_ray_transport_over_a_live_actor(ray_cluster):
     ref = t.submit(a, "echo", 41)
     ready, rest = t.wait([ref], num_returns=1, timeout=30)
     assert (ready, rest) == ([ref], []) and t.get(ref) == 41
+    rows = Rows([ResultRow("j", "ok", composition_key="k")], Holds("p0", 3, ("k",), ("s3://b/a.safetensors",)))
+    back = t.get(t.submit(a, "echo", rows))  # a render call's rows and the worker's report, as the dispatcher reads them
+    assert back == rows and back.holds == rows.holds
     with pytest.raises(TaskFailed, match="boom"):
         t.get(t.submit(a, "boom"))
     slow = t.submit(a, "sleep", 30)

@@ -91,6 +91,26 @@ def test_two_first_calls_at_once_build_the_model_once(tmp_path, loras):
     assert w.state()["model_loads"] == 1 and len(builds) == 1
 
 
+def test_each_render_reports_what_the_worker_holds(tmp_path, loras):
+    """``render`` returns its rows with ``holds``: the branch cache's content keys (the rows'
+    ``composition_key``), least recent first, and the URIs of the adapters in memory, as the
+    worker's caches evict them; later reports count higher."""
+    one = max(load_adapter(loras[n]).nbytes for n in ("a", "b"))  # the adapter cache holds one file
+    w = RenderWorker({"backend": "sleep"}, "w0", options=FarmOptions(lora_mode="lowrank"), adapter_cache_bytes=one,
+                     cache_dir=str(tmp_path / "cache"), backend_factory=lambda spec, device: SleepBackend(device=device))
+    out = str(tmp_path / "out")
+    first = w.render([job("a0", 0, loras["a"])], out)
+    (ka,) = {r.composition_key for r in first}
+    assert first.holds.prepared == (ka,) and first.holds.adapters == (loras["a"],)
+    second = w.render([job("b0", 1, loras["b"])], out)
+    (kb,) = {r.composition_key for r in second}
+    assert second.holds.prepared == (ka, kb) and second.holds.adapters == (loras["b"],), "a left memory"
+    assert second.holds.origin == first.holds.origin and second.holds.seq > first.holds.seq
+    assert w.state()["prepared"] == [ka, kb]
+    merged = make(tmp_path / "m").render([job("m0", 2, loras["a"])], out)
+    assert merged.holds.prepared == () and merged.holds.adapters == (loras["a"],), "a merge keeps no branch"
+
+
 def test_device_memory_is_torchs_allocation_on_a_cuda_device(monkeypatch):
     """The CUDA branch without a GPU: torch's counters stand in, and a CPU device is None."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

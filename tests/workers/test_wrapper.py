@@ -79,12 +79,12 @@ def test_lowrank_switch_back_reuses_prepared_branches(backend, adapters, monkeyp
     assert len(calls) == 2
     assert render(m, [(adapters["a"], 1.0)]) == a and render(m, [(adapters["c"], 0.6)]) == c
     assert len(calls) == 2, "switching back to a held composition plans nothing"
-    sizes = [n for _, n in m._prepared.values()]
+    sizes = [k.nbytes for k in m._prepared.values()]
     m.reset()
     small = ComposedModel(backend, lora_mode="lowrank", branch_cache_mb=max(sizes) / (1 << 20))
     render(small, [(adapters["a"], 1.0)])
     render(small, [(adapters["c"], 0.6)])
-    assert sum(n for _, n in small._prepared.values()) <= max(sizes), "bounded in bytes"
+    assert sum(k.nbytes for k in small._prepared.values()) <= max(sizes), "bounded in bytes"
     assert render(small, [(adapters["a"], 1.0)]) == a
     small.reset()
 
@@ -211,7 +211,7 @@ def test_svdq_prepared_branches_are_kept_alone_and_repacked_when_the_base_change
         m.want(pairs)
         m.ensure()
     at_y = _svdq_state(model)
-    for updates, nbytes in m._prepared.values():
+    for updates, nbytes, *_ in m._prepared.values():
         assert all(u.A is None and u.B is None for u in updates.values()), "no factors kept beside the packed branch"
         assert nbytes == sum(t.numel() * t.element_size() for u in updates.values() for t in (u.packed.down, u.packed.up))
     m.want([(x, 0.8)])
@@ -237,3 +237,48 @@ def test_svdq_prepared_branches_are_kept_alone_and_repacked_when_the_base_change
     m.ensure()
     assert _same_state(_svdq_state(model), at_x)
     m.reset()
+
+
+def test_prepared_keys_are_the_cached_swaps_least_recent_first(backend, adapters):
+    """What a worker reports of its branch cache: the content keys of low-rank compositions it
+    would swap back to, oldest first, as the byte bound evicts them; a merge holds no branch."""
+    m = ComposedModel(backend, lora_mode="lowrank")
+    keys = {}
+    for name, s in (("a", 1.0), ("b", 0.8), ("c", 0.6)):
+        render(m, [(adapters[name], s)])
+        keys[name] = m.key
+    assert m.prepared_keys() == (keys["a"], keys["b"], keys["c"])
+    render(m, [(adapters["a"], 1.0)])  # a swap back: a is the most recent now
+    assert m.prepared_keys() == (keys["b"], keys["c"], keys["a"])
+    size = {key: kept.nbytes for (_, key), kept in m._prepared.items()}
+    m.reset()
+    bound = size[keys["a"]] + size[keys["b"]] - 1  # b fits, not beside a
+    small = ComposedModel(backend, lora_mode="lowrank", branch_cache_mb=bound / (1 << 20))
+    for name, s in (("a", 1.0), ("b", 0.8)):
+        render(small, [(adapters[name], s)])
+    assert small.prepared_keys() == (keys["b"],), "a was evicted by bytes"
+    small.reset()
+    merged = ComposedModel(backend, lora_mode="merge")
+    render(merged, [(adapters["a"], 1.0)])
+    assert merged.prepared_keys() == ()
+    merged.reset()
+
+
+def test_prepared_keys_drop_svdq_branches_a_base_change_made_stale():
+    """Packed SVDQ branches are swaps (reported) until their base changes in place: then the
+    report says empty, as a switch back would pack again."""
+    model = T.nunchaku_qwen_standin(64, 128)
+    comps = {f"transformer_blocks.0.attn.{c}": (64, 64) for c in ("to_q", "to_k", "to_v")}
+    x = load_adapter(T.peft_state_dict(T.random_layers(comps, rank=4, seed=1, alpha=4.0)))
+    y = load_adapter(T.peft_state_dict(T.random_layers(comps, rank=8, seed=2, alpha=4.0)))
+    m = ComposedModel(_SvdqBackend(model), lora_mode="merge")
+    held = []
+    for pairs in ([(x, 0.8)], [(y, 0.5)]):
+        m.want(pairs)
+        m.ensure()
+        held.append(m.key)
+    assert m.prepared_keys() == tuple(held)
+    m.reset()
+    with torch.no_grad():
+        model.transformer_blocks[0].attn.to_qkv.proj_up.mul_(2.0)  # new weights into the same parameter
+    assert m.prepared_keys() == () and not m._prepared
