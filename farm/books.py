@@ -4,6 +4,7 @@ run), and ``ticket`` (a job's id inside the dispatcher)."""
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -13,6 +14,13 @@ from .scheduler.costs import CostEstimate
 
 #: A switch to a composition believed prepared that took at least this share of a compose was one.
 SWAP_AT_MOST = 0.5
+#: Content keys a book remembers the routing keys of (most recently seen kept), and routing keys
+#: per content key: a long-lived farm sees many compositions; one not reported now may be again
+#: (an auto-mode worker flips back), so the mapping is bounded, not pruned to the report.
+ROUTING_MEMORY = 1024
+ROUTINGS_PER_KEY = 8
+#: Dead worker processes a book remembers (their late reports dropped): the newest ones.
+DEAD_ORIGINS = 64
 
 
 @dataclass
@@ -38,8 +46,13 @@ class WorkerBook(CostEstimate):
     #: content keys (rows' ``composition_key``) its branch cache holds, as its latest report says
     reported: tuple[str, ...] = ()
     _report_from: tuple[str, int] | None = None  # (origin, seq) of the report ``reported`` came with
-    #: content key -> the routing keys (the policy's compositions) its rows were rendered for
-    _routing_of: dict[str, set[str]] = field(default_factory=dict)
+    #: worker processes known dead (``forget``): a late report of theirs is not the truth
+    _dead_origins: dict[str, None] = field(default_factory=dict)
+    #: bumped by ``forget``: a call sent before it (``epoch`` at send) reports nothing
+    epoch: int = 0
+    #: content key -> the routing keys (the policy's compositions) its rows were rendered for,
+    #: least recently seen first (bounded: ``ROUTING_MEMORY``, ``ROUTINGS_PER_KEY``)
+    _routing_of: OrderedDict[str, dict[str, None]] = field(default_factory=OrderedDict)
     _last_routing: str | None = None
 
     @property
@@ -67,26 +80,49 @@ class WorkerBook(CostEstimate):
         if routing_key is not None and row.status == "ok":
             self._last_routing = routing_key
             if key:
-                self._routing_of.setdefault(key, set()).add(routing_key)
+                self._remember(key, routing_key)
 
-    def report(self, holds: Any) -> None:
+    def _remember(self, key: str, routing_key: str) -> None:
+        """``key``'s rows were rendered for ``routing_key``: the newest mapping, bounded (the
+        least recently seen content key not in the latest report goes first)."""
+        routes = self._routing_of.setdefault(key, {})
+        routes.pop(routing_key, None)
+        routes[routing_key] = None
+        while len(routes) > ROUTINGS_PER_KEY:
+            del routes[next(iter(routes))]
+        self._routing_of.move_to_end(key)
+        if len(self._routing_of) > ROUTING_MEMORY:
+            held = set(self.reported)
+            old = next((c for c in self._routing_of if c not in held), next(iter(self._routing_of)))
+            del self._routing_of[old]
+
+    def report(self, holds: Any, sent_at: int | None = None) -> None:
         """What the worker says it holds (``workers.holds.Holds``, or None: no report), after a
         call's rows were learned: the truth about its branch cache and adapters in memory. An
-        older report of the same process (calls come back out of order) changes nothing."""
-        if holds is None:
+        older report of the same process (calls come back out of order) changes nothing, nor
+        does one of a process known dead (``forget``), nor one of a call sent before the latest
+        ``forget`` (``sent_at``: the book's ``epoch`` when it was sent; None: not known): it
+        may come from the dead process before that process ever reported."""
+        if holds is None or holds.origin in self._dead_origins:
+            return
+        if sent_at is not None and sent_at < self.epoch:
             return
         if self._report_from is not None and self._report_from[0] == holds.origin and holds.seq <= self._report_from[1]:
             return
         self._report_from = (holds.origin, holds.seq)
         self.reported = tuple(holds.prepared)
         self.adapters = set(holds.adapters)
-        kept = set(self.reported)  # content keys it no longer holds need no routing keys
-        self._routing_of = {c: r for c, r in self._routing_of.items() if c in kept}
 
     def forget(self) -> None:
-        """A restarted actor comes back empty."""
+        """A restarted actor comes back empty: the process that reported so far is dead, and so
+        are the reports still on their way from it (and from any call sent before now)."""
+        if self._report_from is not None:
+            self._dead_origins[self._report_from[0]] = None
+            while len(self._dead_origins) > DEAD_ORIGINS:
+                del self._dead_origins[next(iter(self._dead_origins))]
+        self.epoch += 1
         self.routing_key, self.adapters = None, set()
-        self.reported, self._report_from, self._routing_of = (), None, {}
+        self.reported, self._report_from = (), None
         self._last_routing = None
 
 

@@ -62,6 +62,7 @@ class Dispatcher:
         self._transport = transport  # None: Ray's, made on first use (importing this module imports no ray)
         self.pending: dict[Ref, tuple[str, list[str]]] = {}  # call -> (worker id, its tickets)
         self._call_run: dict[Ref, str] = {}  # call -> its run id (one run per call: one output root)
+        self._call_epoch: dict[Ref, int] = {}  # call -> its worker book's epoch when sent (WorkerBook.report)
         self.attempts: dict[str, int] = defaultdict(int)  # ticket -> sends
         self.jobs: dict[str, Any] = {}  # ticket -> Job, while queued or in flight
         self.run_of: dict[str, str] = {}  # ticket -> run id
@@ -225,6 +226,7 @@ class Dispatcher:
             self.transport.cancel(ref)
         self.pending.clear()
         self._call_run.clear()
+        self._call_epoch.clear()
 
     def _queued(self) -> int:
         return len(self.jobs) - sum(len(ids) for _, ids in self.pending.values())
@@ -253,6 +255,7 @@ class Dispatcher:
                                                 run.storage_options)
                     self.pending[ref] = (wid, chunk)
                     self._call_run[ref] = run_id
+                    self._call_epoch[ref] = book.epoch
                     book.inflight += len(chunk)
                 book.routing_key = comp
         self._prefetch(views)
@@ -280,6 +283,7 @@ class Dispatcher:
     def _collect_one(self, ref: Ref) -> None:
         wid, ids = self.pending.pop(ref)
         run_id = self._call_run.pop(ref, "")
+        sent_at = self._call_epoch.pop(ref, None)
         book = self.books[wid]
         book.inflight -= len(ids)
         try:
@@ -301,7 +305,8 @@ class Dispatcher:
             if row.status == "ok":
                 book.fetched.update(r.uri for r in self.jobs[t].loras)
             self._finish(t, row)
-        book.report(getattr(rows, "holds", None))  # what it holds after them (workers.holds.Rows): the truth
+        # what it holds after them (workers.holds.Rows): the truth, unless it came from a process since lost
+        book.report(getattr(rows, "holds", None), sent_at)
         for t in ids:
             if t in sent:  # the worker returned no row for it
                 self._finish(t, ResultRow.failed(self.jobs[t], "the worker returned no result for this job",

@@ -30,8 +30,12 @@ class Holds:
 
 
 class Rows(list):
-    """A render call's result rows (``jobs.results.ResultRow``), and ``holds``: what the worker
-    held after them (None when none of the call's groups reached the model)."""
+    """A render call's result rows (``jobs.results.ResultRow``), and ``holds``: the worker's
+    latest report when the call returned. Each group that reaches the model (its adapters
+    fetched) takes one under the model lock, rendered or failed, so it is the report of this
+    call's last such group or of a later group of another call in flight beside it; when none
+    of this call's groups got that far (each failed fetching) it is an earlier call's; None when
+    no group has reached the model since the process started. ``seq`` orders them."""
 
     def __init__(self, rows: Iterable = (), holds: Holds | None = None) -> None:
         super().__init__(rows)

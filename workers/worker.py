@@ -119,7 +119,7 @@ class RenderWorker:
         self.jobs_done = 0
         self.jobs_failed = 0
         # what it holds, as each render call reports it: taken under the model lock after each
-        # group renders (``seq`` counts them), so the latest is the freshest
+        # group that reached the model, rendered or failed (``seq`` counts them): the latest is the freshest
         self._origin = uuid.uuid4().hex  # this process: a restarted actor is another one, empty
         self._holds_seq = 0
         self._holds: Holds | None = None
@@ -201,7 +201,8 @@ class RenderWorker:
     def render(self, jobs: Sequence[Job], output_root: str, storage_options: dict | None = None) -> Rows:
         """One result row per job, group after group (a group is one composition and size, at
         most ``max_batch`` jobs; a failure fails its group only, a failed write its job only).
-        The rows come as ``Rows``: a list, and ``holds``, what this worker held after them.
+        The rows come as ``Rows``: a list, and ``holds``, the worker's latest report of what it
+        holds (``workers.holds.Rows`` says which).
 
         With ``overlap_output`` a group's PNGs are written by the writer pool while the next
         group composes and renders; this returns once every image of this call is written.
@@ -218,7 +219,7 @@ class RenderWorker:
                 writing.append(handed)
             slots.extend(out)
         rows = [x.result() if isinstance(x, Future) else x for x in slots]
-        return Rows(rows, self._holds)  # the latest report (another call's group may have rendered since ours)
+        return Rows(rows, self._holds)  # the latest report (``workers.holds.Rows``)
 
     def _take_holds(self, model: ComposedModel) -> None:
         """What it holds now, for the next reply; called holding the model lock."""
@@ -243,21 +244,25 @@ class RenderWorker:
         try:
             pairs, fetch_s = self.fetch_adapters(group[0].loras)  # no lock held: others render meanwhile
             with self._model_lock:
-                model = self.model
-                model.want(pairs)
-                compose_s = model.ensure()
-                t0 = time.perf_counter()
-                images = model.backend.render([_request(j) for j in group])
-                elapsed = time.perf_counter() - t0
-                if len(images) != len(group):  # zip would drop the rows of the missing ones
-                    name = getattr(model.backend, "name", type(model.backend).__name__)
-                    raise RuntimeError(f"backend {name!r} returned {len(images)} images for a batch of {len(group)}")
-                model.rendered(len(group), elapsed)
-                self._take_holds(model)
-                self.render_s_per_image.add(elapsed / len(group))
-                made = Rendered(model.key, model.held_label, fetch_s, compose_s, elapsed / len(group))
-                if not self.overlap_output:  # the serial order: the device waits for the encoder
-                    return [self._write_row(j, img, output_root, opts, made) for j, img in zip(group, images)]
+                try:
+                    model = self.model
+                    model.want(pairs)
+                    compose_s = model.ensure()
+                    t0 = time.perf_counter()
+                    images = model.backend.render([_request(j) for j in group])
+                    elapsed = time.perf_counter() - t0
+                    if len(images) != len(group):  # zip would drop the rows of the missing ones
+                        name = getattr(model.backend, "name", type(model.backend).__name__)
+                        raise RuntimeError(f"backend {name!r} returned {len(images)} images "
+                                           f"for a batch of {len(group)}")
+                    model.rendered(len(group), elapsed)
+                    self.render_s_per_image.add(elapsed / len(group))
+                    made = Rendered(model.key, model.held_label, fetch_s, compose_s, elapsed / len(group))
+                    if not self.overlap_output:  # the serial order: the device waits for the encoder
+                        return [self._write_row(j, img, output_root, opts, made) for j, img in zip(group, images)]
+                finally:  # failed or not: a switch may have evicted (or packed) branches before it raised
+                    if self._model is not None:
+                        self._take_holds(self._model)
         except Exception as e:  # noqa: BLE001 - every failure becomes a result row
             rows = [_failed(j, self.worker_id, e, fetch_s, compose_s) for j in group]
             self._tally(rows)

@@ -51,7 +51,8 @@ returns a job twice (an assigned job leaves the queue until ``done(requeue=True)
 
 Costs: a switch costs ``compose_cost_s`` plus, per adapter not in the worker's memory,
 ``load_cost_s`` (on its node's disk) or ``fetch_cost_s`` (remote); to a composition the
-worker keeps prepared (``prepared``: its branch cache), ``swap_cost_s``: ``switch_cost``.
+worker keeps prepared (``prepared``: its branch cache), ``swap_cost_s`` instead of the compose
+(its adapters are still read into memory first): ``switch_cost``.
 ``AffinityScheduler`` documents its decisions; ``JobQueue`` is the shared index.
 
 The names below are re-exported so ``from farm.scheduler import X`` keeps working; code

@@ -77,13 +77,12 @@ class CostEstimate:
 def switch_cost(worker: WorkerView, composition: str, loras: Iterable[str], current: str | None) -> float:
     """Estimated seconds for ``worker``, holding ``current``, to start on ``composition``: what it
     holds is a set of tiers, each at its own cost: the composition itself (0), one it keeps
-    prepared (a swap of tensors), else a compose plus each adapter's way into memory (in
-    memory already, on the node's disk, or remote)."""
+    prepared (a swap of tensors), else a compose; either way plus each adapter's way into
+    memory (in memory already, on the node's disk, or remote): a worker reads a prepared
+    composition's adapters too before it swaps (it knows the composition by their content)."""
     if current == composition:
         return 0.0
-    if composition in worker.prepared:
-        return worker.swap_cost_s
-    cost = worker.compose_cost_s
+    cost = worker.swap_cost_s if composition in worker.prepared else worker.compose_cost_s
     for uri in loras:
         if uri not in worker.adapters:
             cost += worker.load_cost_s if uri in worker.node_disk else worker.fetch_cost_s

@@ -67,7 +67,7 @@ def test_a_new_process_reports_from_the_start_and_forget_empties_the_book():
     book.forget()
     assert book.prepared == frozenset() and book.adapters == set() and book.routing_key is None
     learn(book, "c")
-    book.report(holds("c", seq=1, origin="p1"))  # after forget any report is the first
+    book.report(holds("c", seq=1, origin="p2"))  # after forget the restarted process's first report counts
     assert book.prepared == {"c"}
 
 
@@ -88,3 +88,70 @@ def test_a_switch_to_a_reported_composition_is_learned_as_a_swap():
     learn(book, "c", status="failed")
     book.report(holds("a", "b", seq=3))
     assert book.prepared == {"a", "b"}
+
+
+def test_a_switch_to_a_reported_composition_that_took_a_compose_is_learned_as_one():
+    """Reported prepared, but the switch took a full compose (the entry was gone by the time the
+    call reached the model): a compose, not a swap, however the report read."""
+    book = WorkerBook("w0", None)
+    learn(book, "a")
+    learn(book, "b")
+    book.report(holds("a", "b", seq=1))
+    learn(book, "a", compose_s=3.0)  # at least half a compose: one
+    assert "swap_s" not in book.measured and book.compose_s == pytest.approx(0.7 * 4.0 + 0.3 * 3.0)
+
+
+def test_a_late_report_of_a_lost_process_is_dropped():
+    """The actor died with two calls out: the lost call comes back first (``forget``), the other
+    one later with the dead process's report. The restarted actor is empty: that report is no
+    truth, from a process that had reported before (its origin) or not (sent before the loss)."""
+    book = WorkerBook("w0", None)
+    learn(book, "a")
+    book.report(holds("a", seq=1, adapters=("s3://b/a.safetensors",)))
+    book.forget()
+    book.report(holds("a", seq=2, adapters=("s3://b/a.safetensors",)))  # p0's other call, read after its death
+    assert book.prepared == frozenset() and book.adapters == set()
+    book.report(holds(seq=1, origin="p1"))
+    learn(book, "b")
+    book.report(holds("b", seq=2, origin="p1"))  # the new process's own reports are the truth
+    assert book.prepared == {"b"}
+
+    fresh = WorkerBook("w1", None)  # a process that died before any report of it came back
+    sent = fresh.epoch
+    learn(fresh, "a")
+    fresh.forget()
+    fresh.report(holds("a", seq=1, origin="q0"), sent)
+    assert fresh.prepared == frozenset(), "a call sent before the loss cannot speak for the new process"
+    fresh.report(holds("a", seq=1, origin="q1"), fresh.epoch)
+    assert fresh.prepared == {"a"}
+
+
+def test_a_composition_out_of_the_report_and_back_is_credited_again():
+    """An auto-mode worker flips to merge (its report: nothing prepared in that mode) and back:
+    the book still knows which routing keys the content keys it reports again stand for."""
+    book = WorkerBook("w0", None)
+    learn(book, "a")
+    learn(book, "b")
+    book.report(holds("a", "b", seq=1))
+    book.report(holds(seq=2))  # merge mode now: no swaps
+    assert book.prepared == frozenset()
+    book.report(holds("a", "b", seq=3))  # low-rank again: the same cache entries swap once more
+    assert book.prepared == {"a", "b"}
+
+
+def test_the_routing_memory_is_bounded_and_keeps_what_is_reported(monkeypatch):
+    import farm.books as books
+
+    monkeypatch.setattr(books, "ROUTING_MEMORY", 3)
+    monkeypatch.setattr(books, "ROUTINGS_PER_KEY", 2)
+    book = WorkerBook("w0", None)
+    learn(book, "a")
+    book.report(holds("a", seq=1))
+    for key in ("b", "c", "d", "e"):
+        learn(book, key)
+    assert len(book._routing_of) == 3 and "content-a" in book._routing_of, "the reported key stays"
+    book.report(holds("a", "e", seq=2))
+    assert book.prepared == {"a", "e"}
+    for other in ("e1", "e2", "e3"):  # the same bytes under more URIs than a key keeps
+        book.learn(row("e"), routing_key=other)
+    assert book.prepared == {"a", "e2", "e3"}, "the newest routing keys of a content key"

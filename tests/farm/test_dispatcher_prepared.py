@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import pytest
 
 from farm.dispatcher import Dispatcher
+from farm.transport import WorkerLost
 from farm.scheduler import AffinityScheduler
 from farm.scheduler.costs import switch_cost
 from jobs.manifest import Job, LoraRef
@@ -18,6 +19,7 @@ from jobs.results import ResultRow
 from testsupport import lora as T
 from testsupport.sleep import SleepBackend, sleep_transformer_shapes
 from tests.farm.test_dispatcher import FakeTransport
+from workers.holds import Holds, Rows
 from workers.worker import RenderWorker
 
 COMPOSE_S = 0.05  # the sleep backend's switch: what the dispatcher learns a compose costs
@@ -131,7 +133,55 @@ def test_a_composition_that_comes_back_goes_to_the_worker_that_kept_it_prepared(
         uris = [r.uri for r in j.loras]
         assert j.routing_key in mine.prepared and j.routing_key != mine.routing_key
         assert not set(uris) & (mine.adapters | other.adapters), "the adapters left memory"
-        assert switch_cost(mine, j.routing_key, uris, mine.routing_key) < switch_cost(
-            other, j.routing_key, uris, other.routing_key), "a swap is the cheaper switch"
+        assert set(uris) <= mine.node_disk, "on the node's disk: the swap reads them from there"
+        swap = switch_cost(mine, j.routing_key, uris, mine.routing_key)
+        assert swap == pytest.approx(mine.swap_cost_s + len(uris) * mine.load_cost_s), "a swap after the reads"
+        assert swap < switch_cost(other, j.routing_key, uris, other.routing_key), "a swap is the cheaper switch"
     rows = farm.run("r3", back)
     assert {r.job_id: r.worker_id for r in rows} == {j.job_id: holder[j.routing_key] for j in back}
+
+
+class Dying:
+    """A worker process that dies with two calls out: the first call (slow) renders and
+    reports holding a prepared, the second (quick) is lost with the process. Ray answers
+    the lost one first."""
+
+    worker_id = "w0"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @property
+    def seconds(self) -> float:  # read as each call is sent: the first is the slow one
+        return 2.0 if self.calls == 0 else 1.0
+
+    def render(self, jobs: Sequence[Job], output_root: str, storage_options: dict) -> Any:
+        self.calls += 1
+        if self.calls == 2:
+            raise WorkerLost("ActorDiedError: the actor died")
+        rows = [ResultRow.ok(j, output_uri=f"{output_root}/{j.job_id}.png", composition_key="content-a",
+                             worker_id=self.worker_id, fetch_s=0.0, compose_s=0.5, render_s=1.0, lora_mode="lowrank")
+                for j in jobs]
+        return Rows(rows, Holds("old-process", 1, ("content-a",), tuple(r.uri for j in jobs for r in j.loras)))
+
+    def prefetch(self, loras: Sequence[Any]) -> int:
+        return len(loras)
+
+
+def test_a_report_of_a_process_lost_meanwhile_is_not_the_truth(loras):
+    """The review's case: calls X and Y out, the actor dies during Y; Y's loss is read first
+    (the book forgets: the restarted actor is empty), then X's rows with the dead process's
+    report. Its rows count; its report does not (that process never reported before, so only
+    the call's send time tells it apart)."""
+    d = Dispatcher({}, AffinityScheduler(), "", transport=FakeTransport(), capacity=2)
+    d.add_worker("w0", Dying(), node_id="n0")
+    rows: list[ResultRow] = []
+    d.add_run("r", jobs_of(loras, "r", "a", 2), "memory://out", on_rows=rows.extend)
+    d.step(timeout=0)
+    assert len(d.pending) == 2
+    d.collect(10.0)  # Y: lost
+    book = d.worker_book("w0")
+    assert book.epoch == 1 and book.prepared == frozenset()
+    d.collect(10.0)  # X: its rows, and the dead process's report
+    assert [r.status for r in rows] == ["ok"]
+    assert book.prepared == frozenset() and book.adapters == set(), "the restarted actor holds nothing"

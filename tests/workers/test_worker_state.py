@@ -111,6 +111,43 @@ def test_each_render_reports_what_the_worker_holds(tmp_path, loras):
     assert merged.holds.prepared == () and merged.holds.adapters == (loras["a"],), "a merge keeps no branch"
 
 
+class OomOnce(SleepBackend):
+    """The sleep backend, out of device memory on the render after ``fail`` is set."""
+
+    fail = False
+
+    def render(self, batch):
+        if self.fail:
+            self.fail = False
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().render(batch)
+
+
+def test_a_group_that_fails_after_its_switch_still_reports_what_the_switch_evicted(tmp_path, loras):
+    """The branch cache holds one composition: switching to b evicts a before b renders; b's
+    render runs out of memory. The call's rows fail, and its report says what the cache holds
+    now (b), not the earlier report's a, which the dispatcher would keep crediting."""
+    size = {}
+    for n in ("a", "b"):
+        probe = RenderWorker({"backend": "sleep"}, "p", options=FarmOptions(lora_mode="lowrank"),
+                             cache_dir=str(tmp_path / "probe"), backend_factory=lambda spec, device: SleepBackend())
+        probe.render([job(f"{n}0", 0, loras[n])], str(tmp_path / "probe-out"))
+        size[n] = probe.model._prepared[next(iter(probe.model._prepared))].nbytes
+    w = RenderWorker({"backend": "sleep"}, "w0", cache_dir=str(tmp_path / "cache"),
+                     options=FarmOptions(lora_mode="lowrank", branch_cache_mb=max(size.values()) / (1 << 20)),
+                     backend_factory=lambda spec, device: OomOnce(device=device))
+    out = str(tmp_path / "out")
+    first = w.render([job("a0", 0, loras["a"])], out)
+    (ka,) = {r.composition_key for r in first}
+    assert first.holds.prepared == (ka,)
+    w.model.backend.fail = True
+    failed = w.render([job("b0", 1, loras["b"])], out)
+    assert [r.status for r in failed] == ["failed"] and failed[0].transient
+    assert w.model.key != ka, "b was switched to before its render failed"
+    assert failed.holds.seq > first.holds.seq
+    assert failed.holds.prepared == w.model.prepared_keys() == (w.model.key,), "a was evicted: not reported"
+
+
 def test_device_memory_is_torchs_allocation_on_a_cuda_device(monkeypatch):
     """The CUDA branch without a GPU: torch's counters stand in, and a CPU device is None."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
