@@ -170,11 +170,8 @@ def state_dict_id(sd: Mapping[str, torch.Tensor]) -> str:
 
 def _build(keymap, tensors: Mapping[str, torch.Tensor], *, source: str, content_id: str,
            diff_keys: Mapping[str, Mapping[str, str]] | None = None) -> Adapter:
-    layers: dict[str, LoraLayer] = {}
     converted = keymap.scheme == nunchaku_converted.NAME
-    if converted:  # packed factors unpacked, scale 1 (``formats/nunchaku_converted.py``)
-        for target, (a, b, base) in nunchaku_converted.factors(keymap.entries, tensors, source).items():
-            layers[target] = LoraLayer(A=a, B=b, alpha=float(a.shape[0]), may_hold_base=base)
+    layers = converted_layers(keymap.entries, tensors, source) if converted else {}
     for target, roles in ({} if converted else keymap.entries).items():
         a = _matrix(tensors[roles["A"]], source, roles["A"])
         b = _matrix(tensors[roles["B"]], source, roles["B"])
@@ -194,10 +191,25 @@ def _build(keymap, tensors: Mapping[str, torch.Tensor], *, source: str, content_
                    diffs=MappingProxyType(found), diff_keys=MappingProxyType(names))
 
 
+def converted_layers(entries: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torch.Tensor],
+                     source: str) -> dict[str, LoraLayer]:
+    """A nunchaku-converted file's layers (``formats/nunchaku_converted.py``): each factor checked
+    as any LoRA's, packed ones unpacked, scale 1. ``tensors`` may be meta (a header: shapes only)."""
+    checked = {k: _matrix(tensors[k], source, k) for roles in entries.values() for k in roles.values()}
+    return {target: LoraLayer(A=a, B=b, alpha=float(a.shape[0]), may_hold_base=base)
+            for target, (a, b, base) in nunchaku_converted.factors(entries, checked, source).items()}
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. torch has no ``isfinite`` for its 8-bit floats: those are checked
+    in fp16, which holds every e4m3 / e5m2 value exactly (NaN and Inf included)."""
+    return bool(torch.isfinite(t if t.element_size() > 1 else t.to(torch.float16)).all())
+
+
 def _diff(t: torch.Tensor, source: str, key: str) -> torch.Tensor:
     if not t.is_floating_point():
         raise CorruptFileError(f"full-weight diff has non-float dtype {t.dtype}", source=source, key=key)
-    if not torch.isfinite(t).all():
+    if not _finite(t):
         raise NonFiniteError("full-weight diff contains NaN or Inf", source=source, key=key)
     return t
 
@@ -209,7 +221,7 @@ def _matrix(t: torch.Tensor, source: str, key: str) -> torch.Tensor:
         raise ShapeMismatchError(f"expected a 2-D LoRA factor, got shape {tuple(t.shape)}", source=source, key=key)
     if not t.is_floating_point():
         raise CorruptFileError(f"LoRA factor has non-float dtype {t.dtype}", source=source, key=key)
-    if not torch.isfinite(t).all():
+    if not t.is_meta and not _finite(t):
         raise NonFiniteError("LoRA factor contains NaN or Inf", source=source, key=key)
     return t
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .adapter import Adapter, LoraLayer, classify_keys
+from .adapter import Adapter, LoraLayer, classify_keys, converted_layers
 from .compose import plan
 from .errors import CorruptFileError, LoraError, ShapeMismatchError
 from .formats import nunchaku_converted
@@ -24,8 +24,11 @@ from .model_index import ModelIndex
 from .safetensors_io import (file_sha256, is_pickle_file, load_pickle_state_dict, load_tensors, read_header,
                              read_metadata)
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+#: safetensors dtype names -> torch dtypes (every one ``safetensors_io`` reads).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_TORCH_DTYPES = {name: dtype for name, dtype in SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
 #: Header metadata shown by ``summary`` (the trainers' own notes: information, not truth).
 SHOWN_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
                   "modelspec.architecture", "format")
@@ -64,8 +67,7 @@ def header_adapter(path: str, *, content_id: str | None = None, name: str | None
     layers: dict[str, LoraLayer] = {}
     if keymap.scheme == nunchaku_converted.NAME:  # packed factors: their unpacked shapes, scale 1
         metas = {k: _meta(src, k, header[k]) for roles in keymap.entries.values() for k in roles.values()}
-        for target, (a, b, base) in nunchaku_converted.factors(keymap.entries, metas, src).items():
-            layers[target] = LoraLayer(A=a, B=b, alpha=float(a.shape[0]), may_hold_base=base)
+        layers = converted_layers(keymap.entries, metas, src)
     for target, roles in ({} if layers else keymap.entries).items():
         if "A" not in roles or "B" not in roles:
             continue  # a role other than a low-rank pair (a full-weight diff): not bound here

@@ -11,6 +11,7 @@ against ground truth produced by nunchaku's own code.
 
 Here a tile's rows ("n") run along the rank axis for ``down`` and along the output axis for
 ``up``; its columns ("k") run along the input axis for ``down`` and along rank for ``up``.
+:func:`base_of` says where a module's own packed branch is while lora_core has one swapped in.
 """
 from __future__ import annotations
 
@@ -30,6 +31,17 @@ def pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def round_up(n: int, k: int = TILE) -> int:
     return (n + k - 1) // k * k
+
+
+#: where ``targets.svdq`` keeps an SVDQ module's own branch while the module holds a composition
+BASE_ATTR = "_lora_farm_base"
+
+
+def base_of(module) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """An ``SVDQW4A4Linear``'s own packed branch (proj_down, proj_up, rank), also while it holds a
+    composition (kept on the module from apply to restore; at the base, its live parameters). Here,
+    below ``targets.svdq`` (which sets it) and ``formats.nunchaku_converted`` (which checks files against it)."""
+    return module.__dict__.get(BASE_ATTR) or (module.proj_down, module.proj_up, int(module.rank))
 
 
 # The permutation is done in two cheap steps instead of one 7-D strided copy (measured 6x

@@ -41,14 +41,24 @@ What lora_core does with them:
   told from the LoRA's. Use the original file.
 - Qwen-Image names: loaded. Packed factors are unpacked (exact: a permutation), modulation ups put back in
   diffusers' chunk-major rows (``compose`` interleaves them again on nunchaku's layers), scale 1 (what the file
-  holds is the update; strength scales it). A block without all eight SVDQ layers proves the file was converted
-  without a base: all its factors are the LoRA's. Otherwise its SVDQ factors may begin with a base branch, and
-  :func:`bind` decides against the model: on an SVDQ layer the leading ranks (as many as the layer's own packed
-  branch has) must equal that branch bit for bit (in the file's dtype); they are dropped, the rest lands like
-  any LoRA (concatenated after the model's own branch, times the strength: what ``set_lora_strength`` does); a
-  layer whose file branch is the base alone adds nothing; a mismatch is an error naming the key. On a dense
-  layer such a factor is refused (no branch to check it against). A header-only bind (meta tensors) checks
-  shapes only.
+  holds is the update; strength scales it). Factors are 2-D floats of 16 bits or more (the converter writes
+  bf16 or fp16: its packer takes no other). The file is *base-free* (all its factors are the LoRA's) when one
+  of two things proves it (:func:`base_free`): a block it touches lacks one of the eight SVDQ layers (a
+  converter given a base writes them all), or an SVDQ layer has fewer than :data:`MIN_BASE_RANK` = 32 ranks,
+  padding included (given a base it puts the base's ranks first, and nunchaku's checkpoints have 32 or 128:
+  ``svdq-*_r32-*`` / ``_r128``); a base-free file is an ordinary LoRA on any model. Otherwise its SVDQ factors
+  may begin with a base branch, and :func:`bind` decides against the model: on an SVDQ layer the leading ranks
+  (as many as the layer's own packed branch has) must equal that branch bit for bit (in the file's dtype); they
+  are dropped, the rest lands like any LoRA (concatenated after the model's own branch, times the strength:
+  what ``set_lora_strength`` does); a layer whose file branch is the base alone adds nothing; a file with fewer
+  ranks than the layer's own, or other leading ranks, is an error naming the key. On a dense layer such a
+  factor is refused (no branch to check it against). What stays ambiguous, and is refused: a file converted
+  *without* a base from a LoRA that trains all eight SVDQ layers of every block it touches with rank >= 32
+  (after q/k/v fusion and padding) reads exactly as one converted against some checkpoint. Refused on a dense
+  model; on nunchaku's model, refused unless its leading ranks are that model's own; and on an r128 model a
+  file of ranks 32..127 may also have been converted against an r32 checkpoint, so rank alone proves nothing
+  there either. A header-only bind (meta tensors) checks shapes only: a file converted against another
+  checkpoint of the same rank passes it and is refused at the real load.
 """
 from __future__ import annotations
 
@@ -59,8 +69,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..errors import NonFiniteError, ShapeMismatchError, UnknownKeysError, UnsupportedFormatError
-from ..nunchaku import TILE, chunk_major_modulation_rows, unpack_lowrank
+from ..errors import ShapeMismatchError, UnknownKeysError, UnsupportedFormatError
+from ..nunchaku import TILE, base_of, chunk_major_modulation_rows, unpack_lowrank
 from ..resolve import Unresolved, resolve
 
 NAME = "nunchaku-converted"
@@ -76,7 +86,13 @@ SVDQ_LEAVES = ("attn.to_qkv", "attn.add_qkv_proj", "attn.to_out.0", "attn.to_add
                "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 #: its modulation layers (AWQ, no base branch): not packed, up rows interleaved
 MODULATION_LEAVES = ("img_mod.1", "txt_mod.1")
+#: the smallest low-rank branch nunchaku's SVDQ checkpoints have (Qwen-Image: r32 and r128): a file converted
+#: against one has at least this many ranks on every SVDQ layer
+MIN_BASE_RANK = 32
 _ORIGINAL = "use the original LoRA file (lora_core packs it onto the SVDQ branch itself)"
+#: what no file tells apart from one converted against a checkpoint (see the module's docstring)
+AMBIGUOUS = (f"a file converted without a base from a LoRA that trains all eight SVDQ layers of every block it "
+             f"touches with rank >= {MIN_BASE_RANK} reads the same")
 
 
 def detect(keys: Iterable[str]) -> str | None:
@@ -117,36 +133,45 @@ def entries(keys: Iterable[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def base_free(targets: Iterable[str]) -> bool:
-    """True when some block the file touches lacks one of the eight SVDQ layers: a converter
-    given a base writes them all, so this file was converted without one."""
+def base_free(targets: Iterable[str], svdq_ranks: Mapping[str, int]) -> bool:
+    """True when the file provably holds no base branch: some block it touches lacks one of the
+    eight SVDQ layers (a converter given a base writes them all), or an SVDQ layer has fewer than
+    :data:`MIN_BASE_RANK` ranks, padding included (one given a base puts the base's ranks first).
+    ``svdq_ranks``: ``{target: rank}`` of the file's SVDQ layers. False says only "may hold a base"."""
     blocks: dict[str, set[str]] = {}
     for t in targets:
         m = _BLOCK.match(t)
         if m:
             blocks.setdefault(m.group("block"), set()).add(m.group("leaf"))
-    return any(not set(SVDQ_LEAVES) <= leaves for leaves in blocks.values())
+    return (any(not set(SVDQ_LEAVES) <= leaves for leaves in blocks.values())
+            or any(rank < MIN_BASE_RANK for rank in svdq_ranks.values()))
 
 
 def factors(entries: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torch.Tensor], source: str
             ) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
     """``{target: (A (rank, in), B (out, rank), may_hold_base)}``: packed factors unpacked, the
-    modulation ups in diffusers' chunk-major rows. Meta tensors (a header) get their shapes only."""
-    free = base_free(entries)
-    out = {}
+    modulation ups in diffusers' chunk-major rows. ``tensors``: the file's factors, already checked
+    2-D floats (``adapter.converted_layers``); meta tensors (a header) get their shapes only."""
+    out, ranks = {}, {}
     for target, roles in entries.items():
-        down, up = (_checked(tensors[roles[r]], source, roles[r]) for r in ("A", "B"))
-        leaf = _BLOCK.match(target).group("leaf")
-        packed = leaf in SVDQ_LEAVES
-        rank_d, rank_u = (down.shape[1], up.shape[1]) if packed else (down.shape[0], up.shape[1])
-        if rank_d != rank_u:
-            raise ShapeMismatchError(f"lora_down has rank {rank_d} but lora_up has rank {rank_u}", source=source,
-                                     key=roles["B"])
+        down, up = tensors[roles["A"]], tensors[roles["B"]]
+        for role, t in (("A", down), ("B", up)):
+            if t.element_size() < 2:
+                raise UnsupportedFormatError(message(roles[role], (
+                    f"a {t.dtype} factor, which nunchaku's converter never writes (bf16 or fp16: its packer "
+                    "takes no other)")), source=source)
+        packed = _BLOCK.match(target).group("leaf") in SVDQ_LEAVES
         if packed:
             for role, t in (("A", down), ("B", up)):
                 if t.shape[0] % TILE or t.shape[1] % TILE:
                     raise ShapeMismatchError(f"a packed factor's sides are multiples of {TILE}, got "
                                              f"{tuple(t.shape)}", source=source, key=roles[role])
+        rank_d, rank_u = (down.shape[1], up.shape[1]) if packed else (down.shape[0], up.shape[1])
+        if rank_d != rank_u:
+            raise ShapeMismatchError(f"lora_down has rank {rank_d} but its lora_up {roles['B']!r} has rank "
+                                     f"{rank_u}", source=source, key=roles["A"])
+        if packed:
+            ranks[target] = rank_d
             a = _meta(down.shape[::-1], down) if down.is_meta else unpack_lowrank(down, down=True)
             b = _meta(up.shape, up) if up.is_meta else unpack_lowrank(up, down=False)
         else:
@@ -154,22 +179,13 @@ def factors(entries: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torc
                 raise ShapeMismatchError(f"a modulation up has 6 chunks of rows, got {up.shape[0]} rows",
                                          source=source, key=roles["B"])
             a, b = down, (_meta(up.shape, up) if up.is_meta else chunk_major_modulation_rows(up))
-        out[target] = (a, b, packed and not free)
-    return out
+        out[target] = (a, b, packed)
+    free = base_free(entries, ranks)
+    return {t: (a, b, packed and not free) for t, (a, b, packed) in out.items()}
 
 
 def _meta(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=like.dtype, device="meta")
-
-
-def _checked(t: torch.Tensor, source: str, key: str) -> torch.Tensor:
-    if t.dim() != 2:
-        raise ShapeMismatchError(f"expected a 2-D LoRA factor, got shape {tuple(t.shape)}", source=source, key=key)
-    if not t.is_floating_point():
-        raise ShapeMismatchError(f"LoRA factor has non-float dtype {t.dtype}", source=source, key=key)
-    if not t.is_meta and not torch.isfinite(t).all():
-        raise NonFiniteError("LoRA factor contains NaN or Inf", source=source, key=key)
-    return t
 
 
 def bind(adapter: Any, index: Any) -> Any:
@@ -183,7 +199,7 @@ def bind(adapter: Any, index: Any) -> Any:
         return adapter
     layers = {}
     for target, layer in adapter.layers.items():
-        key = f"{target}.lora_down"
+        keys = (f"{target}.lora_down", f"{target}.lora_up")  # the file's own keys (bare, as the converter writes)
         try:
             places = resolve(target, index)
         except Unresolved:
@@ -194,49 +210,54 @@ def bind(adapter: Any, index: Any) -> Any:
             module = index.modules[places[0].module]
             if len(places) != 1 or index.kinds[places[0].module] != "svdq":
                 where = ", ".join(sorted({p.module for p in places}))
-                raise UnsupportedFormatError(message(key, (
-                    "every block this file touches has all eight of nunchaku's SVDQ layers, as its converter writes "
-                    "them when given the base checkpoint: their leading ranks are then that checkpoint's own SVD "
-                    f"branch, which {where} (not an SVDQ layer) does not have, and nothing in the file tells them "
-                    "from the LoRA's"), "load it on the nunchaku model it was converted against, or use the original "
-                    "LoRA file"), source=adapter.source)
-            a, b = _drop_base(a, b, module, key, adapter.source)
+                raise UnsupportedFormatError(message(keys[0], (
+                    "every block this file touches has all eight of nunchaku's SVDQ layers, none with fewer than "
+                    f"{MIN_BASE_RANK} ranks, as its converter writes them when given the base checkpoint: their "
+                    f"leading ranks may then be that checkpoint's own SVD branch, which {where} (not an SVDQ layer) "
+                    f"does not have, and nothing in the file tells them from the LoRA's ({AMBIGUOUS})"),
+                    "load it on the nunchaku model it was converted against, or use the original LoRA file"),
+                    source=adapter.source)
+            a, b = _drop_base(a, b, module, keys, adapter.source)
             if a is None:
                 continue  # the base branch alone: a layer the LoRA does not touch
-        a, b = _crop(a, b, places, index, key, adapter.source)
+        a, b = _crop(a, b, places, index, keys, adapter.source)
         layers[target] = dataclasses.replace(layer, A=a, B=b, alpha=float(a.shape[0]), may_hold_base=False)
     return dataclasses.replace(adapter, layers=MappingProxyType(layers))
 
 
-def _drop_base(a: torch.Tensor, b: torch.Tensor, module, key: str, source: str):
-    """(A, B) past the module's own packed branch, which must lead them; (None, None) when nothing is past it."""
-    base_down, base_up, _ = module.__dict__.get("_lora_farm_base") or (module.proj_down, module.proj_up, module.rank)
+def _drop_base(a: torch.Tensor, b: torch.Tensor, module, keys: tuple[str, str], source: str):
+    """(A, B) past the module's own packed branch, which must lead them; (None, None) when nothing
+    is past it. ``keys``: the file's (lora_down, lora_up), the one that disagrees named."""
+    base_down, base_up, _ = base_of(module)
     r0 = int(base_down.shape[1])
-    other = "this file was converted against a different base checkpoint (or without one)"
-    if a.shape[0] < r0 or a.shape[1] != base_down.shape[0] or b.shape[0] != base_up.shape[0]:
-        raise UnsupportedFormatError(message(key, (
+    other = ("this file was not converted against this checkpoint: against another one (nunchaku's have "
+             f"r{MIN_BASE_RANK} and r128), or without a base ({AMBIGUOUS})")
+    down_fits = a.shape[0] >= r0 and a.shape[1] == base_down.shape[0]
+    if not (down_fits and b.shape[0] == base_up.shape[0]):
+        raise UnsupportedFormatError(message(keys[0 if not down_fits else 1], (
             f"its branch (rank {a.shape[0]}, {a.shape[1]} in, {b.shape[0]} out, padded) cannot begin with this "
             f"layer's own (rank {r0}, {base_down.shape[0]} in, {base_up.shape[0]} out): {other}")), source=source)
     if not (a.is_meta or base_down.is_meta):
         own_a = unpack_lowrank(base_down.data, down=True).to(device=a.device, dtype=a.dtype)
         own_b = unpack_lowrank(base_up.data, down=False).to(device=b.device, dtype=b.dtype)
-        if not (torch.equal(a[:r0], own_a) and torch.equal(b[:, :r0], own_b)):
-            raise UnsupportedFormatError(message(key, (
-                f"its first {r0} ranks are not this layer's own low-rank branch: {other}")), source=source)
+        for key, ok in ((keys[0], torch.equal(a[:r0], own_a)), (keys[1], torch.equal(b[:, :r0], own_b))):
+            if not ok:
+                raise UnsupportedFormatError(message(key, (
+                    f"its first {r0} ranks are not this layer's own low-rank branch: {other}")), source=source)
     a, b = a[r0:], b[:, r0:]
     if a.shape[0] == 0 or not (a.is_meta or bool(a.any() and b.any())):
         return None, None
     return a, b
 
 
-def _crop(a: torch.Tensor, b: torch.Tensor, places, index, key: str, source: str):
+def _crop(a: torch.Tensor, b: torch.Tensor, places, index, keys: tuple[str, str], source: str):
     """The zero padding past the modules' inputs and outputs cut off (a packed factor's sides are
-    multiples of 16); anything else there is an error."""
+    multiples of 16); anything else there is an error naming the factor's key."""
     p = places[0]
     n_in = max(q.cols.stop for q in places) if p.cols is not None else index.in_features(p.module)
     rows = [q.rows.stop for q in places if q.rows is not None]
     n_out = max(rows) if rows else (index.out_features(p.module) if p.offset is None else b.shape[0])
-    for t, side, n in ((a, 1, n_in), (b, 0, n_out)):
+    for t, side, n, key in ((a, 1, n_in, keys[0]), (b, 0, n_out, keys[1])):
         if t.shape[side] > n and not t.is_meta and t.narrow(side, n, t.shape[side] - n).any():
             raise ShapeMismatchError(f"the factor is {t.shape[side]} wide where the model's module has {n}, and "
                                      "the rest is not zero padding", source=source, key=key)

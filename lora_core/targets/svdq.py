@@ -16,7 +16,7 @@ from torch import nn
 
 from ..compose import ModuleUpdate
 from ..errors import NonFiniteError, StaleBranchError
-from ..nunchaku import pack_lowrank, pad_to, round_up, unpack_lowrank
+from ..nunchaku import BASE_ATTR, base_of, pack_lowrank, pad_to, round_up, unpack_lowrank
 from .dense import all_finite
 from .ledger import Ledger
 
@@ -55,12 +55,6 @@ class Packed:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.down, self.up))
-
-
-def base_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The module's own packed branch and rank, also while it holds a composition (kept on
-    the module from apply to restore; at the base, its live parameters)."""
-    return module.__dict__.get("_lora_farm_base") or (module.proj_down, module.proj_up, int(module.rank))
 
 
 def concat_branch(on: tuple[torch.Tensor, torch.Tensor, int], update: ModuleUpdate) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -116,14 +110,14 @@ def apply_svdq(module: nn.Module, update: ModuleUpdate, ledger: Ledger) -> None:
             raise StaleBranchError(f"the prepared branch for {update.module!r} was packed against another base "
                                    "than the module holds now; plan and prepare it again")
         packed = pack_update(module, update, on=held)
-    had_base = "_lora_farm_base" in module.__dict__
-    module.__dict__.setdefault("_lora_farm_base", held)
+    had_base = BASE_ATTR in module.__dict__
+    module.__dict__.setdefault(BASE_ATTR, held)
     old = (module.proj_down, module.proj_up, module.rank)
 
     def undo(module=module, old=old) -> None:
         module.proj_down, module.proj_up, module.rank = old
         if not had_base:  # back at the base: its live parameters are the truth again
-            module.__dict__.pop("_lora_farm_base", None)
+            module.__dict__.pop(BASE_ATTR, None)
 
     module.proj_down = nn.Parameter(packed.down, requires_grad=False)
     module.proj_up = nn.Parameter(packed.up, requires_grad=False)

@@ -14,10 +14,10 @@ import torch
 
 import lora_core
 from lora_core.compose import plan
-from lora_core.errors import UnsupportedFormatError
+from lora_core.errors import CorruptFileError, NonFiniteError, ShapeMismatchError, UnsupportedFormatError
 from lora_core.inspection import bind_report, header_adapter, summary
 from lora_core.model_index import ModelIndex
-from lora_core.nunchaku import unpack_lowrank
+from lora_core.nunchaku import pack_lowrank, unpack_lowrank
 from testsupport import lora as T
 from testsupport.nunchaku_converter import MODULATION, SVDQ, to_nunchaku
 
@@ -38,8 +38,8 @@ def standin():
     return T.nunchaku_qwen_standin(DIM, MLP, layers=2)
 
 
-def original(shapes=FULL, seed=3):
-    return T.random_layers(shapes, rank=R, seed=seed, alpha=ALPHA, dtype=torch.bfloat16)
+def original(shapes=FULL, seed=3, rank=R, dtype=torch.bfloat16):
+    return T.random_layers(shapes, rank=rank, seed=seed, alpha=ALPHA * rank / R, dtype=dtype)
 
 
 def inputs(model, seed=0):
@@ -129,32 +129,108 @@ def test_converted_against_another_checkpoint_is_refused_by_key(tmp_path):
     model = standin()
     other = copy.deepcopy(model)
     own = other.transformer_blocks[0].attn.to_out[0]
-    own.proj_up.data[0, 0] += 1  # one value of one layer's own branch differs
+    own.proj_up.data[0, 0] += 1  # one value of one layer's own branch differs (its up: the up is named)
     path = T.write_safetensors(tmp_path / "elsewhere.safetensors", to_nunchaku(original(), base=other))
     snap = snapshot(model)
     with pytest.raises(UnsupportedFormatError, match=r"nunchaku-converted LoRA \(key 'transformer_blocks\.0\.attn\."
-                       r"to_out\.0\.lora_down'\): its first 32 ranks are not this layer's own low-rank branch: this "
-                       r"file was converted against a different base checkpoint") as e:
+                       r"to_out\.0\.lora_up'\): its first 32 ranks are not this layer's own low-rank branch: this "
+                       r"file was not converted against this checkpoint") as e:
         lora_core.apply(model, [(path, 1.0)])
     assert "elsewhere.safetensors" in str(e.value)
     assert_same(model, snap)
-    # a checkpoint of another rank (nunchaku ships r32 and r128): refused by its shapes
-    wide = T.nunchaku_qwen_standin(DIM, MLP, layers=2, rank=16)
-    path = T.write_safetensors(tmp_path / "r16.safetensors", to_nunchaku(original(), base=wide))
-    with pytest.raises(UnsupportedFormatError, match="different base checkpoint"):
+    # a checkpoint of another rank: converted against an r32 one (ranks 32..127), loaded on an r128 model. Refused
+    # by its shapes: it may as well be an r32 file as a base-free one (nothing tells them apart)
+    wide = T.nunchaku_qwen_standin(DIM, MLP, layers=2, rank=128)
+    path = T.write_safetensors(tmp_path / "r32.safetensors", to_nunchaku(original(), base=model))
+    with pytest.raises(UnsupportedFormatError, match=r"key 'transformer_blocks\.0\.attn\.add_qkv_proj\.lora_down'\): "
+                       r"its branch \(rank 64, 32 in, 96 out, padded\) cannot begin with this layer's own \(rank 128"
+                       r".*against another one \(nunchaku's have r32 and r128\), or without a base"):
+        lora_core.apply(wide, [(path, 1.0)])
+
+
+def test_the_factor_that_disagrees_is_named(tmp_path):
+    """The base's down equal and its up not: the up named; non-zero padding on either side: that side named."""
+    model = standin()
+    other = copy.deepcopy(model)
+    other.transformer_blocks[0].attn.to_out[0].proj_down.data[0, 0] += 1
+    path = T.write_safetensors(tmp_path / "down.safetensors", to_nunchaku(original(), base=other))
+    with pytest.raises(UnsupportedFormatError, match=r"key 'transformer_blocks\.0\.attn\.to_out\.0\.lora_down'\): "
+                       "its first 32 ranks are not this layer's own"):
         lora_core.apply(model, [(path, 1.0)])
-    assert_same(model, snap)
+    key = "transformer_blocks.0.attn.to_out.0"
+    for role, down in (("down", True), ("up", False)):
+        sd = to_nunchaku(original(BASE_FREE), base=None)
+        t = unpack_lowrank(sd[f"{key}.lora_{role}"], down)  # (16, 32) / (32, 16)
+        junk = torch.full((16, 16), 0.5, dtype=t.dtype)
+        sd[f"{key}.lora_{role}"] = pack_lowrank(torch.cat([t, junk], 1 if down else 0), down)  # 48 in / out
+        path = T.write_safetensors(tmp_path / f"pad-{role}.safetensors", sd)
+        with pytest.raises(ShapeMismatchError, match="48 wide where the model's module has 32, and the rest is not "
+                           "zero padding") as e:
+            lora_core.apply(model, [(path, 1.0)])
+        assert e.value.key == f"{key}.lora_{role}"
+    sd = to_nunchaku(original(BASE_FREE), base=None)
+    sd[f"{key}.lora_up"] = pack_lowrank(torch.ones(DIM, 32, dtype=torch.bfloat16), False)  # rank 32, its down 16
+    path = T.write_safetensors(tmp_path / "ranks.safetensors", sd)
+    with pytest.raises(ShapeMismatchError, match="lora_down has rank 16 but its lora_up") as e:
+        lora_core.load_adapter(path)
+    assert f"{key}.lora_down" in str(e.value) and f"{key}.lora_up" in str(e.value)
+
+
+@pytest.mark.parametrize("dtype, error", [(torch.int8, CorruptFileError), (torch.float8_e4m3fn, UnsupportedFormatError)])
+def test_a_factor_of_another_dtype_is_named_by_key(tmp_path, dtype, error):
+    """As any LoRA's factor: non-float is a corrupt file; 8-bit floats no converter writes (its packer takes
+    bf16/fp16), refused on load and on a header-only read alike."""
+    key = "transformer_blocks.0.attn.to_out.0.lora_down"
+    sd = to_nunchaku(original(BASE_FREE), base=None)
+    sd[key] = sd[key].to(dtype)
+    path = T.write_safetensors(tmp_path / "odd.safetensors", sd)
+    for load in (lora_core.load_adapter, header_adapter):
+        with pytest.raises(error) as e:
+            load(path)
+        assert key in str(e.value) and "odd.safetensors" in str(e.value)
+
+
+def test_an_fp8_original_loads_and_lands(tmp_path, qwen):
+    """The converter's peer, an ordinary LoRA in fp8 (torch has no isfinite for it): loads, lands as
+    fp64 W + s·(alpha/r)·B@A of its fp8 values, and a NaN in it is named by key."""
+    layers = original({"transformer_blocks.0.attn.to_out.0": (DIM, DIM)}, dtype=torch.float8_e4m3fn)
+    sd = T.peft_state_dict(layers)
+    path = T.write_safetensors(tmp_path / "fp8.safetensors", sd)
+    m = qwen.transformer_blocks[0].attn.to_out[0]
+    x = torch.randn(3, DIM)
+    with torch.no_grad():
+        before = m(x).double()
+    a, b, _ = layers["transformer_blocks.0.attn.to_out.0"]
+    want = before + 0.7 * (ALPHA / R) * (x.double() @ a.double().T) @ b.double().T
+    h = lora_core.apply(qwen, [(path, 0.7)])
+    with torch.no_grad():
+        err = (m(x).double() - want).abs().max().item()
+    assert err <= 1e-5 * (want - before).abs().max().item() + 1e-6
+    h.restore()
+    key = next(k for k in sd if "lora_A" in k)
+    sd[key] = sd[key].clone()
+    sd[key].view(torch.uint8)[0, 0] = 0x7F  # e4m3fn's NaN
+    path = T.write_safetensors(tmp_path / "fp8-nan.safetensors", sd)
+    with pytest.raises(NonFiniteError) as e:
+        lora_core.load_adapter(path)
+    assert e.value.key == key
 
 
 BASE_FREE = {k: v for k, v in FULL.items() if "mlp" not in k}  # no block has all eight SVDQ layers
+BLOCK0 = {k: v for k, v in FULL.items() if k.startswith("transformer_blocks.0.")}  # all 14 layers of block 0
+# proven base-free: a block without all eight SVDQ layers, or (full coverage) an SVDQ layer of rank 16 < 32
+NO_BASE = {"partial": (BASE_FREE, R), "full-r16": (BLOCK0, 16)}
 
 
 @pytest.mark.parametrize("mode", ["merge", "lowrank"])
-def test_converted_without_a_base_is_an_ordinary_lora_on_svdq(tmp_path, mode):
+@pytest.mark.parametrize("which", sorted(NO_BASE))
+def test_converted_without_a_base_is_an_ordinary_lora_on_svdq(tmp_path, mode, which):
     model = standin()
-    sd = to_nunchaku(original(BASE_FREE), base=None)
-    assert "transformer_blocks.0.img_mlp.net.2.lora_down" not in sd  # the LoRA's own layers only
+    shapes, rank = NO_BASE[which]
+    sd = to_nunchaku(original(shapes, rank=rank), base=None)
+    assert ("transformer_blocks.0.img_mlp.net.2.lora_down" in sd) == (which == "full-r16")  # the LoRA's layers only
     path = T.write_safetensors(tmp_path / "nobase.safetensors", sd)
+    assert summary(path)["base_part"] is False
     xs, snap = inputs(model), snapshot(model)
     before = outputs(model, xs)
     want = {}
@@ -174,10 +250,12 @@ def test_converted_without_a_base_is_an_ordinary_lora_on_svdq(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["merge", "lowrank"])
-def test_converted_without_a_base_on_a_dense_model(tmp_path, qwen, mode):
+@pytest.mark.parametrize("which", sorted(NO_BASE))
+def test_converted_without_a_base_on_a_dense_model(tmp_path, qwen, mode, which):
     """Its unpacked factors are the LoRA: the same update as the original file (q/k/v split by rows,
     the modulation rows back in diffusers' order), checked against fp64 W + s·(alpha/r)·B@A."""
-    layers = original(BASE_FREE)
+    shapes, rank = NO_BASE[which]
+    layers = original(shapes, rank=rank)
     path = T.write_safetensors(tmp_path / "nobase.safetensors", to_nunchaku(layers, base=None))
     mods = dict(qwen.named_modules())
     x = {n: torch.randn(3, mods[n].in_features) for n in layers}
@@ -192,6 +270,27 @@ def test_converted_without_a_base_on_a_dense_model(tmp_path, qwen, mode):
     assert_close(got, want, before, rel=2e-2)  # the converter's bf16 alpha fold
     h.restore()
     assert_same(qwen, snap)
+
+
+def test_a_base_free_file_of_rank_32_or_more_everywhere_is_ambiguous(tmp_path, qwen):
+    """Rank 64 on all 14 layers of its block, converted without a base: every SVDQ layer has >= 32 ranks
+    and its block all eight, as a file converted against an r32 checkpoint. Refused on a dense model
+    (nothing to check the leading ranks against) and on the SVDQ model (they are not its own), by key."""
+    path = T.write_safetensors(tmp_path / "r64.safetensors", to_nunchaku(original(BLOCK0, rank=64), base=None))
+    assert summary(path)["base_part"] is True
+    snap = snapshot(qwen)
+    with pytest.raises(UnsupportedFormatError, match=r"key 'transformer_blocks\.0\.attn\.add_qkv_proj\.lora_down'\): "
+                       r"every block this file touches has all eight of nunchaku's SVDQ layers, none with fewer than 32 "
+                       r"ranks.*a file converted without a base from a LoRA that trains all eight SVDQ layers of every "
+                       r"block it touches with rank >= 32 reads the same"):
+        lora_core.apply(qwen, [(path, 1.0)])
+    assert_same(qwen, snap)
+    model = standin()
+    snap = snapshot(model)
+    with pytest.raises(UnsupportedFormatError, match=r"key 'transformer_blocks\.0\.attn\.add_qkv_proj\.lora_down'\): "
+                       r"its first 32 ranks are not this layer's own low-rank branch: .*or without a base"):
+        lora_core.apply(model, [(path, 1.0)])
+    assert_same(model, snap)
 
 
 def test_converted_with_a_base_is_refused_on_a_dense_model(tmp_path, qwen):

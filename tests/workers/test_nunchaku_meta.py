@@ -210,6 +210,10 @@ BAD_HEADERS = {
     "dense 3-D": (lambda e, m: e.update({"proj_out.weight": ([16, 64, 1], "BF16")}), "proj_out.weight",
                   "a 3-D weight"),
     "top-level tensor": (lambda e, m: e.update({"scale": ([1], "F32")}), "scale", "a tensor outside any module"),
+    "tensor and module": (lambda e, m: e.update({"proj_out.weight.weight": ([4], "BF16")}), "proj_out.weight.weight",
+                          "'proj_out.weight' is a tensor of this header and also a module on this key's path"),
+    "empty path part": (lambda e, m: e.update({"proj_out..weight": ([4], "BF16")}), "proj_out..weight",
+                        "module 'proj_out.' cannot be placed in the tree: module name can't be empty string"),
     "rank vs config": (lambda e, m: m.update({"quantization_config": json.dumps({"rank": 128})}),
                        f"{B0}.attn.add_qkv_proj.proj_down", "rank 32, but quantization_config says 128"),
     "fp4 config": (lambda e, m: m.update({"quantization_config": json.dumps(
@@ -239,12 +243,22 @@ def test_a_header_its_loader_would_not_load_is_named_by_key(case):
 @pytest.mark.parametrize("metadata, why", [
     ({}, "no 'config' in its safetensors metadata"),
     ({"config": "{not json"}, "metadata 'config' is not valid JSON"),
+    ({"config": '{"a": ' * 100_000}, "metadata 'config' is not valid JSON: RecursionError"),  # too deep to parse
+    ({**checkpoint_metadata(), "quantization_config": "[" * 100_000}, "metadata 'quantization_config' is not valid"),
     ({**checkpoint_metadata(), "model_class": "NunchakuFluxTransformer2dModel"},
      "a NunchakuFluxTransformer2dModel checkpoint: the nunchaku backend loads Qwen-Image"),
 ])
 def test_metadata_its_loader_needs(metadata, why):
     with pytest.raises(CheckpointError, match=why):
         meta_tree(entries_of(standin_model()), metadata, source="ck.safetensors")
+
+
+def test_a_weight_dtype_that_is_no_name_is_not_checked():
+    """quantization_config's weight dtype as a list (no name nunchaku knows): the int4/nvfp4 check skips it, as an
+    unknown name, instead of failing on it unnamed."""
+    quant = json.dumps({"rank": 32, "weight": {"dtype": ["int4"]}})
+    tree = meta_tree(entries_of(standin_model()), {**checkpoint_metadata(), "quantization_config": quant})
+    assert tree.get_submodule(QKV).precision == "int4"
 
 
 def test_a_file_that_is_no_nunchaku_checkpoint_is_named(tmp_path):

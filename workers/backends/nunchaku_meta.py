@@ -41,12 +41,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from lora_core.inspection import SAFETENSORS_DTYPES as DTYPES  # safetensors dtype names -> torch dtypes
+
 from .base import ModelPathError
 
-#: safetensors dtype names -> torch dtypes (those a nunchaku checkpoint may hold).
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-          "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 HALF = (torch.float16, torch.bfloat16)  # what nunchaku's layers keep their 16-bit fields in
 FLOAT = (torch.float64, torch.float32, *HALF)
 SVDQ_FIELDS = ("qweight", "wscales", "smooth_factor", "smooth_factor_orig", "proj_down", "proj_up")
@@ -246,8 +244,8 @@ def _json(source: str, metadata: Mapping[str, str], key: str, required: bool) ->
         return {}
     try:
         value = json.loads(text)
-    except ValueError as e:
-        raise CheckpointError(source, f"metadata {key!r} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the parser recurses
+        raise CheckpointError(source, f"metadata {key!r} is not valid JSON: {type(e).__name__}: {e}") from e
     if not isinstance(value, dict):
         raise CheckpointError(source, f"metadata {key!r} is not a JSON object")
     return value
@@ -280,7 +278,8 @@ def _check_config(source: str, config: Mapping, quant: Mapping, modules: Mapping
     """What nunchaku's loader builds from the metadata must be what the header holds."""
     rank = _int(source, quant, "rank", DEFAULT_RANK, "quantization_config")
     weight = quant.get("weight")
-    want_fp4 = {"int4": False, "fp4_e2m1_all": True}.get(weight.get("dtype")) if isinstance(weight, dict) else None
+    dtype = weight.get("dtype") if isinstance(weight, dict) else None
+    want_fp4 = {"int4": False, "fp4_e2m1_all": True}.get(dtype) if isinstance(dtype, str) else None
     svdq = {n: modules[n] for n in sorted(modules, key=_path_order) if isinstance(modules[n], SVDQW4A4Linear)}
     if not svdq:
         raise CheckpointError(source, "no SVDQW4A4Linear layer (no *.qweight with *.proj_down): not a nunchaku "
@@ -321,7 +320,14 @@ def meta_tree(entries: Entries, metadata: Mapping[str, str], source: str = "chec
     placed: dict[str, nn.Module] = {"": root}
     for prefix in sorted(modules, key=_path_order):  # a module before its children, blocks in number order
         parent, _, leaf = prefix.rpartition(".")
-        _container(placed, parent).add_module(leaf, modules[prefix])
+        try:
+            _container(placed, parent).add_module(leaf, modules[prefix])
+        except KeyError as e:  # torch's: a tensor of that name already there, or an empty name
+            parts = prefix.split(".")
+            tensor = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in entries), None)
+            why = (f"{tensor!r} is a tensor of this header and also a module on this key's path" if tensor else
+                   f"module {prefix!r} cannot be placed in the tree: {e.args[0]}")
+            raise CheckpointError(source, why, f"{prefix}.{min(groups[prefix])}") from e
         placed[prefix] = modules[prefix]
     return root
 
