@@ -43,14 +43,17 @@ class FakeWorker:
         self.calls: list[list[str]] = []  # job ids of each render call, in order
         self.prefetched: list[str] = []  # uris hinted
         self.held: dict[str, None] = {}  # uris it rendered with, in order
+        self.lives = 0  # a fault ends a life: the next call is answered by a new process
 
     def render(self, jobs: Sequence[Any], output_root: str, storage_options: dict) -> list[ResultRow]:
         self.calls.append([j.job_id for j in jobs])
         if self.faults:
+            self.lives += 1
+            self.held = {}
             raise self.faults[0] if self.forever and len(self.faults) == 1 else self.faults.pop(0)
         rows = [self._row(j) for j in jobs]
         self.held.update((r.uri, None) for j, row in zip(jobs, rows) if row.status == "ok" for r in j.loras)
-        return Rows(rows, Holds(self.worker_id, len(self.calls), (), tuple(self.held)))
+        return Rows(rows, Holds(f"{self.worker_id}#{self.lives}", len(self.calls), (), tuple(self.held)))
 
     def _row(self, job: Any) -> ResultRow:
         if job.job_id in self.script.bad:
