@@ -1,7 +1,8 @@
 """Benchmark of the LoRA switch: ours against diffusers + PEFT, and against the floor.
 
     python -m benchmarks.compose --json [--blocks 2] [--repeats 3] [--threads 1]
-        [--ranks 16 64] [--sizes 1 3] [--modes merge lowrank svdq] [--no-write]
+        [--ranks 16 64] [--sizes 1 3] [--modes merge lowrank svdq images] [--no-write]
+        [--images 1 4 16] [--steps 50] [--text-tokens 128] [--step-divisors 128 64]
 
 Model: diffusers ``QwenImageTransformer2DModel`` at Qwen-Image's real width (its installed
 defaults: 24 heads x 128 = 3072, MLP 12288, joint_attention_dim 3584) with ``--blocks``
@@ -22,6 +23,11 @@ block, ranks 16 and 64, compositions of 1 and 3. In one run, per scenario, it ti
   ``lora_mode="lowrank"``; PEFT unfused ``set_adapters`` only.
 * svdq, warm switch and restore on nunchaku ``SVDQW4A4Linear`` stand-ins of real shape:
   ours ``targets/svdq.py`` against the seed loader's unpack-concatenate-repack approach.
+* images (needs merge and lowrank): switch + N images at 1024x1024 (``--images``, default
+  1 4 16; ``--steps`` per image) for ours merge / lowrank / auto and PEFT fused / unfused,
+  from the switch rows above and the blocks' per-step cost measured here, base and with
+  each composition's branches (``benchmarks/compose_images.py``); the crossover N where
+  merging beats the branch, and ``workers.automode``'s choice at each N against it.
 
 Floors, in the same run, with buffers allocated once: merge = max(copy of the touched
 weights, B@A products in fp32 at the composition's total rank); the bf16 product time is
@@ -47,12 +53,13 @@ import torch
 import lora_core
 
 from . import compose_setup as S
+from . import compose_images as I
 from .compose_dense import Dense
 from .compose_svdq import run_svdq
 
 RANKS = (16, 64)
 SIZES = (1, 3)
-MODES = ("merge", "lowrank", "svdq")
+MODES = ("merge", "lowrank", "svdq", "images")
 FILES_PER_RANK = 6  # X uses 0..n-1, Y uses 3..3+n-1
 
 
@@ -81,6 +88,8 @@ def run(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     adapters_by_rank = {}
     phases: dict[str, float] = {"build": time.perf_counter() - t_start}
+    images_on = "images" in args.modes
+    costs: dict = {}
 
     def phase(name: str, fn, *a, **kw):
         t0 = time.perf_counter()
@@ -88,6 +97,9 @@ def run(args: argparse.Namespace) -> dict:
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
         return out
 
+    if images_on:  # the base step, before any branch is hooked
+        steps = phase("images: base step", I.Steps, ours, args.step_divisors, args.text_tokens)
+        base_step = phase("images: base step", steps.base, args.repeats)
     with tempfile.TemporaryDirectory(prefix="lora-farm-compose-") as tmp:
         for rank in args.ranks:
             paths = phase("write files", S.write_loras, shapes, rank, FILES_PER_RANK, tmp)
@@ -105,6 +117,9 @@ def run(args: argparse.Namespace) -> dict:
                                   profile=args.profile and profiled(args, rank, n))
                 if "lowrank" in args.modes:
                     rows += phase("lowrank", dense.lowrank, X, Y, px, py, rank)
+                if images_on:
+                    costs[f"r{rank}x{n}"] = phase("images: branch per step", I.branch_cost, steps, ours, peer, shapes, Y,
+                                                  py, args.repeats, (rank, n) == (max(args.ranks), max(args.sizes)))
             if dense_on:
                 phase("peer unload", dense.peer_clean)
     del dense, ours, peer
@@ -118,6 +133,13 @@ def run(args: argparse.Namespace) -> dict:
         r.update(targets(r))
         r["per_block"] = {k: (r[k] / args.blocks if r[k] is not None else None) for k in ("ours_s", "peer_s", "floor_s")}
     warm = [r for r in rows if r["scenario"] == "warm switch"]
+    images = None
+    if images_on:
+        cells = I.cells({key(r): r for r in rows}, base_step, costs, args.steps, args.images, args.blocks)
+        images = {"settings": {"image_tokens": I.IMAGE_TOKENS, "text_tokens": args.text_tokens, "steps": args.steps,
+                               "images": list(args.images), "step_divisors": list(args.step_divisors),
+                               "scaling_tolerance": I.SCALING_TOL, "hysteresis": I.HYSTERESIS},
+                  "base_step": base_step, "cells": cells, "targets": I.summary(cells)}
     return {
         "benchmark": "compose",
         "command": "python -m benchmarks.compose " + " ".join(sys.argv[1:]),
@@ -128,8 +150,10 @@ def run(args: argparse.Namespace) -> dict:
         "targets": {
             "warm_switch_le_third_of_peer_all": all(r["le_third_of_peer"] for r in warm),
             "warm_switch_le_3x_floor_all": all(r["le_3x_floor"] for r in warm),
-            "all_checks_ok": all(r["check"]["ok"] for r in rows),
+            "all_checks_ok": all(r["check"]["ok"] for r in rows) and (images is None or images["targets"]["branch_checks_ok"]),
+            **({f"images_{k}": v for k, v in images["targets"].items()} if images else {}),
         },
+        "images": images,
         "profile_warm_merge": {f"r{r['rank']}x{r['loras']}": r.pop("profile") for r in rows if "profile" in r},
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
         "total_s": time.perf_counter() - t_start,
@@ -177,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-svdq", action="store_true", help="the same as leaving svdq out of --modes")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                     help="which cells to run (default all); the others are skipped, to measure a few in less time")
+    ap.add_argument("--images", type=int, nargs="+", default=list(I.IMAGES), help="N of the switch + N images cells")
+    ap.add_argument("--steps", type=int, default=I.STEPS, help="denoising steps per image (one transformer forward each)")
+    ap.add_argument("--text-tokens", type=int, default=I.TEXT_TOKENS, help="prompt tokens of the image step")
+    ap.add_argument("--step-divisors", type=int, nargs=2, default=list(I.DIVISORS),
+                    help="the per-step costs are timed at 1/d of the tokens for these two d and scaled")
     ap.add_argument("--no-steady-allocator", dest="steady_allocator", action="store_false",
                     help="skip measuring the svdq rows a second time with glibc malloc's thresholds fixed")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
@@ -184,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge_repeats is None:
         args.merge_repeats = args.repeats
+    if "images" in args.modes and not {"merge", "lowrank"} <= set(args.modes):
+        ap.error("--modes images needs merge and lowrank too (its switch seconds are their rows)")
+    bad = [d for d in args.step_divisors if d < 1 or I.IMAGE_TOKENS % d or args.text_tokens % d]
+    if bad:
+        ap.error(f"--step-divisors {bad}: each must divide the {I.IMAGE_TOKENS} image tokens and --text-tokens "
+                 f"{args.text_tokens}")
     result = run(args)
     if not args.no_write:
         from .compose_report import write_plot, write_results

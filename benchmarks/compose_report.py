@@ -124,6 +124,74 @@ def profile_table(result: dict) -> str:
     return "\n\n".join(out)
 
 
+def _s(x) -> str:
+    return "-" if x is None else (f"{x:.3g}" if x < 1000 else f"{x:,.0f}")
+
+
+def images_tables(result: dict) -> str:
+    """The switch + N images cells: the terms per composition, then the totals per N."""
+    im = result.get("images")
+    if not im:
+        return "(not run: `--modes` without `images`)"
+    b, st, base = result["settings"]["blocks"], im["settings"], im["base_step"]
+    terms = ["| LoRAs | switch ms/block: ours merge / ours lowrank / PEFT fused / PEFT unfused | branch s/step/block: "
+             "ours / PEFT (CPU time) | crossover N | per-token spread (CPU) | branch check |", "|---|---|---|---:|---|---|"]
+    totals = ["| LoRAs | N | ours merge | ours lowrank | ours auto | PEFT fused | PEFT unfused | auto - best PEFT "
+              "| auto / best PEFT | cheaper (ours) | auto right | ours <= PEFT (merge, lowrank, auto) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for cell, c in im["cells"].items():
+        sw, br, cpu = c["switch_s"], c["branch_per_step_s"], c["branch_per_step_cpu_s"]
+        terms.append(
+            f"| {cell} | {' / '.join(_ms(sw[k] / b) for k in ('ours merge', 'ours lowrank', 'PEFT fused', 'PEFT unfused'))} "
+            f"| {_s(br['ours'] / b)} / {_s(br['peft'] / b)} ({_s(cpu['ours'] / b)} / {_s(cpu['peft'] / b)}) "
+            f"| {c['crossover_images']:.2g} | {'ok' if c['scaling_ok'] else '**over tolerance**'} "
+            f"| {'ok' if c['check']['ok'] else '**FAILED**'} |")
+        for n, v in c["by_images"].items():
+            t = v["total_s"]
+            best = min(t["PEFT fused"], t["PEFT unfused"])
+            yn = ", ".join(_yn(v[k]) for k in ("ours_merge_le_peft_fused", "ours_lowrank_le_peft_unfused",
+                                               "ours_auto_le_best_peft"))
+            totals.append(
+                f"| {cell} | {n} | {_s(t['ours merge'] / b)} | {_s(t['ours lowrank'] / b)} "
+                f"| {_s(t['ours auto'] / b)} ({v['auto_mode']}) | {_s(t['PEFT fused'] / b)} | {_s(t['PEFT unfused'] / b)} "
+                f"| {(t['ours auto'] - best) / b:+.3g} | {t['ours auto'] / best:.4f} | {v['cheaper_mode']} "
+                f"| {_yn(v['auto_ok'])} | {yn} |")
+    tg = im["targets"]
+    fc = "".join(f" Cross-check of the stubbed branch time on {cell} ({f['samples']} samples, CPU time, 1/{f['divisor']} "
+                 f"of the tokens): (forward with branches - base forward) / branch = "
+                 f"{f['ours_forward_minus_base_over_branch']:.2f} ours, {f['peft_forward_minus_base_over_branch']:.2f} PEFT."
+                 for cell, f in ((k, c["forward_check"]) for k, c in im["cells"].items() if c.get("forward_check")))
+    cpu = base["cpu"]
+    return "\n".join([
+        f"Image: 1024x1024 = {st['image_tokens']} image tokens + {st['text_tokens']} text tokens, {st['steps']} steps "
+        "(one transformer forward each). Base step (= the merged model's): "
+        f"{_s(base['full_s'] / b)} s/block wall, {_s(cpu['full_s'] / b)} s/block CPU time "
+        f"(attention core at the full count {_s(base['attention_full_s'] / b)} s/block wall); timed at 1/"
+        f"{' and 1/'.join(str(d) for d in st['step_divisors'])} of the tokens and scaled from the larger count, "
+        f"per-token spread between the two {cpu['per_token_spread']:.2f} CPU ({base['per_token_spread']:.2f} wall; "
+        f"tolerance {1 + st['scaling_tolerance']:.2f}): {'holds' if base['scaling_ok'] else '**over tolerance**'}."
+        + fc,
+        "",
+        "\n".join(terms),
+        "",
+        ("Every crossover N is below 1: merging beats our branch from the first image. "
+         if all(c["crossover_images"] < 1 for c in im["cells"].values()) else
+         "Merging beats our branch for N above the crossover. ")
+        + "Totals, seconds per block for switch + N images (x60 blocks for the full model; wall time, the clock "
+        "of the switch rows):",
+        "",
+        "\n".join(totals),
+        "",
+        f"Targets: ours merge <= PEFT fused at every N: **{'met' if tg['ours_merge_le_peft_fused_all'] else 'not met'}**; "
+        f"ours lowrank <= PEFT unfused: **{'met' if tg['ours_lowrank_le_peft_unfused_all'] else 'not met'}**; "
+        f"ours auto <= PEFT's cheaper mode: **{'met' if tg['ours_auto_le_best_peft_all'] else 'not met'}**; "
+        f"auto picks the cheaper mode (or one within its {st['hysteresis']:.0%} hysteresis): "
+        f"**{'yes' if tg['auto_picks_cheaper_all'] else 'no'}**; scaling within tolerance: "
+        f"{'yes' if tg['scaling_ok_all'] and base['scaling_ok'] else '**no**'}; every module ran its branch in the "
+        f"timed passes: {'yes' if tg['branch_checks_ok'] else '**no**'}.",
+    ])
+
+
 def section(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     tg = result["targets"]
@@ -191,6 +259,21 @@ def section(result: dict) -> str:
         "block-diagonal up factor, 3x the file's bytes, and the packed branch is rewritten whole).",
         "",
         floor_table(result),
+        "",
+        "### Switch + N images at 1024x1024",
+        "",
+        "What a farm pays for a composition it never held: the first switch (adapters in memory) + N images. "
+        "Merged (ours `merge`, PEFT `fuse_lora`) a step costs the base model's; with runtime branches (ours "
+        "`lowrank`, PEFT unfused after `set_adapters`) every step also runs the branches. The switch terms are "
+        "the rows above (merge warm switch; low-rank *new composition*; PEFT `unfuse_lora` + `set_adapters` + "
+        "`fuse_lora`, and `set_adapters`); *ours auto* is what `workers.automode.choose` picks from these measured "
+        "terms (starting from merge); the crossover N = (merge switch - branch switch) / (branch cost per image): "
+        "merging beats our branch above it. Branch cost per step: every LoRA-covered module of the blocks called "
+        "on an input of its real shape with its base linear stubbed to return a ready output, so only the branch "
+        "is timed (ours: the ComposedModel's hook, one pair at the composition's total rank; PEFT: "
+        "`lora.Linear.forward`, one pair per adapter, then the scaling). See `benchmarks/compose_images.py`.",
+        "",
+        images_tables(result),
         "",
         "Profile of our warm merge switch (cProfile, own time):",
         "",

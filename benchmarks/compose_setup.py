@@ -3,6 +3,7 @@ and the correctness checks. See ``benchmarks/compose.py`` for what is measured.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -27,10 +28,29 @@ STRENGTHS_Y = (0.7, 0.9, 0.4)
 
 
 # ---- timing -------------------------------------------------------------------------------
-def timed(fn: Callable[[], object]) -> float:
+def wall_timer(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+# The seam every cell's timing goes through: ``use_timer`` swaps it (benchmarks/gpu.py: CUDA events).
+_TIMER: list[Callable[[Callable[[], object]], float]] = [wall_timer]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds ``fn`` takes, by the current timer (wall clock unless ``use_timer`` set another)."""
+    return _TIMER[0](fn)
+
+
+@contextlib.contextmanager
+def use_timer(timer: Callable[[Callable[[], object]], float]):
+    """Time every cell with ``timer`` (``fn -> seconds``) inside the ``with`` block."""
+    old, _TIMER[0] = _TIMER[0], timer
+    try:
+        yield timer
+    finally:
+        _TIMER[0] = old
 
 
 def repeat(fn: Callable[[], object], n: int, before: Callable[[], object] | None = None) -> list[float]:
@@ -77,8 +97,9 @@ def qwen_config(blocks: int) -> dict:
     return cfg
 
 
-def build_model(blocks: int, seed: int = 0) -> nn.Module:
-    """Real-width QwenImageTransformer2DModel, bf16, built on meta and filled from a random pool.
+def build_model(blocks: int, seed: int = 0, device: str | torch.device = "cpu", **config) -> nn.Module:
+    """Real-width QwenImageTransformer2DModel, bf16, built on meta and filled from a random pool
+    on ``device`` (allocated there in bf16, no fp32 copy); ``config`` overrides Qwen-Image's.
 
     Only the parameters are filled (buffers such as RoPE tables are not used here: nothing
     runs the whole model forward).
@@ -87,10 +108,10 @@ def build_model(blocks: int, seed: int = 0) -> nn.Module:
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**qwen_config(blocks))
-    model = model.to(dtype=DTYPE).to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    pool = (torch.randn(POOL, generator=g) * 0.02).to(DTYPE)
+        model = QwenImageTransformer2DModel(**dict(qwen_config(blocks), **config))
+    model = model.to(dtype=DTYPE).to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    pool = (torch.randn(POOL, generator=g, device=device) * 0.02).to(DTYPE)
     off = 0
     with torch.no_grad():
         for p in model.parameters():
@@ -178,15 +199,16 @@ class Floors:
         the full products would take minutes).
         """
         g = torch.Generator().manual_seed(1)
+        dev = self.weights[0].device  # the products run where the weights live
         by_shape: dict[tuple[int, int], int] = {}
         for s in self.shapes:
             by_shape[s] = by_shape.get(s, 0) + 1
         total = 0.0
         for (n_out, n_in), count in by_shape.items():
             m = min(rows or n_out, n_out)
-            b = torch.randn(m, rank, generator=g).to(dtype)
-            a = torch.randn(rank, n_in, generator=g).to(dtype)
-            out = torch.empty(m, n_in, dtype=dtype)
+            b = torch.randn(m, rank, generator=g).to(dev, dtype)
+            a = torch.randn(rank, n_in, generator=g).to(dev, dtype)
+            out = torch.empty(m, n_in, dtype=dtype, device=dev)
             torch.mm(b, a, out=out)  # warm the kernel
             t = med(repeat(lambda: torch.mm(b, a, out=out), repeats))
             total += t * count * (n_out / m)
@@ -215,14 +237,33 @@ def read_files(paths: Sequence[str]) -> None:
 
 # ---- correctness --------------------------------------------------------------------------
 def fingerprint(model: nn.Module, names: Sequence[str]) -> int:
-    """CRC-32 over the touched weights' bytes: equal means bit-identical (for our purposes)."""
+    """CRC-32 over the touched weights' bytes: equal means bit-identical (for our purposes).
+    Off the CPU, position-weighted sums of the bytes computed where they live (copying tens
+    of GB to the host for each check would cost more than the cells)."""
     import zlib
 
     crc = 0
     for n in names:
         w = model.get_submodule(n).weight.detach()
-        crc = zlib.crc32(w.contiguous().view(torch.uint8).numpy(), crc)
+        if w.device.type == "cpu":
+            crc = zlib.crc32(w.contiguous().view(torch.uint8).numpy(), crc)
+        else:
+            crc = zlib.crc32(repr(_device_digest(w)).encode(), crc)
     return crc
+
+
+def _device_digest(w: torch.Tensor, chunk: int = 1 << 24) -> tuple[int, int]:
+    """Two sums of byte x position weight (weights mod two primes): a changed byte changes
+    both, two swapped bytes at least one; exact in int64 for chunks of 2^24 bytes."""
+    flat = w.contiguous().view(-1).view(torch.uint8)
+    s1 = torch.zeros((), dtype=torch.int64, device=w.device)
+    s2 = torch.zeros((), dtype=torch.int64, device=w.device)
+    for i in range(0, flat.numel(), chunk):
+        x = flat[i : i + chunk].to(torch.int64) + 1
+        pos = torch.arange(i, i + x.numel(), device=w.device)
+        s1 += (x * (pos % 65521 + 1)).sum()
+        s2 += (x * (pos % 65519 + 3)).sum()
+    return int(s1), int(s2)
 
 
 def compare_weights(ours: nn.Module, peer: nn.Module, names: Sequence[str], n: int, chunk: int = 256) -> dict:
@@ -281,7 +322,7 @@ def lowrank_check(ours: nn.Module, peer: nn.Module, names: Sequence[str], terms_
     worst_ours = worst_peer = 0.0
     for n in names:
         m = ours.get_submodule(n)
-        x = torch.randn(8, m.in_features, generator=g).to(DTYPE)
+        x = torch.randn(8, m.in_features, generator=g).to(m.weight.device, DTYPE)
         with torch.no_grad():
             base = nn.functional.linear(x, m.weight, m.bias).double()
             y_ours, y_peer = m(x).double(), peer.get_submodule(n)(x).double()
