@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .batch_plan import Following, Lane, make_plan
 from .costs import switch_cost
-from .fair import FairRules, FairShare, Flow, FlowQueue
+from .fair import SMALL_RUN, FairRules, FairShare, Flow, FlowQueue
 from .policy import Policy, Slot
 from .queue import NO_WORK
 from .types import QueuedJob, WorkerView
@@ -70,8 +70,10 @@ class AffinityScheduler(FairRules, Policy):
     run behind a large one gets workers after the job they are on. While two or more
     runs have queued work at the top priority there is no batch plan and the greedy rules
     run with quotas; with one run every decision is the same as with ``fair=False``).
-    ``fair_runs`` (True: runs are flows of their own, so the small-run rule applies
-    between one submitter's runs too; False: a submitter's runs are pooled).
+    ``fair_runs`` ("small": a submitter's runs pooled, but a run small when it arrives
+    (``fair.SMALL_RUN`` of the queued work) is a flow of its own, so it is not left behind
+    its submitter's large runs; True: every run a flow of its own, taking turns with its
+    siblings; False: a submitter's runs all pooled).
     ``fair_tolerance`` (0.05) and ``fair_quantum_s`` (None: 2 x (compose + render)): the
     hysteresis of the shares, ``max(quantum, tolerance x usage)`` per unit of weight.
     ``set_weights`` changes the weights while it runs; ``yields`` counts the workers taken
@@ -85,7 +87,7 @@ class AffinityScheduler(FairRules, Policy):
         prefetch_lead_s: float | None = None, follow_plan: bool = True, plan_slack: float = 0.05,
         replan_share: float = 0.1, weigh_jobs: bool = True, fair: bool = True,
         weights: Mapping[str, float] | None = None, fair_tolerance: float = 0.05,
-        fair_quantum_s: float | None = None, fair_runs: bool = True,
+        fair_quantum_s: float | None = None, fair_runs: bool | str = "small",
     ) -> None:
         super().__init__()
         self.fair = fair
@@ -127,6 +129,8 @@ class AffinityScheduler(FairRules, Policy):
         for job in jobs:
             super().submit((job,))
             self._following.joined(job.routing_key)
+        if self.fair and isinstance(self.queue, FlowQueue) and self.queue.runs == "small":
+            self.queue.split_small(SMALL_RUN)  # a run arrives whole: judged small or not now
 
     def done(self, job_id: str, *, requeue: bool = False) -> None:
         item = self._running.get(job_id)

@@ -1,12 +1,17 @@
 """Fair share between submitters, and between the runs of one submitter, kept with affinity.
 
-A *flow* is one run of one submitter, ``(submitter, run)`` of its ``QueuedJob`` s (or one
-submitter, its runs pooled, with ``FlowQueue(by_run=False)``). Among the flows with
+A *flow* is what takes turns: one submitter's runs, pooled, and each *small* run of its own
+(``FlowQueue(by_run="small")``, the default: a run with at most ``SMALL_RUN`` of the queued
+work when it arrives is split out of its submitter's pool until its last job leaves; a
+larger run stays pooled for good, its tail included). ``by_run=True`` makes every run a
+flow, ``False`` pools them all. Among the flows with
 queued work at the top priority (priority stays first), workers are shared in
 proportion to the submitters' weights (default 1), measured in worker-seconds of
 rendering, and a small run is not left behind its submitter's large ones. Sharing is by
 worker, never by job: a worker serves one flow's composition until it must yield, so a
 submitter's turn is a whole stretch of one composition, not interleaved single jobs.
+Pooling the large runs matters: runs of one submitter taking turns among themselves cost
+recompositions nobody asked for (``benchmarks/RESULTS.md``, "fair share and run arrivals").
 
 The rules (``FairRules``, used by ``AffinityScheduler`` only while two or more flows
 have queued work at the top priority, and never under a batch plan; with one flow every
@@ -28,7 +33,7 @@ decision is the one ``fair=False`` makes):
   cheapest eligible worker: today's (no work of its own at that priority), or one that
   *yields*: every flow with jobs of what it holds is another submitter's, at its cap and
   a quantum ahead (no lead asked for a submitter that has no worker and a quantum of
-  queued work), or, for a *small* run (at most ``SMALL_RUN / K`` of the queued work)
+  queued work), or, for a *small* run (at most ``SMALL_RUN`` of the queued work)
   with fewer workers than its even part of its submitter's quota, a sibling run with
   more workers than it, on a composition with more than a quantum of work left per
   holder (else its natural switch comes soon enough). Among those, a worker whose
@@ -56,7 +61,7 @@ from .policy import Slot
 from .queue import NO_WORK
 from .types import QueuedJob
 
-SMALL_RUN = 0.5  # a run is small with at most this share of one worker's part of the queued work
+SMALL_RUN = 0.02  # a run is small with at most this share of the queued work (at the top priority)
 
 
 def check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -142,7 +147,7 @@ class Round:
 
     priority: float
     flows: set[Flow]  # with queued work at ``priority``
-    small: set[Flow]  # of those, runs with at most ``SMALL_RUN / K`` of the queued work
+    small: set[Flow]  # of those, runs with at most ``SMALL_RUN`` of the queued work
     quota: dict[str, float]
     cap: dict[str, int]
     lead: dict[str, float]  # submitter -> usage ahead of the lowest
@@ -193,6 +198,8 @@ class FairRules:
         if not self.fair or not isinstance(q, FlowQueue):
             return None
         top = q.top()
+        if q.runs == "small":
+            q.split_small(SMALL_RUN)  # runs not judged at submit (``AffinityScheduler.submit``)
         active = [f for f in q.flows() if q.flow(f).top() == top]
         if len(active) < 2:
             self.share.observe(s for s, _ in active)
@@ -200,7 +207,7 @@ class FairRules:
         turn = 2 * sum(s.view.compose_cost_s + s.view.render_cost_s for s in slots) / len(slots)
         quota, cap, lead, quantum = self.share.caps((f[0] for f in active), len(slots), turn)
         work = {f: q.flow(f).work_at_least(top) for f in active}
-        limit = SMALL_RUN * sum(work.values()) / len(slots)
+        limit = SMALL_RUN * sum(work.values())
         r = Round(top, set(active), {f for f in active if work[f] <= limit}, quota, cap, lead, quantum)
         for f in active:
             r.sub_work[f[0]] += work[f]
