@@ -170,7 +170,7 @@ def state_dict_id(sd: Mapping[str, torch.Tensor]) -> str:
 
 def _build(keymap, tensors: Mapping[str, torch.Tensor], *, source: str, content_id: str,
            diff_keys: Mapping[str, Mapping[str, str]] | None = None) -> Adapter:
-    converted = keymap.scheme == nunchaku_converted.NAME
+    converted = keymap.scheme in nunchaku_converted.NAMES
     layers = converted_layers(keymap.entries, tensors, source) if converted else {}
     for target, roles in ({} if converted else keymap.entries).items():
         a = _matrix(tensors[roles["A"]], source, roles["A"])

@@ -65,7 +65,7 @@ def header_adapter(path: str, *, content_id: str | None = None, name: str | None
     alpha_keys = [roles["alpha"] for roles in keymap.entries.values() if "alpha" in roles]
     alphas = load_tensors(path, alpha_keys, src) if alpha_keys else {}
     layers: dict[str, LoraLayer] = {}
-    if keymap.scheme == nunchaku_converted.NAME:  # packed factors: their unpacked shapes, scale 1
+    if keymap.scheme in nunchaku_converted.NAMES:  # packed factors: their unpacked shapes, scale 1
         metas = {k: _meta(src, k, header[k]) for roles in keymap.entries.values() for k in roles.values()}
         layers = converted_layers(keymap.entries, metas, src)
     for target, roles in ({} if layers else keymap.entries).items():
@@ -179,6 +179,8 @@ def _clip(text: str) -> str:
 _LAYOUT_NOTES = {
     (nunchaku_converted.NAME, True): " (packed; ranks may begin with its base checkpoint's branch, checked on bind)",
     (nunchaku_converted.NAME, False): " (packed; converted without a base: an ordinary LoRA)",
+    (nunchaku_converted.nunchaku_flux.NAME, None): (" (packed; each W4A4 layer's first 32 ranks, its base "
+                                                    "checkpoint's branch, dropped)"),
 }
 
 

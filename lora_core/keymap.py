@@ -56,8 +56,9 @@ def _classify(keys: tuple[str, ...]) -> KeyMap:
     kind = unsupported.detect(keys)
     if kind:
         raise UnsupportedFormatError(f"unsupported adapter format: {kind} (only low-rank LoRA B@A is supported)")
-    if nunchaku_converted.detect(keys):  # loaded where it is the Qwen-Image layout, else refused by name
-        return KeyMap(scheme=nunchaku_converted.NAME, entries=nunchaku_converted.entries(keys))
+    if nunchaku_converted.detect(keys):  # its Qwen-Image or Flux layout
+        scheme, entries = nunchaku_converted.classify(keys)
+        return KeyMap(scheme=scheme, entries=entries)
     matches = [s for s in SCHEMES if s.detect(keys)]
     if not matches:
         raise UnknownKeysError(list(keys), reason="match no known LoRA key scheme (peft, kohya, lycoris)")

@@ -4,8 +4,8 @@ Each scheme module exposes ``NAME``, ``detect(keys) -> bool`` and ``RULES``: a t
 (regex with a ``target`` group, role) where role is ``A`` (down), ``B`` (up) or ``alpha``.
 Detection must be unambiguous: zero or several matching schemes is an error, never
 first-match-wins. Adapter types we do not support (LoKr, LoHa, IA3, DoRA, Tucker)
-are recognised by ``unsupported.detect`` and get a named error, as do nunchaku's own
-converted files (``nunchaku_converted``).
+are recognised by ``unsupported.detect`` and get a named error. nunchaku's own converted
+files have their own reader (``nunchaku_converted``: Qwen-Image; ``nunchaku_flux``: Flux).
 """
 from __future__ import annotations
 

@@ -36,9 +36,10 @@ Facts, from the tools' public code (read, not copied):
 
 What lora_core does with them:
 
-- Flux names: refused by name. Such a file always holds its base checkpoint's branch and names the modules of
-  nunchaku's C++ Flux model; lora-farm has no such target, and on a dense Flux model the base ranks cannot be
-  told from the LoRA's. Use the original file.
+- Flux names (scheme ``nunchaku-converted-flux``): loaded onto diffusers' Flux modules by
+  :mod:`.nunchaku_flux` (its docstring has the Flux converter's facts and their sources): nunchaku's loader
+  keeps the first ``SVD_RANK`` = 32 ranks of every W4A4 layer at scale 1 (they are the base checkpoint's
+  branch, which the Flux converter always puts first), so those are dropped and the rest is the LoRA.
 - Qwen-Image names: loaded. Packed factors are unpacked (exact: a permutation), modulation ups put back in
   diffusers' chunk-major rows (``compose`` interleaves them again on nunchaku's layers), scale 1 (what the file
   holds is the update; strength scales it). Factors are 2-D floats of 16 bits or more (the converter writes
@@ -72,6 +73,8 @@ import torch
 from ..errors import ShapeMismatchError, UnknownKeysError, UnsupportedFormatError
 from ..nunchaku import TILE, base_of, chunk_major_modulation_rows, unpack_lowrank
 from ..resolve import Unresolved, resolve
+from . import nunchaku_flux
+from .nunchaku_common import crop as _crop, message, meta as _meta
 
 NAME = "nunchaku-converted"
 
@@ -89,7 +92,6 @@ MODULATION_LEAVES = ("img_mod.1", "txt_mod.1")
 #: the smallest low-rank branch nunchaku's SVDQ checkpoints have (Qwen-Image: r32 and r128): a file converted
 #: against one has at least this many ranks on every SVDQ layer
 MIN_BASE_RANK = 32
-_ORIGINAL = "use the original LoRA file (lora_core packs it onto the SVDQ branch itself)"
 #: what no file tells apart from one converted against a checkpoint (see the module's docstring)
 AMBIGUOUS = (f"a file converted without a base from a LoRA that trains all eight SVDQ layers of every block it "
              f"touches with rank >= {MIN_BASE_RANK} reads the same")
@@ -102,19 +104,21 @@ def detect(keys: Iterable[str]) -> str | None:
     return next((key for key in bare if _LEAF.search(key)), bare[0] if bare else None)
 
 
-def message(key: str, why: str | None = None, advice: str = _ORIGINAL) -> str:
-    why = why or ("its tensors are packed for the W4A4 kernel of nunchaku's Flux model and carry one base "
-                  "checkpoint's own SVD branch, which no lora-farm target can check")
-    return f"unsupported adapter format: nunchaku-converted LoRA (key {key!r}): {why}; {advice}"
-
-
-def entries(keys: Iterable[str]) -> dict[str, dict[str, str]]:
-    """``{target: {"A": down key, "B": up key}}`` of a file :func:`detect` marked; refused by name
-    where it is not the Qwen-Image converter's layout (Flux names, other keys beside, unknown layers)."""
+def classify(keys: Iterable[str]) -> tuple[str, dict[str, dict[str, str]]]:
+    """``(scheme, entries)`` of a file :func:`detect` marked: its Flux layout (a key on one of
+    nunchaku's own Flux modules: :mod:`.nunchaku_flux`) or the Qwen-Image one (:func:`entries`)."""
     keys = sorted(keys)
     marker = detect(keys)
     if marker is not None and _LEAF.search(marker):
-        raise UnsupportedFormatError(message(marker))
+        return nunchaku_flux.NAME, nunchaku_flux.entries(keys)
+    return NAME, entries(keys)
+
+
+def entries(keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """``{target: {"A": down key, "B": up key}}`` of the Qwen-Image converter's layout; refused by
+    name where it is not that (other keys beside, unknown layers)."""
+    keys = sorted(keys)
+    marker = detect(keys)
     other = [k for k in keys if not _BARE.search(k)]
     if other:
         raise UnsupportedFormatError(message(marker, f"bare nunchaku factors mixed with {len(other)} other key(s) "
@@ -151,7 +155,10 @@ def factors(entries: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torc
             ) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
     """``{target: (A (rank, in), B (out, rank), may_hold_base)}``: packed factors unpacked, the
     modulation ups in diffusers' chunk-major rows. ``tensors``: the file's factors, already checked
-    2-D floats (``adapter.converted_layers``); meta tensors (a header) get their shapes only."""
+    2-D floats (``adapter.converted_layers``); meta tensors (a header) get their shapes only.
+    A Flux-layout file's entries go to :func:`.nunchaku_flux.factors`."""
+    if any(_LEAF.search(k) for roles in entries.values() for k in roles.values()):
+        return nunchaku_flux.factors(entries, tensors, source)
     out, ranks = {}, {}
     for target, roles in entries.items():
         down, up = tensors[roles["A"]], tensors[roles["B"]]
@@ -184,10 +191,6 @@ def factors(entries: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torc
     return {t: (a, b, packed and not free) for t, (a, b, packed) in out.items()}
 
 
-def _meta(shape, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(tuple(shape), dtype=like.dtype, device="meta")
-
-
 def bind(adapter: Any, index: Any) -> Any:
     """``adapter`` as an ordinary LoRA for the model ``index`` indexes: base parts checked
     and dropped on SVDQ layers, padding cropped to the modules' sizes; any other adapter as it is.
@@ -195,6 +198,8 @@ def bind(adapter: Any, index: Any) -> Any:
     A factor that may hold a base part on a layer without a branch of its own (a dense one)
     is refused; one whose leading ranks are not the SVDQ layer's own branch too. A target the
     model does not have is kept as it is: ``compose.plan`` lists it with the others."""
+    if getattr(adapter, "scheme", None) == nunchaku_flux.NAME:
+        return nunchaku_flux.bind(adapter, index)
     if getattr(adapter, "scheme", None) != NAME:
         return adapter
     layers = {}
@@ -250,15 +255,5 @@ def _drop_base(a: torch.Tensor, b: torch.Tensor, module, keys: tuple[str, str], 
     return a, b
 
 
-def _crop(a: torch.Tensor, b: torch.Tensor, places, index, keys: tuple[str, str], source: str):
-    """The zero padding past the modules' inputs and outputs cut off (a packed factor's sides are
-    multiples of 16); anything else there is an error naming the factor's key."""
-    p = places[0]
-    n_in = max(q.cols.stop for q in places) if p.cols is not None else index.in_features(p.module)
-    rows = [q.rows.stop for q in places if q.rows is not None]
-    n_out = max(rows) if rows else (index.out_features(p.module) if p.offset is None else b.shape[0])
-    for t, side, n, key in ((a, 1, n_in, keys[0]), (b, 0, n_out, keys[1])):
-        if t.shape[side] > n and not t.is_meta and t.narrow(side, n, t.shape[side] - n).any():
-            raise ShapeMismatchError(f"the factor is {t.shape[side]} wide where the model's module has {n}, and "
-                                     "the rest is not zero padding", source=source, key=key)
-    return a[:, : min(a.shape[1], n_in)], b[: min(b.shape[0], n_out)]
+#: both layouts' scheme names (an adapter of either is built by ``adapter.converted_layers``)
+NAMES = (NAME, nunchaku_flux.NAME)

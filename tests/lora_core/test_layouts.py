@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import lora_core
-from lora_core.errors import TargetNotFoundError, UnsupportedFormatError
+from lora_core.errors import TargetNotFoundError
 from lora_core.safetensors_io import read_metadata
 from testsupport import lora as T
 
@@ -204,35 +204,6 @@ def test_header_alpha_disagreeing_with_tensors_uses_tensors(zimage, tmp_path):
         adapter = lora_core.load_adapter(path)
         check_merge_and_lowrank(zimage, path, layers)
     assert {layer.alpha for layer in adapter.layers.values()} == {ALPHA}
-
-
-def nunchaku_converted_sd(rank=32 + R, dim=64):
-    """What nunchaku's ``to_nunchaku`` writes for a Flux LoRA: internal names, bare
-    ``lora_down``/``lora_up``, bf16, rank = the base's 32 + the LoRA's, no alpha."""
-    sd = {}
-    for blk, leaves in (("transformer_blocks.0", ("qkv_proj", "qkv_proj_context", "out_proj", "out_proj_context",
-                                                  "mlp_fc1", "mlp_fc2", "mlp_context_fc1", "mlp_context_fc2")),
-                        ("single_transformer_blocks.0", ("qkv_proj", "out_proj", "mlp_fc1", "mlp_fc2"))):
-        for leaf in leaves:
-            sd[f"{blk}.{leaf}.lora_down"] = torch.randn(rank, dim).to(torch.bfloat16)
-            sd[f"{blk}.{leaf}.lora_up"] = torch.randn(dim, rank).to(torch.bfloat16)
-    sd["transformer_blocks.0.norm1.linear.lora_down"] = torch.randn(16, dim).to(torch.bfloat16)
-    sd["transformer_blocks.0.norm1.linear.lora_up"] = torch.randn(6 * dim, 16).to(torch.bfloat16)
-    return sd
-
-
-@pytest.mark.parametrize("model_kind", ["svdq", "dense"])
-def test_nunchaku_converted_flux_file_refused_by_name(tmp_path, zimage, model_kind):
-    """nunchaku's Flux converter always puts its base checkpoint's branch in and names its C++ Flux
-    model's modules: refused by name on every target (its Qwen-Image files load: test_nunchaku_converted.py)."""
-    model = T.nunchaku_qwen_standin(64, 128) if model_kind == "svdq" else zimage
-    path = T.write_safetensors(tmp_path / "svdq_lora.safetensors", nunchaku_converted_sd())
-    snap = snapshot(model)
-    named = r"nunchaku-converted LoRA \(key .single_transformer_blocks.0.mlp_fc1.lora_down.\).*original LoRA file"
-    with pytest.raises(UnsupportedFormatError, match=named) as e:
-        lora_core.apply(model, [(path, 1.0)])
-    assert "svdq_lora.safetensors" in str(e.value)
-    assert_same(model, snap)
 
 
 def test_nunchaku_marker_leaves_with_a_known_scheme_still_load():
