@@ -11,7 +11,11 @@ musubi-tuner's ``convert_z_image_lora_to_comfy.py`` writes them, fuse ``to_q/k/v
 adds ``attention.q_norm``/``k_norm`` (diffusers ``norm_q``/``norm_k``) and the top-level
 ``final_layer.*`` / ``x_embedder`` (diffusers ``all_final_layer.2-1.*`` / ``all_x_embedder.2-1``),
 which is where a LoraSave extract of Z-Image puts its ``.diff`` / ``.diff_b`` keys.
-Separators may be dots or underscores (kohya).
+Separators may be dots or underscores (kohya). The last reading of any other name is its
+underscored (kohya) spelling, which the resolver looks up in the model's unique underscored
+names: musubi-tuner's ``convert_lora.py --target other`` turned every ``_`` of a kohya name into
+``.`` (``layers.0.attention.to.q``, ``feed.forward.w1``; its fix-up for Z-Image came in 2040335,
+2026-01-17, and still leaves ``noise.refiner`` / ``adaLN.modulation``), so those files bind too.
 
 One name can mean different modules in different families (``final_layer.linear`` is Flux's
 ``proj_out`` and Z-Image's ``all_final_layer.2-1.linear``): :func:`expansions` lists every
@@ -80,7 +84,8 @@ _ZIMAGE_TOP = {
 @lru_cache(maxsize=65536)
 def expansions(target: str) -> tuple[Expansion, ...]:
     """Every reading of a file target as diffusers name(s), most likely first; an unknown
-    name stands for itself (the resolver has already tried it as the model's own name)."""
+    name stands for its underscored spelling (the resolver has already tried it as the
+    model's own name; an underscored name it finds in the model's kohya lookup or nowhere)."""
     m = _BLOCK.match(target)
     if m:
         kind, idx, rest = m.group(1), m.group(2), m.group(3).replace(".", "_")
@@ -100,7 +105,7 @@ def expansions(target: str) -> tuple[Expansion, ...]:
         out.append(Expansion(("norm_out.linear",), swap_halves=True))
     if flat in _ZIMAGE_TOP:
         out.append(Expansion((_ZIMAGE_TOP[flat],)))
-    return tuple(out) or (Expansion((target,)),)
+    return tuple(out) or (Expansion((flat,)),)  # dotted where the model has "_": its kohya spelling
 
 
 def expand(target: str) -> Expansion:

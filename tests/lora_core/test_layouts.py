@@ -7,7 +7,8 @@ and ``ss_*`` header metadata; its ``convert_z_image_lora_to_comfy.py`` fuses q/k
 block-diagonal (3·out, 3r); alpha·3, so each component keeps alpha/r) and renames
 ``attention_to_out_0`` to ``attention_out``; ``convert_lora.py --target other`` writes
 ``diffusion_model.layers.N.attention.to_q.lora_A.weight`` with alpha baked into A and B
-(√(alpha/r) each) and no alpha key. Each is checked against an fp64 reference of what the
+(√(alpha/r) each) and no alpha key; before musubi 2040335 (2026-01-17) that converter turned
+every ``_`` of the kohya name into ``.`` (``layers.N.attention.to.q``, ``feed.forward.w1``). Each is checked against an fp64 reference of what the
 tool means, in merge and low-rank mode, restored bit-exact, and against diffusers + PEFT.
 """
 from __future__ import annotations
@@ -99,7 +100,8 @@ def check_merge_and_lowrank(model, path, layers, strength=0.8):
     x = torch.randn(3, 32)
     for n, w in want.items():
         x_n = torch.randn(3, mods[n].in_features) if mods[n].in_features != 32 else x
-        assert torch.allclose(mods[n](x_n).double(), x_n.double() @ w.T, atol=1e-5), n
+        bias = 0 if mods[n].bias is None else mods[n].bias.double()
+        assert torch.allclose(mods[n](x_n).double(), x_n.double() @ w.T + bias, atol=1e-5), n
     h.restore()
     assert_same(model, snap)
 
@@ -192,6 +194,70 @@ def test_musubi_target_other_alpha_baked_in(zimage, tmp_path):
     assert_same(zimage, snap)
 
 
+def old_musubi_other(kohya):
+    """``convert_lora.py --target other`` from 70aab8d (Z-Image support, 2025-12-07) to 2040335^:
+    module = kohya name less ``lora_unet_`` with every ``_`` a ``.`` (its Wan / HunyuanVideo
+    fix-ups touch no Z-Image name), A and B each times (alpha / dim).sqrt() in the file's dtype,
+    no alpha key. Same alpha handling as the newer converter; only the names differ."""
+    alphas = {k[:-len(".alpha")]: v for k, v in kohya.items() if k.endswith(".alpha")}
+    sd = {}
+    for key, w in kohya.items():
+        name, _, role = key.partition(".")
+        if role == "alpha":
+            continue
+        module = name[len("lora_unet_"):].replace("_", ".")
+        down = role == "lora_down.weight"
+        dim = w.shape[0] if down else w.shape[1]
+        sd[f"diffusion_model.{module}.lora_{'A' if down else 'B'}.weight"] = w * (alphas[name] / dim).sqrt()
+    return sd
+
+
+def test_musubi_target_other_before_2040335_dotted_names(zimage, tmp_path):
+    """The dotted names bind to diffusers' modules (attention, feed-forward, refiners and, with
+    musubi's ``include_patterns``, ``adaLN_modulation.0``), scale 1 as the baked tensors mean.
+    diffusers + PEFT drops the dotted attention / feed-forward names (refusing a file of nothing
+    else); on the same tensors under 2040335's names it is the peer."""
+    blocks = ("layers.0", "noise_refiner.0", "context_refiner.0")
+    layers = musubi_layers(zimage, blocks=blocks, seed=7, alpha=8.0)
+    mods = dict(zimage.named_modules())
+    ada = {n: (mods[n].in_features, mods[n].out_features) for n in ("layers.0.adaLN_modulation.0",)}
+    layers.update(T.random_layers(ada, rank=R, seed=8, alpha=8.0, dtype=torch.bfloat16))
+    header = {"ss_network_module": "networks.lora_zimage", "ss_network_dim": str(R), "ss_network_alpha": "8"}
+    sd = old_musubi_other(kohya_sd(layers))
+    assert "diffusion_model.layers.0.attention.to.out.0.lora_A.weight" in sd
+    assert "diffusion_model.noise.refiner.0.feed.forward.w1.lora_B.weight" in sd
+    assert "diffusion_model.layers.0.adaLN.modulation.0.lora_A.weight" in sd
+    path = T.write_safetensors(tmp_path / "other_old.safetensors", sd, metadata=header)
+    baked = {}
+    for n, (a, b, al) in layers.items():
+        f = (torch.tensor(al, dtype=torch.bfloat16) / R).sqrt()
+        baked[n] = (a * f, b * f, float(R))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {layer.alpha for layer in lora_core.load_adapter(path).layers.values()} == {float(R)}
+        check_merge_and_lowrank(zimage, path, baked)
+    # diffusers fixes up noise.refiner / adaLN.modulation but not to.q / feed.forward: it drops those
+    # with a warning and applies the rest (here adaLN alone), and refuses a file with nothing else
+    before = snapshot(zimage)
+    partial = peer_merge(zimage, sd, 1.0)
+    assert {k for k, v in partial.items() if not torch.equal(v, before[k])} == {"layers.0.adaLN_modulation.0.weight"}
+    with pytest.raises(ValueError, match="not found in the base model"):
+        peer_merge(zimage, {k: v for k, v in sd.items() if "adaLN" not in k}, 1.0)
+    fixed = {k.replace("to.q", "to_q").replace("to.k", "to_k").replace("to.v", "to_v").replace("to.out", "to_out")
+             .replace("feed.forward", "feed_forward") if (".attention.to." in k or ".feed.forward." in k) else k: v
+             for k, v in sd.items()}  # 2040335's fix-up
+    theirs = peer_merge(zimage, fixed, 1.0)
+    snap = snapshot(zimage)
+    h = lora_core.apply(zimage, [(path, 1.0)])
+    changed = 0
+    for k, v in zimage.state_dict().items():
+        assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
+        changed += not torch.equal(theirs[k], snap[k])
+    assert changed == len(layers), "the peer applied every module"
+    h.restore()
+    assert_same(zimage, snap)
+
+
 def test_header_alpha_disagreeing_with_tensors_uses_tensors(zimage, tmp_path):
     """``ss_network_alpha`` is information: the ``.alpha`` tensors decide, as kohya's loader does."""
     layers = musubi_layers(zimage, seed=4, alpha=ALPHA)
@@ -218,6 +284,25 @@ def test_nunchaku_marker_leaves_with_a_known_scheme_still_load():
     assert torch.allclose(model.mlp_fc1.weight.double(), want, atol=1e-6)
     h.restore()
     assert_same(model, snap)
+
+
+def test_dotted_name_with_two_underscored_readings_is_refused():
+    """The dots-as-underscores reading binds only a name the model spells one way."""
+    from torch import nn
+
+    model = nn.Module()
+    model.a_b, model.a = nn.Module(), nn.Module()
+    model.a_b.c, model.a.b_c = nn.Linear(8, 8), nn.Linear(8, 8)  # both a_b_c in kohya spelling
+    layers = T.random_layers({"a.b.c": (8, 8)}, rank=2, seed=9)
+    snap = snapshot(model)
+    with pytest.raises(TargetNotFoundError, match="a.b.c"):
+        lora_core.apply(model, [(T.peft_state_dict(layers, prefix=""), 1.0)])
+    assert_same(model, snap)
+    model.a.b_c = nn.Identity()  # now one reading: it binds
+    h = lora_core.apply(model, [(T.peft_state_dict(layers, prefix=""), 1.0)])
+    assert not torch.equal(model.a_b.c.weight, snap["a_b.c.weight"])
+    h.restore()
+    assert torch.equal(model.a_b.c.weight, snap["a_b.c.weight"])
 
 
 def test_comfy_native_qkv_onto_a_fused_svdq_to_qkv():
