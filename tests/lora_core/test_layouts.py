@@ -106,6 +106,31 @@ def check_merge_and_lowrank(model, path, layers, strength=0.8):
     assert_same(model, snap)
 
 
+def assert_ours_match_peer(model, path, theirs, strength) -> int:
+    """Ours merged at ``strength`` equals the peer's merged state dict ``theirs``, then restores
+    bit-exact; returns how many tensors the peer changed (what it applied)."""
+    snap = snapshot(model)
+    h = lora_core.apply(model, [(path, strength)])
+    changed = 0
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
+        changed += not torch.equal(theirs[k], snap[k])
+    h.restore()
+    assert_same(model, snap)
+    return changed
+
+
+def bake_alpha(layers):
+    """musubi's ``--target other``: A and B each times sqrt(alpha / r), computed in bf16 as the
+    tool computes it; the baked factors are the update at scale 1 (alpha = r)."""
+    baked = {}
+    for n, (a, b, al) in layers.items():
+        f = (torch.tensor(al, dtype=torch.bfloat16) / R).sqrt()
+        assert f.dtype == torch.bfloat16 and abs(float(f) - math.sqrt(al / R)) < 1e-2
+        baked[n] = (a * f, b * f, float(R))
+    return baked
+
+
 def peer_merge(model, sd, strength):
     pytest.importorskip("peft")
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
@@ -126,13 +151,7 @@ def test_comfy_native_zimage_qkv_and_out(zimage, tmp_path):
                                metadata={"ss_network_module": "networks.lora_zimage", "ss_network_dim": str(R),
                                          "ss_network_alpha": str(ALPHA)})
     check_merge_and_lowrank(zimage, path, layers)
-    theirs = peer_merge(zimage, sd, 0.8)
-    snap = snapshot(zimage)
-    h = lora_core.apply(zimage, [(path, 0.8)])
-    for k, v in zimage.state_dict().items():
-        assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
-    h.restore()
-    assert_same(zimage, snap)
+    assert_ours_match_peer(zimage, path, peer_merge(zimage, sd, 0.8), 0.8)
 
 
 def test_comfy_native_qkv_dotted_with_diffusion_model_prefix(zimage):
@@ -170,11 +189,7 @@ def test_musubi_target_other_alpha_baked_in(zimage, tmp_path):
     layers = musubi_layers(zimage, seed=3, alpha=alpha)
     header = {"ss_network_module": "networks.lora_zimage", "ss_network_dim": str(R),
               "ss_network_alpha": str(int(alpha))}
-    baked = {}
-    for n, (a, b, al) in layers.items():
-        f = (torch.tensor(al, dtype=torch.bfloat16) / R).sqrt()  # bf16, as the tool computes it
-        assert f.dtype == torch.bfloat16 and abs(float(f) - math.sqrt(al / R)) < 1e-2
-        baked[n] = (a * f, b * f, float(R))
+    baked = bake_alpha(layers)
     assert all(a.dtype == torch.bfloat16 for a, _, _ in baked.values())
     sd = T.peft_state_dict(baked, prefix="diffusion_model.", with_alpha=False)
     assert not any(k.endswith(".alpha") for k in sd)
@@ -185,13 +200,7 @@ def test_musubi_target_other_alpha_baked_in(zimage, tmp_path):
         adapter = lora_core.load_adapter(path)
         assert {layer.alpha for layer in adapter.layers.values()} == {float(R)}  # scale alpha/r = 1
         check_merge_and_lowrank(zimage, path, baked)  # against fp64 W + B@A of the stored factors
-    theirs = peer_merge(zimage, sd, 1.0)
-    snap = snapshot(zimage)
-    h = lora_core.apply(zimage, [(path, 1.0)])
-    for k, v in zimage.state_dict().items():
-        assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
-    h.restore()
-    assert_same(zimage, snap)
+    assert_ours_match_peer(zimage, path, peer_merge(zimage, sd, 1.0), 1.0)
 
 
 def old_musubi_other(kohya):
@@ -228,10 +237,7 @@ def test_musubi_target_other_before_2040335_dotted_names(zimage, tmp_path):
     assert "diffusion_model.noise.refiner.0.feed.forward.w1.lora_B.weight" in sd
     assert "diffusion_model.layers.0.adaLN.modulation.0.lora_A.weight" in sd
     path = T.write_safetensors(tmp_path / "other_old.safetensors", sd, metadata=header)
-    baked = {}
-    for n, (a, b, al) in layers.items():
-        f = (torch.tensor(al, dtype=torch.bfloat16) / R).sqrt()
-        baked[n] = (a * f, b * f, float(R))
+    baked = bake_alpha(layers)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert {layer.alpha for layer in lora_core.load_adapter(path).layers.values()} == {float(R)}
@@ -246,16 +252,8 @@ def test_musubi_target_other_before_2040335_dotted_names(zimage, tmp_path):
     fixed = {k.replace("to.q", "to_q").replace("to.k", "to_k").replace("to.v", "to_v").replace("to.out", "to_out")
              .replace("feed.forward", "feed_forward") if (".attention.to." in k or ".feed.forward." in k) else k: v
              for k, v in sd.items()}  # 2040335's fix-up
-    theirs = peer_merge(zimage, fixed, 1.0)
-    snap = snapshot(zimage)
-    h = lora_core.apply(zimage, [(path, 1.0)])
-    changed = 0
-    for k, v in zimage.state_dict().items():
-        assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
-        changed += not torch.equal(theirs[k], snap[k])
+    changed = assert_ours_match_peer(zimage, path, peer_merge(zimage, fixed, 1.0), 1.0)
     assert changed == len(layers), "the peer applied every module"
-    h.restore()
-    assert_same(zimage, snap)
 
 
 def test_header_alpha_disagreeing_with_tensors_uses_tensors(zimage, tmp_path):
