@@ -37,12 +37,7 @@ class FlowQueue(JobQueue):
         self._submitters: Counter[str] = Counter()
         self._verdict: OrderedDict[Flow, bool] = OrderedDict()  # run -> split out ("small")
         self._run_jobs: dict[Flow, dict[str, QueuedJob]] = {}  # each run's queued jobs ("small")
-        self._run_work: Counter[Flow] = Counter()  # and their summed ``work``
         self._fresh: set[Flow] = set()  # runs with queued jobs and no verdict yet
-
-    @property
-    def by_run(self) -> bool:
-        return self.runs == "all"
 
     def add(self, job: QueuedJob) -> None:
         super().add(job)
@@ -51,7 +46,6 @@ class FlowQueue(JobQueue):
             if run not in self._verdict:
                 self._fresh.add(run)
             self._run_jobs.setdefault(run, {})[job.job_id] = job
-            self._run_work[run] += job.work
         self._index(job, self.flow_id(job))
         self._submitters[job.submitter] += 1
 
@@ -64,9 +58,8 @@ class FlowQueue(JobQueue):
             run = (job.submitter, job.run)
             jobs = self._run_jobs[run]
             del jobs[job_id]
-            self._run_work[run] -= job.work
             if not jobs:
-                del self._run_jobs[run], self._run_work[run]
+                del self._run_jobs[run]
                 self._fresh.discard(run)
         self._submitters[job.submitter] -= 1
         if not self._submitters[job.submitter]:
@@ -107,7 +100,7 @@ class FlowQueue(JobQueue):
         for run in sorted(self._fresh):
             jobs = self._run_jobs[run]
             top = max(j.priority for j in jobs.values())
-            small = self._run_work[run] <= share * self.work_at_least(top)
+            small = sum(j.work for j in jobs.values()) <= share * self.work_at_least(top)
             self._verdict[run] = small
             if small:
                 for job in jobs.values():
