@@ -106,6 +106,34 @@ def floor_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def svdq_floor_table(result: dict) -> str:
+    """The svdq first switch against the issue's floor (copy the LoRA bytes) and against writing
+    the packed branches it leaves in the model (every SVDQ factor of the composition, base tiles
+    included: nunchaku's kernel reads each as one tensor, so any method writes these bytes)."""
+    rows = [r for r in result["scenarios"].values() if r["mode"] == "svdq" and r["scenario"] == "new composition"
+            and "write_branch_s" in r["floor_parts"]]
+    if not rows:
+        return ""
+    b = result["settings"]["blocks"]
+    lines = [
+        "SVDQ first switch (ms/block) against two floors, same run, buffers allocated once: copying the LoRA "
+        "tensors' bytes (the issue's floor and the target's) and writing the packed branches the switch leaves "
+        "in the model (every SVDQ factor of the composition, base tiles and the fused qkv's block-diagonal zeros "
+        "included: nunchaku's kernel reads each factor as one tensor, so any method writes these bytes).",
+        "",
+        "| rank x n | ours | copy LoRA bytes (MB) | ours / it | write the branches (MB) | ours / it |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        fp = r["floor_parts"]
+        lines.append(
+            f"| r{r['rank']} x {r['loras']} | {_ms(r['ours_s'] / b)} | {_ms(fp['copy_lora_bytes_s'] / b)} "
+            f"({fp['lora_bytes'] / b / 1e6:.1f}) | {r['ours_s'] / fp['copy_lora_bytes_s']:.1f}x "
+            f"| {_ms(fp['write_branch_s'] / b)} ({fp['branch_bytes'] / b / 1e6:.1f}) "
+            f"| {r['ours_s'] / fp['write_branch_s']:.1f}x |")
+    return "\n".join(lines)
+
+
 def profile_table(result: dict) -> str:
     profiles = result.get("profile_warm_merge")
     if not profiles:
@@ -259,6 +287,8 @@ def section(result: dict) -> str:
         "block-diagonal up factor, 3x the file's bytes, and the packed branch is rewritten whole).",
         "",
         floor_table(result),
+        "",
+        svdq_floor_table(result),
         "",
         "### Switch + N images at 1024x1024",
         "",

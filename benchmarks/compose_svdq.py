@@ -107,6 +107,13 @@ class SeedLoader:
         self.touched = []
 
 
+def held_branches(tree: nn.Module) -> list[torch.Tensor]:
+    """The packed proj_down/proj_up of every SVDQ module holding a composition (rank above the
+    base): what a first switch must write whatever its method, base tiles included, since
+    nunchaku's kernel reads each factor as one tensor."""
+    return [t for m in ModelIndex(tree).modules.values() if int(m.rank) != BASE_RANK for t in (m.proj_down, m.proj_up)]
+
+
 # ---- the scenarios ------------------------------------------------------------------------
 def _same(a: nn.Module, b: nn.Module) -> bool:
     ia, ib = ModelIndex(a), ModelIndex(b)
@@ -164,6 +171,8 @@ def _one(cm, seed, ours_tree, seed_tree, X, Y, rank, n, repeats, blocks) -> list
     ok = _same(ours_tree, seed_tree)
     floor = ByteCopy([t for a, _ in Y for l in a.layers.values() for t in (l.A, l.B)])
     t_floor = repeat(floor, repeats)
+    branch = ByteCopy(held_branches(ours_tree))  # ours holds Y: the packed branches it must have written
+    t_branch = repeat(branch, repeats)
     # restore: ours swaps the original Parameters back; the seed unpacks and repacks every layer
     r_ours, r_seed = [], []
     for _ in range(repeats):
@@ -179,7 +188,8 @@ def _one(cm, seed, ours_tree, seed_tree, X, Y, rank, n, repeats, blocks) -> list
     check = {"ok": ok, "what": "packed proj_down/proj_up/rank bit-identical to the seed approach"}
     return [
         dict(common, scenario="new composition", ours_s=med(t_new), peer_s=med(t_seed), floor_s=med(t_floor),
-             floor_kind="copy LoRA bytes", floor_parts={"copy_lora_bytes_s": med(t_floor), "lora_bytes": floor.nbytes},
+             floor_kind="copy LoRA bytes", floor_parts={"copy_lora_bytes_s": med(t_floor), "lora_bytes": floor.nbytes,
+                                                        "write_branch_s": med(t_branch), "branch_bytes": branch.nbytes},
              ours_samples=t_new, peer_samples=t_seed, check=check),
         dict(common, scenario="warm switch", ours_s=med(t_ours), peer_s=med(t_seed), floor_s=med(t_floor),
              floor_kind="copy LoRA bytes", floor_parts={"copy_lora_bytes_s": med(t_floor), "lora_bytes": floor.nbytes},

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_core.nunchaku import pack_lowrank, reorder_modulation_rows, unpack_lowrank
+from lora_core import nunchaku as N
+from lora_core.nunchaku import pack_lowrank, reorder_modulation_rows, round_up, unpack_lowrank
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "fixtures", "nunchaku_lowrank_reference.safetensors")
 
@@ -105,3 +106,46 @@ def pad(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     out = x.new_zeros(rows, cols)
     out[: x.shape[0], : x.shape[1]] = x
     return out
+
+
+def _two_step(monkeypatch, fn, *args, **kw):
+    """``fn`` with the precomputed index switched off (the two-step path)."""
+    with monkeypatch.context() as m:
+        m.setattr(N, "INDEX_BYTES", 0)
+        return fn(*args, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("down", [True, False])
+def test_index_path_is_the_two_step_permutation(monkeypatch, dtype, down):
+    """The precomputed pair index and the two-step path put every value in the same place, in
+    pack, in pack-after-a-base and in unpack (odd shapes padded), for 1- to 8-byte elements."""
+    g = torch.Generator().manual_seed(7)
+    for rows, cols in [(16, 16), (5, 33), (48, 130), (64, 3072)]:
+        w = (torch.rand(rows, cols, generator=g) * 250).to(dtype)
+        base = (torch.rand(round_up(cols if down else rows), 32, generator=g) * 250).to(dtype)
+        for got, want in [
+            (pack_lowrank(w, down=down), _two_step(monkeypatch, pack_lowrank, w, down=down)),
+            (pack_lowrank(w, down=down, after=base), _two_step(monkeypatch, pack_lowrank, w, down=down, after=base)),
+        ]:
+            assert got.shape == want.shape and torch.equal(got, want), (rows, cols)
+            assert torch.equal(unpack_lowrank(got, down=down), _two_step(monkeypatch, unpack_lowrank, got, down=down))
+
+
+def test_index_cache_stays_within_its_bytes(monkeypatch):
+    """Indices beyond INDEX_BYTES are dropped least recently used first; a shape whose index
+    alone is larger is packed by the two steps and not kept; results stay exact throughout."""
+    monkeypatch.setattr(N, "_indices", N._Indices())
+    monkeypatch.setattr(N, "INDEX_BYTES", 3 * 16 * 256 * 2)  # room for three (16, 256)-pair indices
+    g = torch.Generator().manual_seed(8)
+    for cols in (256, 272, 288, 304, 256):
+        w = torch.randn(16, cols, generator=g)
+        back = unpack_lowrank(pack_lowrank(w, down=True), down=True)
+        assert torch.equal(back, w)
+        assert N._indices.bytes <= N.INDEX_BYTES
+    kept = set(N._indices._kept)
+    assert (16, 256, True, False, "cpu") in kept  # used last: kept
+    assert (16, 272, True, False, "cpu") not in kept  # least recently used: dropped
+    big = torch.randn(64, 4096, generator=g)  # an index of 512 KiB: larger than the whole budget
+    assert torch.equal(unpack_lowrank(pack_lowrank(big, down=False), down=False), big)
+    assert set(N._indices._kept) <= kept and N._indices.bytes <= N.INDEX_BYTES
