@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> dict:
                     rows += phase("lowrank", dense.lowrank, X, Y, px, py, rank)
                 if images_on:
                     costs[f"r{rank}x{n}"] = phase("images: branch per step", I.branch_cost, steps, ours, peer, shapes, Y,
-                                                  py, args.repeats, (rank, n) == (max(args.ranks), max(args.sizes)))
+                                                  py, args.repeats, (rank, n) == (max(args.ranks), max(args.sizes)),
+                                                  args.branch_divisors)
             if dense_on:
                 phase("peer unload", dense.peer_clean)
     del dense, ours, peer
@@ -138,6 +139,7 @@ def run(args: argparse.Namespace) -> dict:
         cells = I.cells({key(r): r for r in rows}, base_step, costs, args.steps, args.images, args.blocks)
         images = {"settings": {"image_tokens": I.IMAGE_TOKENS, "text_tokens": args.text_tokens, "steps": args.steps,
                                "images": list(args.images), "step_divisors": list(args.step_divisors),
+                               "branch_divisors": list(args.branch_divisors),
                                "scaling_tolerance": I.SCALING_TOL, "hysteresis": I.HYSTERESIS},
                   "base_step": base_step, "cells": cells, "targets": I.summary(cells)}
     return {
@@ -206,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-tokens", type=int, default=I.TEXT_TOKENS, help="prompt tokens of the image step")
     ap.add_argument("--step-divisors", type=int, nargs=2, default=list(I.DIVISORS),
                     help="the per-step costs are timed at 1/d of the tokens for these two d and scaled")
+    ap.add_argument("--branch-divisors", type=int, nargs=2, default=list(I.BRANCH_DIVISORS),
+                    help="the branches' per-step cost is timed at 1/d of the tokens for these two d and scaled")
     ap.add_argument("--no-steady-allocator", dest="steady_allocator", action="store_false",
                     help="skip measuring the svdq rows a second time with glibc malloc's thresholds fixed")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
@@ -215,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         args.merge_repeats = args.repeats
     if "images" in args.modes and not {"merge", "lowrank"} <= set(args.modes):
         ap.error("--modes images needs merge and lowrank too (its switch seconds are their rows)")
-    bad = [d for d in args.step_divisors if d < 1 or I.IMAGE_TOKENS % d or args.text_tokens % d]
-    if bad:
-        ap.error(f"--step-divisors {bad}: each must divide the {I.IMAGE_TOKENS} image tokens and --text-tokens "
-                 f"{args.text_tokens}")
+    for flag, ds in (("--step-divisors", args.step_divisors), ("--branch-divisors", args.branch_divisors)):
+        bad = [d for d in ds if d < 1 or I.IMAGE_TOKENS % d or args.text_tokens % d]
+        if bad:
+            ap.error(f"{flag} {bad}: each must divide the {I.IMAGE_TOKENS} image tokens and --text-tokens "
+                     f"{args.text_tokens}")
     result = run(args)
     if not args.no_write:
         from .compose_report import write_plot, write_results

@@ -27,7 +27,10 @@ time by 2-5x; the totals use wall time, the clock of the switch rows, with CPU t
   and measured at the full count on one head (heads are independent) x heads x blocks;
 * branch per step: every covered module called on an input of its real shape (image
   stream, text stream, or ``temb`` for the modulation linears) with the base linear
-  stubbed to return a ready output, so what is timed is the branch alone: ours, the
+  stubbed to return a ready output, so what is timed is the branch alone, at 1/``d`` of
+  the tokens for the two ``BRANCH_DIVISORS`` (default 1/4 and 1/2: a branch is a few
+  percent of a step, so larger counts cost little, and at the step divisors' 32-64 image
+  tokens each call's fixed overhead, larger for PEFT's layer, was scaled up 64-128x): ours, the
   ComposedModel's forward hook (one pair at the composition's total rank, strengths
   folded in); PEFT, its ``lora.Linear.forward`` around the stubbed ``base_layer`` (one
   pair per adapter, then the scaling). Cross-check on the largest composition: the real
@@ -55,6 +58,7 @@ TEXT_TOKENS = 128
 STEPS = 50
 IMAGES = (1, 4, 16)
 DIVISORS = (128, 64)
+BRANCH_DIVISORS = (4, 2)
 SCALING_TOL = 0.15  # per-token cost at the two counts within 15%
 HYSTERESIS = inspect.signature(choose).parameters["hysteresis"].default
 
@@ -204,29 +208,35 @@ def branch_pass(calls: Sequence[tuple[nn.Module, torch.Tensor, torch.Tensor]]) -
 
 
 def module_inputs(steps: Steps, shapes: dict, d: int, seed: int = 5) -> dict:
-    """{module: (input, ready base output)} of its real shape at 1/d of the tokens."""
+    """{module: (input, ready base output)} of its real shape at 1/d of the tokens (any d
+    dividing both counts, not only the step divisors)."""
     g = torch.Generator().manual_seed(seed)
+    tokens = {"img": IMAGE_TOKENS // d, "txt": steps.text_tokens // d}
     out = {}
     for n, (i, o) in shapes.items():
-        lead = (1,) if stream(n) == "temb" else (1, steps.tokens[d][stream(n)])
+        lead = (1,) if stream(n) == "temb" else (1, tokens[stream(n)])
         out[n] = (torch.randn(*lead, i, generator=g).to(steps.device, S.DTYPE),
                   torch.zeros(*lead, o, dtype=S.DTYPE, device=steps.device))
     return out
 
 
 def branch_cost(steps: Steps, ours: nn.Module, peer: nn.Module, shapes: dict, Y, py: Sequence[str],
-                repeats: int, cross_check: bool) -> dict:
-    """Ours (ComposedModel lowrank, composition Y) and PEFT (unfused, ``py`` active) per step.
-    The modules on ``temb`` (one token whatever the image) are timed apart and not scaled."""
+                repeats: int, cross_check: bool, divisors: Sequence[int] = BRANCH_DIVISORS) -> dict:
+    """Ours (ComposedModel lowrank, composition Y) and PEFT (unfused, ``py`` active) per step,
+    timed at 1/d of the tokens for the two ``divisors`` and scaled from the larger count.
+    The modules on ``temb`` (one token whatever the image) are timed apart and not scaled.
+    ``cross_check``: also the stubbed branches at the step's smaller count, where the real
+    forward with and without them is timed (``forward_check``)."""
     cm = ComposedModel(Backend(ours), lora_mode="lowrank")
     cm.want(Y)
     cm.ensure()
     peer.set_adapters(list(py), [s for _, s in Y])
-    inp = {d: module_inputs(steps, shapes, d) for d in steps.divisors}
+    d_forward = max(steps.divisors)
+    inp = {d: module_inputs(steps, shapes, d) for d in {*divisors, *([d_forward] if cross_check else [])}}
     groups = {"tokens": sorted(n for n in shapes if stream(n) != "temb"),
               "temb": sorted(n for n in shapes if stream(n) == "temb")}
     sides = {"ours": (ours, lambda m: m), "peft": (peer, lambda m: m.base_layer)}
-    t = {side: {d: [] for d in steps.divisors} for side in sides}
+    t = {side: {d: [] for d in divisors} for side in sides}
     fixed = {side: [] for side in sides}
     added = {side: True for side in sides}
 
@@ -238,17 +248,23 @@ def branch_cost(steps: Steps, ours: nn.Module, peer: nn.Module, shapes: dict, Y,
         added[side] = added[side] and ok
         return s
 
+    at_forward = {side: [] for side in sides}
     for _ in range(repeats):
         for side in sides:
-            for d in steps.divisors:
+            for d in divisors:
                 t[side][d].append(one(side, d, groups["tokens"]))
-            fixed[side].append(one(side, steps.divisors[0], groups["temb"]))
+            fixed[side].append(one(side, divisors[0], groups["temb"]))
+            if cross_check:
+                at_forward[side].append(one(side, d_forward, groups["tokens"]))
     out = {side: dict(two_clocks(lambda c, side=side: scaled({d: med_of(v, c) for d, v in t[side].items()}, steps.full,
-                                                             steps.divisors, fixed=med_of(fixed[side], c))),
+                                                             divisors, fixed=med_of(fixed[side], c))),
                       samples=t[side]) for side in sides}
     out["check"] = {"ok": all(added.values()), "every_module_adds_a_branch": added}
+    out["divisors"], out["full_tokens"] = list(divisors), steps.full
     if cross_check:
         out["forward_check"] = forward_samples(steps, ours, peer, cm, Y, repeats)
+        for side in sides:
+            out[side]["at_forward_divisor"] = {c: med_of(at_forward[side], c) for c in ("wall", "cpu")}
     cm.reset()
     return out
 
@@ -308,13 +324,20 @@ def forward_samples(steps: Steps, ours: nn.Module, peer: nn.Module, cm: Composed
 
 def forward_check(c: dict) -> dict:
     """(forward with branches - base forward) / the stubbed branch time, CPU time, at the
-    same token count: near 1 when the stub times what the forward pays."""
+    same token count: near 1 when the stub times what the forward pays. With it, the stubbed
+    time per token at that count over the one the totals use (1/``divisors``' larger count):
+    how much each call's fixed overhead would weigh if the branches were timed there."""
     f = c["forward_check"]
     d, base = f["divisor"], med_of(f["base"], "cpu")
-    cpu = {side: c[side]["cpu"] for side in ("ours", "peft")}
+    sides = ("ours", "peft")
+    cpu = {side: c[side]["cpu"] for side in sides}
+    at = {side: c[side]["at_forward_divisor"]["cpu"] for side in sides}
+    used = min(c["divisors"])
     return {"divisor": d, "clock": "cpu", "samples": len(f["base"]),
-            **{f"{side}_forward_minus_base_over_branch":
-               (med_of(f[side], "cpu") - base) / (cpu[side]["at_s"][d] + cpu[side]["fixed_s"]) for side in cpu}}
+            **{f"{side}_forward_minus_base_over_branch": (med_of(f[side], "cpu") - base) / (at[side] + cpu[side]["fixed_s"])
+               for side in sides},
+            **{f"{side}_per_token_at_forward_over_used": at[side] / (c["full_tokens"] / d)
+               / cpu[side]["per_token_s"][used] for side in sides}}
 
 
 def summary(cells_: dict) -> dict:

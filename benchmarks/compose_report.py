@@ -187,7 +187,11 @@ def images_tables(result: dict) -> str:
     tg = im["targets"]
     fc = "".join(f" Cross-check of the stubbed branch time on {cell} ({f['samples']} samples, CPU time, 1/{f['divisor']} "
                  f"of the tokens): (forward with branches - base forward) / branch = "
-                 f"{f['ours_forward_minus_base_over_branch']:.2f} ours, {f['peft_forward_minus_base_over_branch']:.2f} PEFT."
+                 f"{f['ours_forward_minus_base_over_branch']:.2f} ours, {f['peft_forward_minus_base_over_branch']:.2f} PEFT"
+                 + (f"; the stubbed time per token there over the one the totals use: "
+                    f"{f['ours_per_token_at_forward_over_used']:.2f} ours, {f['peft_per_token_at_forward_over_used']:.2f} PEFT "
+                    "(each call's fixed overhead, had the branches been timed at that count)."
+                    if "ours_per_token_at_forward_over_used" in f else ".")
                  for cell, f in ((k, c["forward_check"]) for k, c in im["cells"].items() if c.get("forward_check")))
     cpu = base["cpu"]
     return "\n".join([
@@ -198,6 +202,8 @@ def images_tables(result: dict) -> str:
         f"{' and 1/'.join(str(d) for d in st['step_divisors'])} of the tokens and scaled from the larger count, "
         f"per-token spread between the two {cpu['per_token_spread']:.2f} CPU ({base['per_token_spread']:.2f} wall; "
         f"tolerance {1 + st['scaling_tolerance']:.2f}): {'holds' if base['scaling_ok'] else '**over tolerance**'}."
+        + (f" The branches are timed at 1/{' and 1/'.join(str(d) for d in st['branch_divisors'])} of the tokens, "
+           "scaled from the larger count." if "branch_divisors" in st else "")
         + fc,
         "",
         "\n".join(terms),

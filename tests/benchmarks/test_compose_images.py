@@ -90,10 +90,18 @@ def test_branch_cost_runs_every_module_and_restores_the_model(tiny):
     fp = S.fingerprint(model, sorted(shapes))
     out = I.branch_cost(steps, model, peer, shapes, [(ads[1], 0.5)], ["a1"], 1, cross_check=True)
     assert out["check"]["ok"], out["check"]
+    assert out["divisors"] == list(I.BRANCH_DIVISORS) and out["full_tokens"] == I.IMAGE_TOKENS + 128
     for side in ("ours", "peft"):
-        assert out[side]["full_s"] > 0 and set(out[side]["per_token_s"]) == {128, 64}
-        assert out[side]["cpu"]["full_s"] > 0
+        # timed at the branch divisors, not the step's; and at the step's smaller count for the cross-check
+        assert out[side]["full_s"] > 0 and set(out[side]["per_token_s"]) == set(I.BRANCH_DIVISORS)
+        assert out[side]["cpu"]["full_s"] > 0 and out[side]["at_forward_divisor"]["cpu"] > 0
     assert len(out["forward_check"]["base"]) == 1
+    check = I.forward_check(out)
+    assert check["divisor"] == 128  # the step's smaller count
+    for side in ("ours", "peft"):
+        assert check[f"{side}_per_token_at_forward_over_used"] > 0
+    other = I.branch_cost(steps, model, peer, shapes, [(ads[1], 0.5)], ["a1"], 1, cross_check=False, divisors=(8, 4))
+    assert set(other["ours"]["per_token_s"]) == {8, 4} and "forward_check" not in other
     assert S.fingerprint(model, sorted(shapes)) == fp
     assert not any(model.get_submodule(n)._forward_hooks for n in shapes)  # the branches are gone
 
