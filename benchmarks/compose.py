@@ -2,7 +2,7 @@
 
     python -m benchmarks.compose --json [--blocks 2] [--repeats 3] [--threads 1]
         [--ranks 16 64] [--sizes 1 3] [--modes merge lowrank svdq images] [--no-write]
-        [--images 1 4 16] [--steps 50] [--text-tokens 128] [--step-divisors 128 64]
+        [--images 1 4 16] [--steps 50] [--text-tokens 128] [--step-divisors 128 64] [--branch-divisors 2 1]
 
 Model: diffusers ``QwenImageTransformer2DModel`` at Qwen-Image's real width (its installed
 defaults: 24 heads x 128 = 3072, MLP 12288, joint_attention_dim 3584) with ``--blocks``

@@ -17,8 +17,10 @@ Cost model (all in seconds; the same for every policy):
   then lands on the node's disk);
 * memory holds ``memory_adapters`` adapters (LRU); node disks keep everything;
 * with ``prepared`` > 0 a worker keeps that many compositions prepared (LRU, as the
-  low-rank branch cache does): switching back to one costs ``swap_s``, nothing composed
-  or fetched; it counts as a swap, not a recomposition;
+  low-rank branch cache does): switching back to one costs ``swap_s``, nothing composed,
+  plus reading its adapters not in memory as above (the worker knows a composition by its
+  adapters' content, so it reads them first, as ``costs.switch_cost`` prices it); it
+  counts as a swap, not a recomposition;
 * prefetch hints download onto the node's disk in the background, one file at a time
   per node, then load into the hinted worker's memory (``load_s``), overlapping renders;
 * the policy is shown the true costs, or with ``prior_s``, what the dispatcher would
@@ -279,8 +281,8 @@ class Simulation:
         fetch = compose = 0.0
         swapped = False
         if job.routing_key != w.comp:
-            if job.routing_key in w.prep:  # its prepared branches are swapped in
-                compose, swapped = self.farm.swap_s, True
+            if job.routing_key in w.prep:  # its prepared branches are swapped in, once its adapters are read
+                fetch, compose, swapped = self.materialize(w, job.loras, now), self.farm.swap_s, True
                 self.swaps += 1
             else:
                 fetch, compose = self.materialize(w, job.loras, now), self.farm.compose_s

@@ -81,3 +81,20 @@ def test_the_benchmark_table_names_every_configuration():
     text = table(rows, "python -m benchmarks.scheduler_prepared")
     assert "python -m benchmarks.scheduler_prepared" in text and text.count("\n| 0.9 | 5 | 2 |") == 1
     assert all(r["tier"]["recompositions"] + r["tier"]["swaps"] > 0 for r in rows)
+
+
+def test_the_simulated_swap_reads_the_adapters_not_in_memory_first():
+    """As ``switch_cost`` prices it: a composition that comes back prepared is a swap, plus its
+    adapter read from the node's disk when memory dropped it meanwhile (one adapter fits)."""
+    from farm.scheduler.baselines import FifoPolicy
+
+    jobs = [QueuedJob(f"j{i}", c, (f"u-{c}",), 0, 0.0) for i, c in enumerate("aba")]
+    farm = FarmModel(1, compose_s=5.0, render_s=1.0, fetch_s=3.0, load_s=0.5, memory_adapters=1, prepared=2,
+                     swap_s=0.05, capacity=1)
+    r = simulate(FifoPolicy(), jobs, farm)
+    assert (r.recompositions, r.swaps, r.remote_fetches) == (2, 1, 2)
+    # a: fetch 3 + compose 5 + render 1; b: the same; a again: disk 0.5 + swap 0.05 + render 1
+    assert r.makespan == pytest.approx(9.0 + 9.0 + 1.55)
+    roomy = simulate(FifoPolicy(), jobs, FarmModel(1, compose_s=5.0, render_s=1.0, fetch_s=3.0, load_s=0.5,
+                                                   memory_adapters=2, prepared=2, swap_s=0.05, capacity=1))
+    assert roomy.makespan == pytest.approx(9.0 + 9.0 + 1.05)  # u-a still in memory: the swap alone
