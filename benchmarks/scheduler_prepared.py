@@ -8,8 +8,8 @@ Workload (``farm.scheduler.sim_fair.make_runs_workload``): 2000 jobs in runs of 
 compositions shared by every run, arriving as a Poisson process at 1.3x what the farm
 renders; one submitter. Farm (``farm/scheduler/sim.py``): render 1 s, each worker keeps its 4
 most recent compositions prepared (``FarmModel.prepared``; a switch back to one costs
-``swap_s`` = 0.05 s and composes nothing), swept over alpha 0.6/0.9/1.2 x compose/render
-1/5/20 x workers 2/4/8/16. Both policies are ``AffinityScheduler()``; the blind one is shown
+``swap_s`` = 0.05 s and composes nothing, once its adapters not in memory are read), swept
+over alpha 0.6/0.9/1.2 x compose/render 1/5/20 x workers 2/4/8/16. Both policies are ``AffinityScheduler()``; the blind one is shown
 every worker with an empty ``prepared`` set (it still prices adapters in memory and on disk).
 """
 from __future__ import annotations
