@@ -48,8 +48,8 @@ def base_of(module) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 # The permutation is one ``index_select`` of element pairs with an index precomputed per shape
-# (measured 2-5x faster than the two steps below on Qwen-Image's factor shapes, bf16, CPU:
-# ``benchmarks/RESULTS.md``, Compose notes). Neighbouring columns (e = 0, 1) stay together in
+# (1.2-2.4x faster than the two steps below on Qwen-Image's factor shapes, bf16, CPU, appended
+# to a base: ``python -m benchmarks.pack``, RESULTS.md "Packing"). Neighbouring columns (e = 0, 1) stay together in
 # every tile, so a pair of elements is the unit for every dtype and the index depends on the
 # shape only. Indices are built once by the two-step path and kept, least recently used first
 # out, up to ``INDEX_BYTES``; a shape whose index is larger than that is packed by the two steps:
@@ -68,7 +68,7 @@ INDEX_BYTES = 64 << 20
 
 class _Indices:
     """Packed pair j <- logical pair ``index[j]`` (``inverse``: logical <- packed), per
-    (logical rows, cols, down, device), least recently used out first beyond ``limit`` bytes."""
+    (logical rows, cols, down, device), least recently used out first beyond ``INDEX_BYTES``."""
 
     def __init__(self) -> None:
         self._kept: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -94,11 +94,6 @@ class _Indices:
                 _, old = self._kept.popitem(last=False)
                 self.bytes -= old.numel() * old.element_size()
         return idx
-
-    def clear(self) -> None:
-        with self._lock:
-            self._kept.clear()
-            self.bytes = 0
 
 
 _indices = _Indices()
