@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from lora_core import nunchaku as N
 
 from .common import machine, write_section
+from .compose_setup import med, repeat
 
 #: (packed rows P, what they are): Qwen-Image's SVDQ inputs and outputs (down: P = in; up: P = out)
 SHAPES = ((3072, "in of every layer; out of to_out"), (9216, "out of the fused to_qkv"), (12288, "MLP hidden"))
@@ -28,13 +28,9 @@ BASE_RANK = 32
 
 
 def _median_us(fn: Callable[[], object], repeats: int) -> float:
+    """Median microseconds of ``repeats`` timings (the compose benchmark's timer), after one untimed call."""
     fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2] * 1e6
+    return med(repeat(fn, repeats)) * 1e6
 
 
 def two_step(w: torch.Tensor, down: bool, after: torch.Tensor) -> torch.Tensor:
